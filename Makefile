@@ -1,0 +1,38 @@
+# bloodcell: `make demo` runs the main job, `make test` runs the tests.
+# Both set up .venv first when needed (torch 2.14.1 + torchvision 0.29.1 + the package).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# the dataset: DATA=/path/to/pbc, default ../shared/data/pbc when it exists
+DATA    ?= $(shell [ -d ../shared/data/pbc ] && echo ../shared/data/pbc)
+OUT     ?= runs/demo
+
+.PHONY: install test demo study clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip >/dev/null 2>&1 || true
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	@if [ -z "$(DATA)" ]; then \
+	  echo "No data folder: pass DATA=/path/to/pbc (class sub-folders of images)."; \
+	  echo "Get the PBC dataset (Acevedo et al. 2020, CC BY 4.0): https://data.mendeley.com/datasets/snkd93bnjr/1"; \
+	  echo "or run: $(BIN)/bloodcell fetch-data --out data/pbc"; \
+	  echo "Nothing was classified."; \
+	else \
+	  $(BIN)/bloodcell predict "$(DATA)" --out $(OUT)/results.csv; \
+	fi
+
+study: install
+	$(BIN)/bloodcell study --data "$(DATA)" --out runs/study
+
+clean:
+	rm -rf runs/demo .pytest_cache

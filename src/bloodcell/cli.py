@@ -1,0 +1,151 @@
+"""``bloodcell`` command line: a thin layer over the Python API.
+
+Each sub-command lives in a function ``cmd_<name>(args)``; other modules add
+theirs through ``register_subcommands`` hooks listed in ``_EXTENSIONS``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+
+from . import __version__
+
+log = logging.getLogger("bloodcell")
+
+# modules that may add sub-commands: each defines add_cli(subparsers)
+_EXTENSIONS = ["bloodcell.report", "bloodcell.screen", "bloodcell.serve", "bloodcell.export",
+               "bloodcell.fetch", "bloodcell.predict"]
+
+
+def _add_train_args(p, model_required=True):
+    from .data import DEFAULT_SEED
+    p.add_argument("--model", required=model_required, help="architecture name (see `bloodcell models`)")
+    p.add_argument("--data", help="dataset folder of class sub-folders (default: ../shared/data/pbc)")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, logs, model files)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--patience", type=int, help="early stopping patience on val accuracy (0 = off)")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--schedule", choices=["constant", "onecycle"])
+    p.add_argument("--optimizer", choices=["adam", "adamw"])
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--split-seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--split-file", help="reuse a split manifest (split.csv of another run)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--weights", help="local pretrained weights file (resnet50, or other Lite0 weights)")
+    p.add_argument("--no-pretrained", action="store_true", help="random init (for comparisons)")
+    p.add_argument("--cache-dir", help="decoded-image cache (default ~/.cache/bloodcell)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def data_or_default(path):
+    from .data import default_data_dir
+    if path:
+        return path
+    d = default_data_dir()
+    if d is None:
+        sys.exit("no --data given and ../shared/data/pbc not found. Get the PBC dataset "
+                 "(Acevedo et al. 2020, CC BY 4.0) from Mendeley Data "
+                 "https://data.mendeley.com/datasets/snkd93bnjr/1 or run `bloodcell fetch-data`, "
+                 "then pass --data DIR (a folder of class sub-folders).")
+    return str(d)
+
+
+def cmd_train(args):
+    from .train import TrainConfig, train
+    pretrained = False if args.no_pretrained else (args.weights or True)
+    if args.model == "resnet50" and not args.weights:
+        pretrained = False if args.no_pretrained else True
+    cfg = TrainConfig(
+        model=args.model, data=data_or_default(args.data), out=args.out, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, patience=args.patience,
+        weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, schedule=args.schedule,
+        optimizer=args.optimizer, seed=args.seed, split_seed=args.split_seed,
+        split_file=args.split_file, precision=args.precision, pretrained=pretrained,
+        cache_dir=args.cache_dir, resume=args.resume,
+        max_steps_per_epoch=args.max_steps_per_epoch, progress=not args.no_progress)
+    print("settings:", json.dumps({k: v for k, v in vars(cfg.resolved()).items() if k != "extra"}))
+    s = train(cfg)
+    print(f"best val accuracy {s['best']['val_accuracy']:.4f} at epoch {s['best']['epoch']}; "
+          f"model in {s['run']}/model.safetensors + model.json")
+
+
+def cmd_evaluate(args):
+    from .evaluate import evaluate, print_report
+    m = evaluate(args.model, data_or_default(args.data), split=args.split, out=args.out,
+                 split_file=args.split_file, batch_size=args.batch_size, cache_dir=args.cache_dir,
+                 progress=not args.no_progress)
+    print_report(m)
+    if args.out:
+        print(f"wrote {args.out}/metrics.json and predictions.csv")
+
+
+def cmd_models(args):
+    from .models import REGISTRY
+    for name, spec in REGISTRY.items():
+        gen = f"gen {spec.generation}" if spec.generation else "      "
+        print(f"{name:<16}{gen}  {spec.description}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bloodcell", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"bloodcell {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model on a dataset folder")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a saved model on a split")
+    p.add_argument("--model", help="run folder or model file (default: the bundled model)")
+    p.add_argument("--data")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--split-file")
+    p.add_argument("--out", help="folder for metrics.json and predictions.csv")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--cache-dir")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("models", help="list the registered architectures")
+    p.set_defaults(func=cmd_models)
+
+    for modname in _EXTENSIONS:
+        try:
+            mod = importlib.import_module(modname)
+        except ModuleNotFoundError as e:
+            if e.name != modname:
+                raise
+            continue
+        if hasattr(mod, "add_cli"):
+            mod.add_cli(sub)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(message)s")
+    try:
+        return args.func(args) or 0
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

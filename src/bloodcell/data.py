@@ -1,0 +1,326 @@
+"""Data layer: scan a class-folder dataset, check every file once, split it
+reproducibly, and cache decoded images so epochs never decode JPEGs again.
+
+A dataset is ``ROOT/<class>/<image>``; class names are the sorted folder
+names. Bad files are skipped (never fatal) and listed with a reason.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .transforms import PREPROCESS_VERSION, ImageError, preprocess
+
+log = logging.getLogger("bloodcell")
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+SPLITS = ("train", "val", "test")
+DEFAULT_FRACTIONS = (0.64, 0.16, 0.20)  # the study's 64/16/20
+DEFAULT_SEED = 42
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("BLOODCELL_CACHE", Path.home() / ".cache" / "bloodcell"))
+
+
+def default_data_dir() -> Path | None:
+    """``$BLOODCELL_DATA``, else ``../shared/data/pbc`` seen from the project root, if present."""
+    env = os.environ.get("BLOODCELL_DATA")
+    if env:
+        return Path(env)
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        p = base.parent / "shared" / "data" / "pbc"
+        if p.is_dir():
+            return p
+    return None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, then rename: never a half file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+@dataclass
+class Sample:
+    path: str        # relative to the dataset root, POSIX separators
+    label: int
+    sha1: str
+
+
+@dataclass
+class Dataset:
+    root: Path
+    classes: list[str]
+    samples: list[Sample]
+    skipped: list[dict] = field(default_factory=list)   # {path, reason}
+
+    def __len__(self):
+        return len(self.samples)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], dtype=np.int64)
+
+    def paths(self) -> list[Path]:
+        return [self.root / s.path for s in self.samples]
+
+    def class_counts(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        return {c: int(n) for c, n in zip(self.classes, counts)}
+
+    def subset(self, idx) -> "Dataset":
+        return Dataset(self.root, self.classes, [self.samples[i] for i in idx], self.skipped)
+
+
+def _file_sha1(p: Path) -> str:
+    h = hashlib.sha1()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def iter_image_files(root: Path):
+    """Yield (path, reason_or_None) under ``root`` recursively, hidden junk flagged."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            p = Path(dirpath) / fn
+            if fn.startswith("."):
+                yield p, "hidden file (e.g. macOS metadata), not an image"
+            elif p.suffix.lower() not in IMAGE_EXTENSIONS:
+                yield p, f"not an image file extension ({p.suffix or 'none'})"
+            elif p.stat().st_size == 0:
+                yield p, "empty file (0 bytes)"
+            else:
+                yield p, None
+
+
+def scan(root: str | os.PathLike, classes: list[str] | None = None) -> Dataset:
+    """List a class-folder dataset. Cheap checks here; files that fail to
+    decode are found (once, cached) by ``load_images`` and moved to skipped."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a folder: {root}")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if classes is None:
+        classes = found
+    if not classes:
+        raise ValueError(f"{root}: no class sub-folders found (expected ROOT/<class>/<image files>)")
+    samples, skipped = [], []
+    for label, cls in enumerate(classes):
+        cdir = root / cls
+        if not cdir.is_dir():
+            log.warning("%s: class folder %r missing: no images of that class", root, cls)
+            continue
+        for p, reason in iter_image_files(cdir):
+            rel = p.relative_to(root).as_posix()
+            if reason:
+                skipped.append({"path": rel, "reason": reason})
+            else:
+                samples.append(Sample(rel, label, _file_sha1(p)))
+    if not samples:
+        raise ValueError(f"{root}: no image files found in its class folders")
+    ds = Dataset(root, list(classes), samples, skipped)
+    _warn_skipped(ds.skipped, root)
+    return ds
+
+
+def _warn_skipped(skipped, root):
+    if skipped:
+        lines = "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped)
+        log.warning("skipped %d file(s) under %s:\n%s", len(skipped), root, lines)
+
+
+# ----------------------------------------------------------------------------- splits
+
+def make_split(ds: Dataset, fractions=DEFAULT_FRACTIONS, seed: int = DEFAULT_SEED) -> list[str]:
+    """Stratified, seeded split -> one of train/val/test per sample.
+
+    Deterministic in the seed and the set of files (ordered by content hash,
+    so renaming or re-listing the folder does not reshuffle the split)."""
+    from sklearn.model_selection import train_test_split
+    if abs(sum(fractions) - 1) > 1e-6:
+        raise ValueError(f"split fractions must sum to 1, got {fractions}")
+    order = sorted(range(len(ds)), key=lambda i: (ds.samples[i].sha1, ds.samples[i].path))
+    idx = np.array(order)
+    y = ds.labels[idx]
+    train_f, val_f, test_f = fractions
+    rest_idx, test_idx = train_test_split(idx, test_size=test_f, random_state=seed, stratify=y)
+    y_rest = ds.labels[rest_idx]
+    train_idx, val_idx = train_test_split(rest_idx, test_size=val_f / (train_f + val_f),
+                                          random_state=seed, stratify=y_rest)
+    out = [""] * len(ds)
+    for name, ii in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
+        for i in ii:
+            out[i] = name
+    return out
+
+
+def write_manifest(path: Path, ds: Dataset, splits: list[str]) -> str:
+    """CSV: path, class, split, sha1. Returns the manifest's own sha1."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "class", "split", "sha1"])
+    for s, sp in zip(ds.samples, splits):
+        w.writerow([s.path, ds.classes[s.label], sp, s.sha1])
+    text = buf.getvalue()
+    atomic_write_text(path, text)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def read_manifest(path: Path) -> dict[str, tuple[str, str]]:
+    """relative path -> (class, split)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"path", "class", "split"} <= set(rows[0]):
+        raise ValueError(f"{path}: not a split manifest (need columns path,class,split)")
+    return {r["path"]: (r["class"], r["split"]) for r in rows}
+
+
+def manifest_sha1(path: Path) -> str:
+    return _file_sha1(Path(path))
+
+
+def apply_manifest(ds: Dataset, manifest: dict[str, tuple[str, str]]) -> list[str]:
+    """Split of each sample from a manifest; files the manifest lacks raise (a
+    silently re-split dataset would leak test images into training)."""
+    missing = [s.path for s in ds.samples if s.path not in manifest]
+    if missing:
+        raise ValueError(f"{len(missing)} file(s) not in the split manifest, e.g. {missing[:3]}; "
+                         "make a new split (omit --split-file)")
+    return [manifest[s.path][1] for s in ds.samples]
+
+
+def split_indices(splits: list[str], which: str) -> np.ndarray:
+    if which == "all":
+        return np.arange(len(splits))
+    if which not in SPLITS:
+        raise ValueError(f"unknown split {which!r}: use train, val, test or all")
+    return np.array([i for i, s in enumerate(splits) if s == which], dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- cache
+
+def _decode_one(args):
+    path, size = args
+    try:
+        return preprocess(path, size), None
+    except ImageError as e:
+        return None, e.reason
+    except Exception as e:  # never let one odd file kill a 12k-image build
+        return None, f"could not decode ({type(e).__name__}: {e})"
+
+
+def decode_many(paths: list[Path], size: int, workers: int | None = None, progress: bool = True):
+    """Decode+preprocess many files in parallel -> (uint8 array [N,S,S,3], reasons list)."""
+    from tqdm import tqdm
+    workers = workers or min(os.cpu_count() or 1, 8)
+    out = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
+    reasons: list[str | None] = [None] * len(paths)
+    jobs = [(str(p), size) for p in paths]
+    bar = tqdm(total=len(jobs), desc=f"decoding {size}px", unit="img", disable=not progress,
+               mininterval=1.0)
+    if workers > 1 and len(jobs) > 64:
+        with ProcessPoolExecutor(workers) as ex:
+            for i, (arr, why) in enumerate(ex.map(_decode_one, jobs, chunksize=32)):
+                if arr is not None:
+                    out[i] = arr
+                reasons[i] = why
+                bar.update()
+    else:
+        for i, job in enumerate(jobs):
+            arr, why = _decode_one(job)
+            if arr is not None:
+                out[i] = arr
+            reasons[i] = why
+            bar.update()
+    bar.close()
+    return out, reasons
+
+
+def load_images(ds: Dataset, size: int, cache_dir: Path | None = None, progress: bool = True):
+    """Decoded uint8 images of ``ds`` at ``size``, from a memory-mapped cache.
+
+    The cache is keyed by the files' content hashes, the size and the
+    preprocessing version, so a changed or added file triggers a rebuild and
+    the same images are shared by every run and every model. Files that fail
+    to decode are removed from ``ds`` (moved to ``ds.skipped``) in place.
+    Returns (array [N,S,S,3] uint8, info dict with timings)."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key_src = f"v{PREPROCESS_VERSION}|{size}|" + "|".join(s.sha1 for s in ds.samples)
+    key = hashlib.sha1(key_src.encode()).hexdigest()[:20]
+    arr_path = cache_dir / f"images-{size}-{key}.npy"
+    meta_path = cache_dir / f"images-{size}-{key}.json"
+    t0 = time.perf_counter()
+    if arr_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        images = np.load(arr_path, mmap_mode="r")
+        built = False
+    else:
+        images, reasons = decode_many(ds.paths(), size, progress=progress)
+        meta = {"bad": {s.path: r for s, r in zip(ds.samples, reasons) if r}, "size": size,
+                "n": len(ds), "preprocess_version": PREPROCESS_VERSION}
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.save(buf, images)
+        atomic_write_bytes(arr_path, buf.getvalue())
+        atomic_write_json(meta_path, meta)
+        images = np.load(arr_path, mmap_mode="r")
+        built = True
+    seconds = time.perf_counter() - t0
+    bad = meta["bad"]
+    if bad:
+        keep = [i for i, s in enumerate(ds.samples) if s.path not in bad]
+        new_skips = [{"path": s.path, "reason": bad[s.path]} for s in ds.samples if s.path in bad]
+        _warn_skipped(new_skips, ds.root)
+        ds.skipped.extend(new_skips)
+        ds.samples = [ds.samples[i] for i in keep]
+        images = images[keep]
+    info = {"cache_file": str(arr_path), "built": built, "seconds": round(seconds, 2),
+            "n_images": len(ds), "size": size}
+    log.info("image cache %s in %.1fs (%s)", "built" if built else "loaded", seconds, arr_path)
+    return images, info

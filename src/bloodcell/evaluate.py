@@ -1,0 +1,142 @@
+"""Evaluation: a saved model on a split of a dataset folder -> metrics.json,
+predictions.csv and a printed per-class table (metrics from scikit-learn)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from . import data as D
+
+log = logging.getLogger("bloodcell")
+
+
+# metrics.json holds exactly these keys; extras (CI, split, model) go to evaluation.json
+METRICS_KEYS = ("accuracy", "macro_f1", "n_images", "classes", "per_class", "confusion_matrix",
+                "skipped")
+
+
+def bootstrap_ci(correct: np.ndarray, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05):
+    """Percentile bootstrap CI of the mean of a 0/1 vector (accuracy)."""
+    correct = np.asarray(correct, dtype=np.float64)
+    if len(correct) == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = rng.choice(correct, size=(n_boot, len(correct)), replace=True).mean(axis=1)
+    return [float(np.quantile(means, alpha / 2)), float(np.quantile(means, 1 - alpha / 2))]
+
+
+def compute_metrics(y_true, probs: np.ndarray, classes: list[str]) -> dict:
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    y_true = np.asarray(y_true)
+    y_pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=int)
+    labels = list(range(len(classes)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)) if len(y_true) else float("nan"),
+        "accuracy_ci95": bootstrap_ci(y_true == y_pred),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "n_images": int(len(y_true)),
+        "classes": list(classes),
+        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                          "support": int(s[i])} for i, c in enumerate(classes)},
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+
+
+def format_table(m: dict) -> str:
+    lines = [f"{'class':<14}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}"]
+    for c, v in m["per_class"].items():
+        lines.append(f"{c:<14}{v['precision']:>10.4f}{v['recall']:>10.4f}{v['f1']:>10.4f}{v['support']:>9d}")
+    lo, hi = m.get("accuracy_ci95", [float("nan")] * 2)
+    lines.append(f"accuracy {m['accuracy']:.4f} (95% bootstrap CI {lo:.4f}-{hi:.4f}), "
+                 f"macro F1 {m['macro_f1']:.4f}, n={m['n_images']}")
+    return "\n".join(lines)
+
+
+def resolve_split(meta: dict, model_path: Path | None, split_file: str | None):
+    """Which split manifest to use: explicit file > the run's own split.csv > re-derive
+    from the seed recorded in the model (the split is a pure function of seed + files)."""
+    if split_file:
+        return Path(split_file), None
+    if model_path is not None:
+        p = Path(model_path)
+        cand = (p if p.is_dir() else p.parent) / "split.csv"
+        if cand.exists():
+            return cand, None
+    args = meta.get("train_args", {})
+    return None, (tuple(args.get("fractions", D.DEFAULT_FRACTIONS)),
+                  int(args.get("split_seed", D.DEFAULT_SEED)))
+
+
+def evaluate(model_path=None, data=None, split: str = "test", out=None, split_file=None,
+             batch_size: int = 128, cache_dir=None, progress: bool = True, temperature=None) -> dict:
+    """Evaluate a saved model (run dir / file; None = bundled) on ``split`` of ``data``."""
+    import torch
+
+    from .models import load_model
+    from .predict import bundled_model_path
+    from .train import predict_proba_arrays
+    model_path = Path(model_path) if model_path else bundled_model_path()
+    model, meta = load_model(model_path)
+    model = model.to(memory_format=torch.channels_last)
+    ds = D.scan(data, classes=meta["classes"])
+    images, _ = D.load_images(ds, meta["image_size"], cache_dir, progress=progress)
+    if split == "all":
+        idx = np.arange(len(ds))
+    else:
+        mf, derive = resolve_split(meta, model_path, split_file)
+        splits = (D.apply_manifest(ds, D.read_manifest(mf)) if mf
+                  else D.make_split(ds, derive[0], derive[1]))
+        idx = D.split_indices(splits, split)
+    if len(idx) == 0:
+        raise ValueError(f"no images in split {split!r} of {data}")
+    t = meta.get("temperature", 1.0) if temperature is None else temperature
+    probs = predict_proba_arrays(model, images[idx], batch_size=batch_size, temperature=t,
+                                 progress=progress)
+    y = ds.labels[idx]
+    m = compute_metrics(y, probs, meta["classes"])
+    m["skipped"] = ds.skipped
+    m["split"] = split
+    m["model"] = str(model_path)
+    m["data"] = str(ds.root)
+    if out:
+        out = Path(out)
+        D.atomic_write_json(out / "metrics.json", {k: m[k] for k in METRICS_KEYS})
+        D.atomic_write_json(out / "evaluation.json", {
+            k: m[k] for k in ("accuracy", "accuracy_ci95", "macro_f1", "n_images", "split",
+                              "model", "data")})
+        write_predictions(out / "predictions.csv", [ds.samples[i].path for i in idx],
+                          [meta["classes"][i] for i in y], probs, meta["classes"])
+    m["_probs"], m["_y"], m["_paths"] = probs, y, [ds.samples[i].path for i in idx]
+    return m
+
+
+def write_predictions(path: Path, paths, true, probs, classes):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "true", "predicted"] + [f"p_{c}" for c in classes])
+    for pth, t, pr in zip(paths, true, probs):
+        w.writerow([pth, t, classes[int(pr.argmax())]] + [f"{v:.6f}" for v in pr])
+    D.atomic_write_text(path, buf.getvalue())
+
+
+def public(m: dict) -> dict:
+    """Drop the in-memory arrays (keys starting with '_')."""
+    return {k: v for k, v in m.items() if not k.startswith("_")}
+
+
+def print_report(m: dict) -> None:
+    print(format_table(m))
+    if m.get("skipped"):
+        print(f"skipped {len(m['skipped'])} file(s):")
+        for s in m["skipped"]:
+            print(f"  {s['path']}: {s['reason']}")
+
+
+def dumps(m: dict) -> str:
+    return json.dumps(public(m), indent=2)

@@ -1,0 +1,64 @@
+"""Shared fixtures: synthetic images for unit tests, the real PBC folder when present."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte",
+           "neutrophil", "platelet"]
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pbc"
+
+
+def synthetic_cell(label: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    """A pinkish background with a purple 'nucleus' whose size/shape depends on the class:
+    learnable, so tiny models can be checked to beat chance."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((size, size, 3), np.float32)
+    img[:] = (230, 200, 210)
+    img += rng.normal(0, 6, img.shape)
+    yy, xx = np.mgrid[:size, :size]
+    c = size / 2 + rng.normal(0, 2, 2)
+    r = size * (0.08 + 0.035 * label)
+    ecc = 1.0 + 0.15 * (label % 3)
+    mask = ((yy - c[0]) / r) ** 2 + ((xx - c[1]) / (r * ecc)) ** 2 < 1
+    img[mask] = (110 + 8 * label, 60, 150)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def synthetic_dataset(tmp_path):
+    """ROOT/<class>/<n>.png for 8 classes x 12 images, plus a few junk files."""
+    from PIL import Image
+    root = tmp_path / "data"
+    for label, cls in enumerate(CLASSES):
+        d = root / cls
+        d.mkdir(parents=True)
+        for i in range(12):
+            Image.fromarray(synthetic_cell(label, seed=label * 100 + i)).save(d / f"{cls}_{i}.png")
+    (root / "neutrophil" / ".DS_000.jpg").write_bytes(b"\x00\x05Bud1 not an image")
+    (root / "platelet" / "empty.jpg").write_bytes(b"")
+    (root / "basophil" / "notes.txt").write_text("not an image")
+    (root / "eosinophil" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    return root
+
+
+@pytest.fixture
+def real_data():
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real PBC data not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Unit tests never touch the user's decoded-image cache."""
+    if "BLOODCELL_TEST_CACHE" in os.environ:  # real-data tests may share one to save decoding
+        monkeypatch.setenv("BLOODCELL_CACHE", os.environ["BLOODCELL_TEST_CACHE"])
+    else:
+        monkeypatch.setenv("BLOODCELL_CACHE", str(tmp_path / "cache"))
