@@ -1,20 +1,36 @@
 """Prediction API: ``Classifier.load()`` (bundled model, or a path) and
-``clf.predict(inputs)`` -> one record per input, never raising on a bad one.
+``clf.predict(inputs)`` -> one record per input, never raising on a bad one;
+plus ``bloodcell predict`` (files, folders, globs -> CSV/JSON + a differential
+count), resumable through a journal next to the output.
 
-Uses ``transforms.preprocess`` -- the same definition training used.
+Uses ``transforms.preprocess`` -- the same definition training used. Decoding
+runs in a thread pool ahead of the model (PIL releases the GIL while decoding
+and resizing; ONNX Runtime and PyTorch release it while computing), so on a
+small CPU the two overlap instead of taking turns.
 """
 from __future__ import annotations
 
+import glob
+import json
+import logging
 import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .transforms import ImageError, ImageSource, preprocess, to_tensor
 
+log = logging.getLogger("bloodcell")
+
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 DEFAULT_REVIEW_THRESHOLD = 0.9
+BACKENDS = ("torch", "onnx")
+JOURNAL_VERSION = 1
 
 
 def bundled_model_path() -> Path:
@@ -24,11 +40,36 @@ def bundled_model_path() -> Path:
     return p
 
 
+def load_screen(screen="auto"):
+    """The multi-cell screen: "auto" = the bundled one if present (else None, quietly),
+    None/False = none, a path = that one (errors propagate: it was asked for)."""
+    if screen is None or screen is False:
+        return None
+    if screen == "auto":
+        if not (BUNDLED_DIR / "screen.json").exists():
+            return None
+        try:
+            from .screen import Screen
+            return Screen.load(None)
+        except Exception as e:  # the screen is an add-on: never block classification
+            log.warning("multi-cell screen not loaded (%s: %s); images are not screened",
+                        type(e).__name__, e)
+            return None
+    if hasattr(screen, "score_arrays"):
+        return screen
+    from .screen import Screen
+    return Screen.load(screen)
+
+
 class Classifier:
     """A loaded model plus its metadata (classes, image size, temperature)."""
 
-    def __init__(self, model, meta: dict, review_threshold: float | None = None):
+    def __init__(self, model, meta: dict, review_threshold: float | None = None,
+                 backend: str = "torch", onnx_path=None, weights_path=None, screen=None,
+                 threads: int | None = None):
         import torch
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.meta = meta
         self.classes: list[str] = list(meta["classes"])
@@ -36,20 +77,64 @@ class Classifier:
         self.temperature: float = float(meta.get("temperature", 1.0))
         self.review_threshold = float(review_threshold if review_threshold is not None
                                       else meta.get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
+        self.backend = backend
+        self.weights_path = Path(weights_path) if weights_path else None
+        self.screen = screen
+        self.threads = threads
+        self.onnx_path = None
+        self._session = None
+        if backend == "onnx":
+            from .export import ensure_onnx
+            if onnx_path is None and self.weights_path is None:
+                raise ValueError("backend 'onnx' needs a saved model or an onnx_path")
+            self.onnx_path = ensure_onnx(self.weights_path, self.model, meta, onnx_path)
+            self._session = self._ort_session(self.onnx_path, threads)
+
+    @staticmethod
+    def _ort_session(path, threads):
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        so.inter_op_num_threads = 1
+        # no busy-waiting between ops: the decode threads need those cycles
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, **kw) -> "Classifier":
-        from .models import load_model
-        model, meta = load_model(path if path is not None else bundled_model_path())
-        return cls(model, meta, **kw)
+    def load(cls, path: str | os.PathLike | None = None, backend: str = "torch", onnx_path=None,
+             screen="auto", **kw) -> "Classifier":
+        """``path``: run folder, model.json or .safetensors (None = the bundled model).
+        ``screen``: "auto" (bundled multi-cell screen if any), None, or a screen path."""
+        from .models import load_model, resolve_model_path
+        path = path if path is not None else bundled_model_path()
+        weights, _ = resolve_model_path(path)
+        model, meta = load_model(path)
+        return cls(model, meta, backend=backend, onnx_path=onnx_path, weights_path=weights,
+                   screen=load_screen(screen), **kw)
+
+    def fingerprint(self) -> dict:
+        """What decides a record: a resumed run only reuses records made with the same."""
+        from .export import weights_sha1
+        return {"weights_sha1": weights_sha1(self.weights_path) if self.weights_path else None,
+                "temperature": self.temperature, "review_threshold": self.review_threshold,
+                "screen": type(self.screen).__name__ if self.screen is not None else None,
+                "screen_size": getattr(self.screen, "image_size", None)}
 
     # -- arrays in, probabilities out
-    def predict_proba_arrays(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 [N,S,S,3] already preprocessed -> calibrated probabilities [N,C]."""
+    def predict_logits_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 [N,S,S,3] already preprocessed -> raw logits [N,C] (float32)."""
+        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        if self._session is not None:
+            from .export import INPUT_NAME
+            return self._session.run(None, {INPUT_NAME: batch})[0].astype(np.float32)
         import torch
         with torch.inference_mode():
-            logits = self.model(to_tensor(batch))
-            return torch.softmax(logits.float() / self.temperature, 1).numpy()
+            return self.model(to_tensor(batch)).float().numpy()
+
+    def predict_proba_arrays(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 [N,S,S,3] already preprocessed -> calibrated probabilities [N,C]."""
+        return softmax(self.predict_logits_arrays(batch) / self.temperature)
 
     def preprocess(self, src: ImageSource) -> np.ndarray:
         return preprocess(src, self.image_size)
@@ -58,37 +143,441 @@ class Classifier:
         """scikit-learn style: probabilities for inputs that must all be valid images."""
         return self.predict_proba_arrays(np.stack([self.preprocess(x) for x in inputs]))
 
-    def record(self, name: str, probs: np.ndarray) -> dict:
+    def record(self, name: str, probs: np.ndarray, screen: dict | None = None) -> dict:
         order = np.argsort(-probs)
         p = float(probs[order[0]])
-        return {"path": name, "status": "ok", "class": self.classes[order[0]], "probability": p,
-                "top3": [{"class": self.classes[i], "probability": float(probs[i])} for i in order[:3]],
-                "probabilities": {c: float(v) for c, v in zip(self.classes, probs)},
-                "needs_review": p < self.review_threshold}
+        rec = {"path": name, "status": "ok", "class": self.classes[order[0]], "probability": p,
+               "top3": [{"class": self.classes[i], "probability": float(probs[i])} for i in order[:3]],
+               "probabilities": {c: float(v) for c, v in zip(self.classes, probs)},
+               "needs_review": p < self.review_threshold}
+        if screen is not None:
+            rec["multi_cell"] = bool(screen["multi_cell"])
+            rec["multi_cell_score"] = float(screen["score"])
+        return rec
 
-    def predict(self, inputs: ImageSource | Iterable[ImageSource], batch_size: int = 64) -> list[dict]:
-        """Records with class, probability, top-3, needs_review; bad inputs get
-        ``status: 'skipped: <reason>'`` instead of raising."""
-        if isinstance(inputs, (str, os.PathLike, bytes, np.ndarray)) or hasattr(inputs, "getpixel"):
-            inputs = [inputs]
-        out: list[dict] = []
-        pending: list[tuple[int, np.ndarray]] = []
+    # -- decoding (runs in worker threads)
+    def _decode(self, src) -> dict:
+        """src -> {size: uint8 array} for the model (and the screen, if its size differs)."""
+        sizes = [self.image_size]
+        if self.screen is not None and int(self.screen.image_size) != self.image_size:
+            sizes.append(int(self.screen.image_size))
+        if len(sizes) > 1 and isinstance(src, (str, os.PathLike)):
+            p = Path(src)  # read the file once; decode per size exactly as preprocess(path) would
+            if p.is_file() and p.stat().st_size > 0:
+                src = p.read_bytes()
+        try:
+            return {s: preprocess(src, s) for s in sizes}
+        except ImageError:
+            raise
+        except Exception as e:  # one odd file must never end a batch job
+            raise ImageError(str(src), f"could not decode ({type(e).__name__}: {e})") from None
+
+    def _decode_safe(self, src):
+        try:
+            return self._decode(src), None
+        except ImageError as e:
+            return None, e.reason
+
+    def iter_predict(self, inputs: Iterable, names: Iterable[str] | None = None,
+                     batch_size: int = 64, workers: int | None = None) -> Iterator[list[tuple[int, dict]]]:
+        """Yield lists of (input index, record), one list per model batch, in input order.
+        ``workers`` decode threads run up to a few batches ahead of the model (0 = decode inline)."""
+        workers = default_workers() if workers is None else workers
+        names = iter(names) if names is not None else None
+        ex = ThreadPoolExecutor(workers, thread_name_prefix="decode") if workers > 0 else None
+        window: deque = deque()
+        pending: list[tuple[int, str, dict]] = []
+        done: list[tuple[int, dict]] = []
+        ahead = max(2 * batch_size, 4 * workers)
 
         def flush():
             if pending:
-                probs = self.predict_proba_arrays(np.stack([a for _, a in pending]))
-                for (i, _), pr in zip(pending, probs):
-                    out[i] = self.record(out[i]["path"], pr)
+                probs = self.predict_proba_arrays(np.stack([a[self.image_size] for _, _, a in pending]))
+                scores = self._screen_scores([a for _, _, a in pending])
+                for k, ((i, name, _), pr) in enumerate(zip(pending, probs)):
+                    done.append((i, self.record(name, pr, scores[k] if scores else None)))
                 pending.clear()
 
-        for i, src in enumerate(inputs):
-            name = str(src) if isinstance(src, (str, os.PathLike)) else f"<input {i}>"
-            out.append({"path": name})
-            try:
-                pending.append((i, self.preprocess(src)))
-            except ImageError as e:
-                out[i] = {"path": name, "status": f"skipped: {e.reason}"}
+        def take():
+            i, name, fut = window.popleft()
+            arrays, why = fut.result() if ex else fut
+            if arrays is None:
+                done.append((i, {"path": name, "status": f"skipped: {why}"}))
+            else:
+                pending.append((i, name, arrays))
             if len(pending) >= batch_size:
                 flush()
-        flush()
+
+        try:
+            for i, src in enumerate(inputs):
+                name = next(names) if names is not None else (
+                    str(src) if isinstance(src, (str, os.PathLike)) else f"<input {i}>")
+                window.append((i, name, ex.submit(self._decode_safe, src) if ex else self._decode_safe(src)))
+                while len(window) > ahead or (not ex and window):
+                    take()
+                if done:
+                    yield sorted(done, key=lambda t: t[0])
+                    done.clear()
+            while window:  # drain, still handing out each batch as soon as it is done
+                take()
+                if done:
+                    yield sorted(done, key=lambda t: t[0])
+                    done.clear()
+            flush()
+            if done:
+                yield sorted(done, key=lambda t: t[0])
+        finally:
+            if ex:
+                for _, _, fut in window:
+                    fut.cancel()
+                ex.shutdown(wait=True)
+
+    def _screen_scores(self, arrays: list[dict]):
+        if self.screen is None:
+            return None
+        size = int(self.screen.image_size)
+        try:
+            return self.screen.score_arrays([a[size] for a in arrays])
+        except Exception as e:  # an add-on failing must not lose the classifications
+            log.warning("multi-cell screen failed on a batch (%s: %s); not flagged",
+                        type(e).__name__, e)
+            return None
+
+    def predict(self, inputs: ImageSource | Iterable[ImageSource], batch_size: int = 64,
+                workers: int | None = None) -> list[dict]:
+        """Records with class, probability, top-3, needs_review (and multi_cell,
+        multi_cell_score when a screen is loaded); bad inputs get
+        ``status: 'skipped: <reason>'`` instead of raising."""
+        if isinstance(inputs, (str, os.PathLike, bytes, np.ndarray)) or hasattr(inputs, "getpixel"):
+            inputs = [inputs]
+        inputs = list(inputs)
+        out: list[dict | None] = [None] * len(inputs)
+        for batch in self.iter_predict(inputs, batch_size=batch_size, workers=workers):
+            for i, rec in batch:
+                out[i] = rec
         return out
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+# ----------------------------------------------------------------------------- inputs
+
+_GLOB_CHARS = set("*?[")
+
+
+def expand_inputs(specs: Sequence[str]) -> list[tuple[str, str | None]]:
+    """Files, folders (recursive) and globs -> [(path, skip reason or None)], in a stable
+    order, each path once. Folders skip hidden files and non-image extensions (listed
+    with the reason); a path that does not exist is reported, not fatal."""
+    from .data import iter_image_files
+    out: list[tuple[str, str | None]] = []
+    seen: set[str] = set()
+
+    def add(p, why=None):
+        key = os.path.abspath(p)
+        if key not in seen:
+            seen.add(key)
+            out.append((str(p), why))
+
+    def add_path(p: Path):
+        if p.is_dir():
+            for f, why in iter_image_files(p):
+                add(f, why)
+        else:
+            add(p)
+
+    for spec in specs:
+        p = Path(spec)
+        if p.exists():
+            add_path(p)
+        elif _GLOB_CHARS & set(spec):
+            hits = sorted(glob.glob(spec, recursive=True))
+            if not hits:
+                add(spec, "no such file (the pattern matched nothing)")
+            for h in hits:
+                add_path(Path(h))
+        else:
+            add(spec, "no such file")
+    return out
+
+
+def _file_key(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+# ----------------------------------------------------------------------------- journal
+
+def journal_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial.jsonl")
+
+
+def read_journal(path: Path, fingerprint: dict) -> dict[tuple, dict]:
+    """Finished records of an interrupted run, by file key; empty when the journal
+    was made with another model/threshold/screen (those records would be stale)."""
+    if not path.exists():
+        return {}
+    done: dict[tuple, dict] = {}
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if not lines:
+        return {}
+    try:
+        head = json.loads(lines[0])
+    except json.JSONDecodeError:
+        head = {}
+    if head.get("journal") != JOURNAL_VERSION or head.get("fingerprint") != fingerprint:
+        log.warning("%s was made with another model or settings: starting over", path)
+        return {}
+    for line in lines[1:]:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # the line being written when the run was killed
+            continue
+        key = rec.pop("_key", None)
+        if key:
+            done[tuple(key)] = rec
+    return done
+
+
+class Journal:
+    """Append-only JSON lines: a header with the fingerprint, then one record per image.
+    Flushed per batch, so a killed run loses at most the batch in flight."""
+
+    def __init__(self, path: Path, fingerprint: dict, fresh: bool):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "w" if fresh else "a", encoding="utf-8")
+        if fresh:
+            self.f.write(json.dumps({"journal": JOURNAL_VERSION, "fingerprint": fingerprint}) + "\n")
+            self.f.flush()
+
+    def add(self, key, rec):
+        if key is not None:
+            self.f.write(json.dumps({**rec, "_key": key}) + "\n")
+
+    def sync(self):
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self):
+        if not self.f.closed:
+            self.f.close()
+
+
+# ----------------------------------------------------------------------------- summary
+
+def differential_count(records: Sequence[dict], classes: Sequence[str],
+                       include_flagged: bool = False) -> dict:
+    """Count and % per class over the ``ok`` records, as a lab report gives it.
+    Images the multi-cell screen flagged are left out unless ``include_flagged``."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    flagged = [r for r in ok if r.get("multi_cell")]
+    counted = ok if include_flagged else [r for r in ok if not r.get("multi_cell")]
+    counts = {c: 0 for c in classes}
+    for r in counted:
+        counts[r["class"]] = counts.get(r["class"], 0) + 1
+    n = len(counted)
+    return {"n_counted": n, "n_ok": len(ok), "n_multi_cell": len(flagged),
+            "multi_cell_included": include_flagged,
+            "n_needs_review": sum(bool(r.get("needs_review")) for r in counted),
+            "counts": counts,
+            "percent": {c: (100.0 * k / n if n else 0.0) for c, k in counts.items()}}
+
+
+def format_summary(s: dict) -> str:
+    d = s["differential"]
+    lines = [f"differential count over {d['n_counted']} image(s)"
+             + ("" if not d["n_multi_cell"] else
+                (f" (incl. {d['n_multi_cell']} multi-cell)" if d["multi_cell_included"]
+                 else f" ({d['n_multi_cell']} multi-cell image(s) left out; --include-flagged counts them)"))
+             + ":",
+             f"  {'class':<14}{'count':>7}{'%':>8}"]
+    for c, k in d["counts"].items():
+        lines.append(f"  {c:<14}{k:>7}{d['percent'][c]:>7.1f}%")
+    if d["n_counted"]:
+        lines.append(f"needs review (confidence < {s['review_threshold']:.3g}): {d['n_needs_review']} "
+                     f"({100.0 * d['n_needs_review'] / d['n_counted']:.1f}%)")
+    lines.append(f"{s['n_inputs']} input(s): {s['n_ok']} classified, {s['n_skipped']} skipped"
+                 + (f", {s['n_resumed']} taken from the interrupted run" if s["n_resumed"] else ""))
+    lines.append(f"{s['n_computed']} image(s) in {s['seconds']:.1f} s: {s['images_per_s']:.1f} images/s "
+                 f"({s['backend']}, batch {s['batch_size']}, {s['workers']} decode worker(s))")
+    if s["skipped"]:
+        lines.append(f"skipped {len(s['skipped'])} file(s):")
+        lines += [f"  {k['path']}: {k['reason']}" for k in s["skipped"]]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def write_results(out: Path, records: list[dict], classes: list[str], summary: dict) -> None:
+    """``.csv``: one row per input (summary goes to the console); ``.json``: summary + records."""
+    import csv
+    import io
+
+    from .data import atomic_write_json, atomic_write_text
+    if out.suffix.lower() == ".json":
+        atomic_write_json(out, {"summary": summary, "results": records})
+        return
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "status", "class", "probability", "top3", "needs_review", "multi_cell",
+                "multi_cell_score"] + [f"p_{c}" for c in classes])
+    for r in records:
+        ok = r.get("status") == "ok"
+        w.writerow([r["path"], r["status"], r.get("class", ""),
+                    f"{r['probability']:.6f}" if ok else "",
+                    "; ".join(f"{t['class']} {t['probability']:.4f}" for t in r.get("top3", [])),
+                    r.get("needs_review", "") if ok else "",
+                    r.get("multi_cell", ""),
+                    f"{r['multi_cell_score']:.6f}" if r.get("multi_cell_score") is not None else ""]
+                   + ([f"{r['probabilities'][c]:.6f}" for c in classes] if ok else [""] * len(classes)))
+    atomic_write_text(out, buf.getvalue())
+
+
+def check_out_path(out) -> Path | None:
+    if out is None:
+        return None
+    out = Path(out)
+    if out.suffix.lower() not in (".csv", ".json"):
+        raise ValueError(f"--out {out}: use a .csv or .json file name")
+    return out
+
+
+def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: int = 64,
+                  workers: int | None = None, include_flagged: bool = False,
+                  progress: bool = True, resume: bool = True) -> tuple[list[dict], dict]:
+    """Classify every image under ``specs`` -> (records in input order, summary).
+
+    With ``out``, finished records go to a journal (``<out>.partial.jsonl``) as
+    they come; a rerun after an interruption reuses those whose file (path, size,
+    mtime) is unchanged, and the final file is written atomically, after which
+    the journal is removed."""
+    from tqdm import tqdm
+    out = check_out_path(out)
+    workers = default_workers() if workers is None else workers
+    items = expand_inputs(specs)
+    records: list[dict | None] = [None] * len(items)
+    keys = [_file_key(p) if why is None else None for p, why in items]
+    for i, (p, why) in enumerate(items):
+        if why is not None:
+            records[i] = {"path": p, "status": f"skipped: {why}"}
+    journal = None
+    n_resumed = 0
+    if out is not None:
+        fp = clf.fingerprint()
+        jp = journal_path(out)
+        old = read_journal(jp, fp) if resume else {}
+        for i, k in enumerate(keys):
+            if k is not None and tuple(k) in old:
+                records[i] = old[tuple(k)]
+                n_resumed += 1
+        if n_resumed:
+            log.info("resuming: %d image(s) already done in %s", n_resumed, jp)
+        journal = Journal(jp, fp, fresh=not old)
+    todo = [i for i, r in enumerate(records) if r is None]
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="classifying",
+               disable=not progress, mininterval=0.5, file=sys.stderr)
+    t0 = time.perf_counter()
+    try:
+        for batch in clf.iter_predict((items[i][0] for i in todo), names=(items[i][0] for i in todo),
+                                      batch_size=batch_size, workers=workers):
+            for j, rec in batch:
+                i = todo[j]
+                records[i] = rec
+                if journal:
+                    journal.add(keys[i], rec)
+            if journal:
+                journal.sync()
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if journal:
+            journal.close()
+    seconds = time.perf_counter() - t0
+    n_computed = sum(1 for i in todo if records[i].get("status") == "ok")
+    skipped = [{"path": r["path"], "reason": r["status"].split(": ", 1)[1]}
+               for r in records if r["status"] != "ok"]
+    summary = {
+        "model": str(clf.weights_path) if clf.weights_path else None,
+        "backend": clf.backend, "batch_size": batch_size, "workers": workers,
+        "review_threshold": clf.review_threshold, "temperature": clf.temperature,
+        "multi_cell_screen": clf.screen is not None,
+        "n_inputs": len(items), "n_ok": sum(r["status"] == "ok" for r in records),
+        "n_skipped": len(skipped), "n_resumed": n_resumed, "n_computed": n_computed,
+        "seconds": round(seconds, 3), "images_per_s": n_computed / seconds if seconds > 0 else 0.0,
+        "differential": differential_count(records, clf.classes, include_flagged),
+        "skipped": skipped,
+    }
+    if out is not None:
+        write_results(out, records, clf.classes, summary)
+        journal_path(out).unlink(missing_ok=True)
+    return records, summary
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _print_records(records: list[dict]) -> None:
+    for r in records:
+        if r["status"] != "ok":
+            print(f"{r['path']}\t{r['status']}")
+            continue
+        top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top3"])
+        flags = (["needs review"] if r["needs_review"] else []) + (["multi-cell"] if r.get("multi_cell") else [])
+        print(f"{r['path']}\t{r['class']}\t{r['probability']:.3f}\t[{top}]"
+              + (f"\t{', '.join(flags)}" if flags else ""))
+
+
+def cmd_predict(args):
+    check_out_path(args.out)
+    screen = None if args.no_screen else (args.screen or "auto")
+    clf = Classifier.load(args.model, backend=args.backend, onnx_path=args.onnx, screen=screen,
+                          review_threshold=args.review_threshold, threads=args.threads)
+    records, summary = predict_paths(clf, args.paths, out=args.out, batch_size=args.batch_size,
+                                     workers=args.workers, include_flagged=args.include_flagged,
+                                     progress=not args.no_progress, resume=not args.restart)
+    if args.out is None:
+        if len(records) <= 50:
+            _print_records(records)
+        else:
+            print(f"({len(records)} results not listed: pass --out results.csv or .json to keep them)")
+    print(format_summary(summary))
+    if args.out:
+        print(f"wrote {args.out}")
+    if summary["n_ok"] == 0:
+        return 1
+
+
+def add_cli(sub):
+    p = sub.add_parser("predict", help="classify image files, folders (recursive) or globs")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument("--model", help="run folder or model file (default: the bundled model)")
+    p.add_argument("--out", help="results file: .csv (one row per image) or .json (with the summary)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"decode threads running ahead of the model (default {default_workers()}; 0 = inline)")
+    p.add_argument("--backend", choices=BACKENDS, default="onnx",
+                   help="onnx (ONNX Runtime; exported once and cached next to the model) or torch")
+    p.add_argument("--onnx", help="use this exported .onnx file (with --backend onnx)")
+    p.add_argument("--threads", type=int, help="model compute threads (default: all cores)")
+    p.add_argument("--review-threshold", type=float,
+                   help="flag images whose calibrated confidence is below this "
+                        "(default: the model's calibrated value)")
+    p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")
+    p.add_argument("--no-screen", action="store_true", help="do not run the multi-cell screen")
+    p.add_argument("--include-flagged", action="store_true",
+                   help="count multi-cell images in the differential count too")
+    p.add_argument("--restart", action="store_true", help="ignore the journal of an interrupted run")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict)

@@ -1,0 +1,267 @@
+"""Prediction API and `bloodcell predict`: inputs of every kind, skipped files,
+resume after an interruption, multi-cell screen hook, differential count."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CLASSES, synthetic_cell
+
+from bloodcell import predict as P
+from bloodcell.models import create_model, save_model
+
+
+def make_model(dirpath, size=64, seed=0, gain=20.0):
+    """A random cnn3 with a scaled-up head, so its answers are confident and vary by image."""
+    torch.manual_seed(seed)
+    m = create_model("cnn3", len(CLASSES), size)
+    with torch.no_grad():
+        m[-1].weight.mul_(gain)
+    save_model(m, {"architecture": "cnn3", "classes": CLASSES, "image_size": size}, dirpath)
+    return dirpath
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return make_model(tmp_path / "model")
+
+
+@pytest.fixture
+def clf(model_dir):
+    return P.Classifier.load(model_dir, backend="torch", screen=None)
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    for i in range(10):
+        Image.fromarray(synthetic_cell(i % 8, seed=i)).save(d / "sub" / f"c{i:02d}.png")
+    return d
+
+
+def test_bundled_model_default_path(model_dir, monkeypatch, tmp_path):
+    monkeypatch.setattr(P, "BUNDLED_DIR", tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="no bundled model"):
+        P.Classifier.load()
+    monkeypatch.setattr(P, "BUNDLED_DIR", model_dir)
+    clf = P.Classifier.load(backend="torch")
+    (r,) = clf.predict(synthetic_cell(3))
+    assert r["status"] == "ok" and r["class"] in CLASSES
+
+
+@pytest.mark.skipif(not (P.BUNDLED_DIR / "model.json").exists(), reason="no bundled model yet")
+def test_shipped_bundled_model_predicts():
+    clf = P.Classifier.load(backend="torch")
+    (r,) = clf.predict(synthetic_cell(3, size=clf.image_size))
+    assert r["status"] == "ok" and abs(sum(r["probabilities"].values()) - 1) < 1e-5
+
+
+def test_record_fields_and_probabilities(clf):
+    recs = clf.predict([synthetic_cell(k, seed=k) for k in range(8)])
+    assert len({r["class"] for r in recs}) > 1  # the fixture model is not constant
+    for r in recs:
+        assert r["status"] == "ok"
+        p = r["probabilities"]
+        assert list(p) == CLASSES
+        assert abs(sum(p.values()) - 1) < 1e-5
+        assert r["class"] == max(p, key=p.get) and r["probability"] == pytest.approx(p[r["class"]])
+        assert [t["class"] for t in r["top3"]][0] == r["class"]
+        tp = [t["probability"] for t in r["top3"]]
+        assert tp == sorted(tp, reverse=True) and len(tp) == 3
+        assert r["needs_review"] == (r["probability"] < clf.review_threshold)
+
+
+def test_same_image_in_many_formats(clf, tmp_path):
+    rgb = synthetic_cell(5, size=96, seed=1)
+    im = Image.fromarray(rgb)
+    paths = {}
+    for name, img, ext in [("png", im, "png"), ("jpeg", im, "jpg"), ("rgba", im.convert("RGBA"), "png"),
+                           ("gray", im.convert("L"), "png"), ("bmp", im, "bmp")]:
+        paths[name] = tmp_path / f"x_{name}.{ext}"
+        img.save(paths[name])
+    g16 = (np.asarray(im.convert("L"), dtype=np.uint16) * 257)
+    paths["gray16"] = tmp_path / "x_gray16.png"
+    Image.fromarray(g16).save(paths["gray16"])
+    assert Image.open(paths["gray16"]).mode.startswith("I")
+    inputs = list(paths.values()) + [im, rgb, paths["png"].read_bytes()]
+    recs = clf.predict(inputs)
+    assert all(r["status"] == "ok" for r in recs), recs
+    for r in recs:
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-5
+    by = dict(zip(list(paths) + ["pil", "array", "bytes"], recs))
+    # lossless inputs of the same pixels give the same answer
+    for k in ("pil", "array", "bytes", "bmp"):
+        assert by[k]["probabilities"] == pytest.approx(by["png"]["probabilities"], abs=1e-6)
+    # an 8-bit grey PNG and its 16-bit version are the same picture
+    assert by["gray16"]["probabilities"] == pytest.approx(by["gray"]["probabilities"], abs=1e-3)
+    assert by["jpeg"]["class"] == by["png"]["class"]
+
+
+def test_bad_inputs_are_skipped_and_run_continues(clf, tmp_path):
+    good = tmp_path / "good.png"
+    Image.fromarray(synthetic_cell(1)).save(good)
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image")
+    trunc = tmp_path / "trunc.png"
+    trunc.write_bytes(good.read_bytes()[:200])
+    inputs = [tmp_path / "corrupt.jpg", good, tmp_path / "empty.png", tmp_path / "notes.txt",
+              tmp_path / "missing.jpg", trunc, tmp_path, np.zeros((3, 3)), good]
+    recs = clf.predict(inputs, batch_size=2, workers=2)
+    st = [r["status"] for r in recs]
+    assert st[1] == "ok" and st[-1] == "ok"
+    assert recs[1]["probabilities"] == recs[-1]["probabilities"]
+    for i in (0, 2, 3, 4, 5, 6, 7):
+        assert st[i].startswith("skipped: "), (i, st[i])
+    assert "empty" in st[2] and "no such file" in st[4] and "folder" in st[6]
+    assert recs[0]["path"].endswith("corrupt.jpg")
+
+
+def test_workers_and_batches_do_not_change_results(clf, image_dir):
+    files = sorted(image_dir.rglob("*.png"))
+    a = clf.predict(files, batch_size=64, workers=0)
+    b = clf.predict(files, batch_size=3, workers=3)
+    assert [r["path"] for r in a] == [str(f) for f in files]
+    assert [r["probabilities"] for r in a] == [pytest.approx(r["probabilities"], abs=1e-6) for r in b]
+
+
+def test_expand_inputs_folders_globs_missing(image_dir, tmp_path):
+    (image_dir / "notes.txt").write_text("x")
+    (image_dir / ".hidden.png").write_bytes(b"x")
+    items = P.expand_inputs([str(image_dir), str(image_dir / "sub" / "c0*.png"),
+                             str(tmp_path / "nope.jpg"), str(tmp_path / "zz*.png")])
+    paths = [p for p, _ in items]
+    assert len(paths) == len(set(os.path.abspath(p) for p in paths))  # each file once
+    ok = [p for p, why in items if why is None]
+    assert len(ok) == 10
+    why = {os.path.basename(p): w for p, w in items if w}
+    assert "extension" in why["notes.txt"] and "hidden" in why[".hidden.png"]
+    assert why["nope.jpg"] == "no such file" and "matched nothing" in why["zz*.png"]
+
+
+def test_differential_count():
+    recs = ([{"status": "ok", "class": "neutrophil", "needs_review": False}] * 6
+            + [{"status": "ok", "class": "lymphocyte", "needs_review": True}] * 2
+            + [{"status": "ok", "class": "neutrophil", "multi_cell": True, "needs_review": False}] * 2
+            + [{"status": "skipped: empty file"}])
+    d = P.differential_count(recs, CLASSES)
+    assert d["n_counted"] == 8 and d["n_multi_cell"] == 2 and d["n_ok"] == 10
+    assert d["counts"]["neutrophil"] == 6 and d["counts"]["lymphocyte"] == 2
+    assert d["percent"]["neutrophil"] == pytest.approx(75.0) and d["percent"]["platelet"] == 0
+    assert d["n_needs_review"] == 2
+    d2 = P.differential_count(recs, CLASSES, include_flagged=True)
+    assert d2["n_counted"] == 10 and d2["counts"]["neutrophil"] == 8
+    assert sum(d2["percent"].values()) == pytest.approx(100.0)
+
+
+class FakeScreen:
+    """Stands in for bloodcell.screen.Screen: flags images with little green (the pure red test image)."""
+    image_size = 32
+
+    def __init__(self):
+        self.shapes = []
+
+    def score_arrays(self, arrays):
+        self.shapes += [a.shape for a in arrays]
+        return [{"score": float(a[..., 0].mean() / 255), "n_regions": 1,
+                 "multi_cell": bool(a[..., 1].mean() < 60)} for a in arrays]
+
+
+def test_multi_cell_screen_hook(model_dir, image_dir):
+    scr = FakeScreen()
+    clf = P.Classifier.load(model_dir, backend="torch", screen=scr)
+    red = image_dir / "red.png"
+    Image.fromarray(np.full((64, 64, 3), (250, 10, 10), np.uint8)).save(red)
+    recs, s = P.predict_paths(clf, [str(image_dir)], progress=False)
+    assert all(sh == (32, 32, 3) for sh in scr.shapes) and len(scr.shapes) == 11
+    flagged = [r for r in recs if r["multi_cell"]]
+    assert [r["path"] for r in flagged] == [str(red)]
+    assert all(0 <= r["multi_cell_score"] <= 1 for r in recs)
+    assert s["differential"]["n_counted"] == 10 and s["differential"]["n_multi_cell"] == 1
+
+
+def test_screen_auto_is_optional(monkeypatch, tmp_path):
+    monkeypatch.setattr(P, "BUNDLED_DIR", tmp_path)
+    assert P.load_screen("auto") is None  # no bundled screen: just no flag
+    (tmp_path / "screen.json").write_text("{not json")
+    assert P.load_screen("auto") is None  # a broken one: warn, go on
+    assert P.load_screen(None) is None
+
+
+def test_resume_after_interruption(model_dir, image_dir, tmp_path, monkeypatch):
+    out = tmp_path / "res" / "results.csv"
+    clf = P.Classifier.load(model_dir, backend="torch", screen=None)
+    real = clf.predict_proba_arrays
+    seen = []
+
+    def dies_after_two_batches(batch):
+        if len(seen) >= 2:
+            raise KeyboardInterrupt
+        seen.append(len(batch))
+        return real(batch)
+
+    monkeypatch.setattr(clf, "predict_proba_arrays", dies_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        P.predict_paths(clf, [str(image_dir)], out=out, batch_size=3, workers=1, progress=False)
+    assert not out.exists()  # no half results file
+    jp = P.journal_path(out)
+    assert jp.exists()
+    with open(jp, "a") as f:
+        f.write('{"path": "half a line')  # killed mid-write
+    # one finished file changes: it must be recomputed, the others not
+    changed = image_dir / "sub" / "c00.png"
+    Image.fromarray(synthetic_cell(7, seed=99)).save(changed)
+    os.utime(changed, ns=(1, 1))
+
+    clf2 = P.Classifier.load(model_dir, backend="torch", screen=None)
+    real2, counted = clf2.predict_proba_arrays, []
+    monkeypatch.setattr(clf2, "predict_proba_arrays", lambda b: (counted.append(len(b)), real2(b))[1])
+    recs, s = P.predict_paths(clf2, [str(image_dir)], out=out, batch_size=3, workers=1, progress=False)
+    assert sum(counted) == 10 - sum(seen) + 1 and s["n_resumed"] == sum(seen) - 1
+    assert out.exists() and not jp.exists()
+    assert all(r["status"] == "ok" for r in recs) and len(recs) == 10
+    fresh = P.Classifier.load(model_dir, backend="torch", screen=None).predict(
+        sorted(image_dir.rglob("*.png")))
+    assert [r["class"] for r in recs] == [r["class"] for r in fresh]
+    import csv
+    rows = list(csv.DictReader(open(out)))
+    assert [r["path"] for r in rows] == [r["path"] for r in recs]
+    assert [r["class"] for r in rows] == [r["class"] for r in recs]
+
+
+def test_journal_of_another_model_is_ignored(model_dir, image_dir, tmp_path):
+    out = tmp_path / "r.json"
+    jp = P.journal_path(out)
+    jp.write_text(json.dumps({"journal": 1, "fingerprint": {"weights_sha1": "other"}}) + "\n"
+                  + json.dumps({"path": "x", "status": "ok", "class": "platelet",
+                                "_key": [str(image_dir / "sub" / "c01.png"), 1, 1]}) + "\n")
+    clf = P.Classifier.load(model_dir, backend="torch", screen=None)
+    recs, s = P.predict_paths(clf, [str(image_dir)], out=out, progress=False)
+    assert s["n_resumed"] == 0 and s["n_computed"] == 10
+
+
+def test_cli_predict_json_and_csv(model_dir, image_dir, tmp_path, capsys):
+    from bloodcell.cli import main
+    (image_dir / "broken.jpg").write_bytes(b"\xff\xd8 nope")
+    out = tmp_path / "o.json"
+    rc = main(["predict", str(image_dir), str(tmp_path / "missing.png"), "--model", str(model_dir),
+               "--out", str(out), "--backend", "torch", "--no-progress", "--review-threshold", "0.5"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "differential count over 10 image(s)" in text and "images/s" in text
+    assert "broken.jpg" in text and "missing.png: no such file" in text
+    res = json.loads(out.read_text())
+    assert res["summary"]["n_skipped"] == 2 and res["summary"]["review_threshold"] == 0.5
+    assert sum(res["summary"]["differential"]["counts"].values()) == 10
+    assert len(res["results"]) == 12
+    rc = main(["predict", str(image_dir / "sub" / "c01.png"), "--model", str(model_dir),
+               "--out", str(tmp_path / "o.csv"), "--backend", "torch", "--no-progress"])
+    header = (tmp_path / "o.csv").read_text().splitlines()[0].split(",")
+    assert header[:5] == ["path", "status", "class", "probability", "top3"] and "p_platelet" in header
+    assert main(["predict", str(image_dir), "--model", str(model_dir), "--out", str(tmp_path / "o.txt")]) == 2
