@@ -1,0 +1,106 @@
+"""ONNX export and the ONNX Runtime backend: same classes as PyTorch."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import CLASSES, synthetic_cell
+
+from bloodcell import export as E
+from bloodcell import predict as P
+from test_predict import make_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return make_model(tmp_path / "model", gain=200.0)
+
+
+def test_export_cli_checked_dynamic_batch(model_dir, tmp_path, capsys):
+    import onnx
+    import onnxruntime as ort
+
+    from bloodcell.cli import main
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--model", str(model_dir), "--format", "onnx", "--out", str(out)]) == 0
+    assert "same classes True" in capsys.readouterr().out
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["bloodcell_image_size"] == "64" and "basophil" in meta["bloodcell_classes"]
+    s = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for n in (1, 5):  # the batch axis is dynamic
+        x = np.zeros((n, 64, 64, 3), np.uint8)
+        assert s.run(None, {E.INPUT_NAME: x})[0].shape == (n, len(CLASSES))
+    with pytest.raises(ValueError, match="opset"):
+        E.export(model_dir, out=tmp_path / "old.onnx", opset=13)
+
+
+def test_torch_and_onnx_agree_on_synthetic_images(model_dir):
+    t = P.Classifier.load(model_dir, backend="torch", screen=None)
+    o = P.Classifier.load(model_dir, backend="onnx", screen=None)
+    imgs = [synthetic_cell(k % 8, seed=k) for k in range(24)]
+    rt, ro = t.predict(imgs), o.predict(imgs, batch_size=7)
+    assert len({r["class"] for r in rt}) > 1
+    assert [r["class"] for r in rt] == [r["class"] for r in ro]
+    pt = np.array([list(r["probabilities"].values()) for r in rt])
+    po = np.array([list(r["probabilities"].values()) for r in ro])
+    assert np.abs(pt - po).max() < 1e-4
+
+
+def test_onnx_cache_reused_and_refreshed(model_dir):
+    o = P.Classifier.load(model_dir, backend="onnx", screen=None)
+    assert o.onnx_path == model_dir / "model.onnx"
+    stamp = os.stat(o.onnx_path).st_mtime_ns
+    P.Classifier.load(model_dir, backend="onnx", screen=None)
+    assert os.stat(o.onnx_path).st_mtime_ns == stamp  # not exported again
+    make_model(model_dir, seed=1, gain=200.0)  # new weights in the same folder
+    o2 = P.Classifier.load(model_dir, backend="onnx", screen=None)
+    t2 = P.Classifier.load(model_dir, backend="torch", screen=None)
+    assert E.onnx_metadata(o2.onnx_path)["bloodcell_weights_sha1"] == E.weights_sha1(model_dir / "model.safetensors")
+    x = np.stack([synthetic_cell(k) for k in range(8)])
+    assert np.abs(o2.predict_proba_arrays(x) - t2.predict_proba_arrays(x)).max() < 1e-4
+
+
+def test_temperature_applied_by_onnx_backend(model_dir):
+    import json
+    j = model_dir / "model.json"
+    meta = json.loads(j.read_text())
+    x = np.stack([synthetic_cell(k) for k in range(8)])
+    p1 = P.Classifier.load(model_dir, backend="onnx", screen=None).predict_proba_arrays(x)
+    j.write_text(json.dumps({**meta, "temperature": 3.0}))
+    p3 = P.Classifier.load(model_dir, backend="onnx", screen=None).predict_proba_arrays(x)
+    assert (p1.argmax(1) == p3.argmax(1)).all() and p3.max(1).mean() < p1.max(1).mean()
+
+
+def _trained_model():
+    for c in (P.BUNDLED_DIR / "model.json", ROOT / "runs" / "recipe-s42" / "model.json"):
+        if c.exists():
+            return c
+    return None
+
+
+@pytest.mark.realdata
+def test_torch_and_onnx_same_classes_on_real_test_images(real_data, tmp_path):
+    """A small real subset through both backends, with the trained model when there is one."""
+    model = _trained_model()
+    if model is None:
+        pytest.skip("no trained model (bundled or runs/recipe-s42)")
+    files = []
+    for d in sorted(p for p in real_data.iterdir() if p.is_dir()):
+        files += sorted(d.glob("*.jpg"))[:6]
+    t = P.Classifier.load(model, backend="torch", screen=None)
+    o = P.Classifier.load(model, backend="onnx", onnx_path=E.export(model, out=tmp_path / "m.onnx"),
+                          screen=None)
+    rt, ro = t.predict(files), o.predict(files)
+    assert all(r["status"] == "ok" for r in rt)
+    assert [r["class"] for r in rt] == [r["class"] for r in ro]
+    pt = np.array([r["probability"] for r in rt])
+    po = np.array([r["probability"] for r in ro])
+    assert np.abs(pt - po).max() < 1e-3
