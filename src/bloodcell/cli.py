@@ -16,7 +16,7 @@ from . import __version__
 log = logging.getLogger("bloodcell")
 
 # modules that may add sub-commands: each defines add_cli(subparsers)
-_EXTENSIONS = ["bloodcell.report", "bloodcell.screen", "bloodcell.serve", "bloodcell.export",
+_EXTENSIONS = ["bloodcell.report", "bloodcell.study", "bloodcell.screen", "bloodcell.serve", "bloodcell.export",
                "bloodcell.fetch", "bloodcell.predict"]
 
 

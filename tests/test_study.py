@@ -1,0 +1,191 @@
+"""`bloodcell study` end to end on synthetic images: every figure and table, the
+public copy without dataset images, skipping finished generations on re-run."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bloodcell import cli
+from bloodcell.report import discussion, markdown_to_html
+from bloodcell.study import parse_epochs_cap, parse_models
+
+FULL_FIGS = ["fig1_class_distribution.png", "example_grid.png", "fig2_accuracy.png",
+             "fig2b_learning_curves.png", "fig3_confusion_pct.png", "fig3b_errors.png",
+             "fig4_mistakes.png"]
+PRIVATE_FIGS = {"example_grid.png", "fig4_mistakes.png"}
+MODELS = ["dnn", "cnn", "cnn3"]
+
+
+def _study_args(data, rep, pub, size=32):
+    return ["study", "--data", str(data), "--out", str(rep), "--models", ",".join(MODELS),
+            "--image-size", str(size), "--epochs-cap", "2", "--max-steps-per-epoch", "2",
+            "--no-progress", "--public", str(pub)]
+
+
+def _fake_screen(rep: Path):
+    d = rep / "screen"
+    d.mkdir(parents=True)
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(d / "counts.png")
+    Image.new("RGB", (40, 30), (30, 30, 200)).save(d / "example_crops.png")
+    (d / "screen_report.md").write_text(
+        "# Multi-cell screen\n\nIt finds **cells** in a slide.\n\n![counts](counts.png)\n\n"
+        "![crops](example_crops.png)\n\n| slide | cells |\n|---|---|\n| a | 12 |\n")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """One small study shared by the tests below (training is the slow part)."""
+    from PIL import Image as PILImage
+
+    from conftest import CLASSES, synthetic_cell
+    tmp = tmp_path_factory.mktemp("study")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("BLOODCELL_CACHE", str(tmp / "cache"))
+    data = tmp / "data"
+    for label, cls in enumerate(CLASSES):
+        (data / cls).mkdir(parents=True)
+        for i in range(10):
+            PILImage.fromarray(synthetic_cell(label, seed=label * 100 + i)).save(data / cls / f"{cls}_{i}.png")
+    (data / "neutrophil" / ".DS_000.jpg").write_bytes(b"\x00\x05Bud1 not an image")
+    (data / "eosinophil" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    rep, pub = tmp / "report", tmp / "public"
+    _fake_screen(rep)
+    try:
+        assert cli.main(_study_args(data, rep, pub)) == 0
+    finally:
+        mp.undo()
+    return data, rep, pub
+
+
+def _png_ok(p: Path):
+    with Image.open(p) as im:
+        assert im.format == "PNG" and im.width > 200 and im.height > 150, p
+
+
+def test_study_writes_every_figure_and_table(study):
+    data, rep, pub = study
+    for f in FULL_FIGS:
+        _png_ok(rep / "figures" / f)
+        assert f"figures/{f}" in (rep / "report.md").read_text(), f
+    md = (rep / "report.md").read_text()
+    # the exact command, split, seed, per-run timings, library versions
+    assert "bloodcell study --data" in md and "--epochs-cap 2" in md
+    assert "seed 42" in md and "split.csv" in md and "torch " in md and "matplotlib " in md
+    for m in MODELS:
+        assert re.search(rf"\| Gen \d: {re.escape(m)} \| 32 \| 2 / 2 \|", md), m
+    # skipped files listed by path and reason
+    assert "`neutrophil/.DS_000.jpg`: hidden file" in md
+    assert "`eosinophil/broken.jpg`: corrupt or truncated" in md
+    # Table 1: one per-class table per generation with the macro average and a CI
+    assert md.count("**macro average**") == len(MODELS)
+    assert len(re.findall(r"95 % bootstrap CI \d+\.\d–\d+\.\d %", md)) == len(MODELS)
+    assert "## Discussion" in md and "**Ranking**" in md
+    # evaluation on all three splits, with sizes matching the shared split
+    split = (rep / "split.csv").read_text().splitlines()[1:]
+    n_test = sum(1 for r in split if r.split(",")[2] == "test")
+    for m in MODELS:
+        ev = json.loads((rep / "runs" / m / "study_eval.json").read_text())
+        assert set(ev["splits"]) == {"train", "val", "test"}
+        assert ev["splits"]["test"]["n_images"] == n_test
+        meta = json.loads((rep / "runs" / m / "model.json").read_text())
+        assert meta["finished"] and meta["image_size"] == 32
+        # every generation trained on the study's one split
+        assert (rep / "runs" / m / "split.csv").read_text() == (rep / "split.csv").read_text()
+    # html is self-contained: every figure embedded, no external image links
+    html = (rep / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(FULL_FIGS) + 2  # + 2 screen figures
+    assert 'src="figures/' not in html
+
+
+def test_public_copy_has_no_dataset_images(study):
+    _, rep, pub = study
+    figs = {p.name for p in (pub / "figures").glob("*.png")}
+    assert figs == set(FULL_FIGS) - PRIVATE_FIGS
+    md = (pub / "report.md").read_text()
+    assert "example_grid" not in md and "fig4_mistakes" not in md
+    assert md.count("Not in this committed copy") == 2
+    assert "bloodcell report --study" in md
+    html = (pub / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(FULL_FIGS) - len(PRIVATE_FIGS) + 1
+    # the screen section is included, its dataset-image figure is not
+    assert "Future work, done: the multi-cell screen" in md
+    assert (pub / "figures" / "screen" / "counts.png").exists()
+    assert not (pub / "figures" / "screen" / "example_crops.png").exists()
+    assert "<table>" in html and "<strong>cells</strong>" in html
+
+
+def test_rerun_skips_finished_generations_and_resumes_unfinished(study, caplog):
+    data, rep, pub = study
+    weights = {m: (rep / "runs" / m / "model.safetensors").stat().st_mtime_ns for m in MODELS}
+    # mark one generation as interrupted after its last epoch: it must resume, not restart
+    j = rep / "runs" / "cnn" / "model.json"
+    meta = json.loads(j.read_text())
+    meta["finished"] = False
+    j.write_text(json.dumps(meta))
+    caplog.set_level("INFO", logger="bloodcell")
+    assert cli.main(_study_args(data, rep, pub)) == 0
+    for m in ("dnn", "cnn3"):
+        assert (rep / "runs" / m / "model.safetensors").stat().st_mtime_ns == weights[m], m
+        assert f"study: {m} already trained" in caplog.text
+    assert "study: resuming cnn" in caplog.text
+    cnn = json.loads(j.read_text())
+    assert cnn["finished"] and len(cnn["history"]) == 2  # continued from epoch 2, not retrained
+    runs = json.loads((rep / "study.json").read_text())["runs"]
+    assert "skipped on re-run" in runs["dnn"]["status"] and runs["cnn"]["status"] == "resumed"
+
+
+def test_finished_run_with_other_settings_is_refused(study, capsys):
+    data, rep, pub = study
+    assert cli.main(_study_args(data, rep, pub, size=40)) == 2
+    err = capsys.readouterr().err
+    assert "runs/dnn" in err and "image size is 32" in err
+
+
+def test_option_parsing():
+    assert parse_epochs_cap("12, lite0-finetune=6") == {"*": 12, "lite0-finetune": 6}
+    assert parse_epochs_cap(None) == {}
+    for bad in ("x", "cnn=0", "nosuchmodel=3"):
+        with pytest.raises(ValueError):
+            parse_epochs_cap(bad)
+    assert parse_models("cnn,dnn") == ["cnn", "dnn"]
+    with pytest.raises(ValueError, match="unknown model"):
+        parse_models("cnn,resnet5")
+
+
+def _fake_gen(model, acc, classes, n=100):
+    cm = np.diag([n // len(classes)] * len(classes))
+    cm[3, 6] = 9  # ig -> neutrophil, the study's main confusion
+    per = {c: {"precision": acc, "recall": acc, "f1": acc, "support": n // len(classes)} for c in classes}
+    split = {"accuracy": acc, "accuracy_ci95": [acc - 0.01, acc + 0.01], "macro_f1": acc,
+             "n_images": n, "classes": classes, "per_class": per, "confusion_matrix": cm.tolist()}
+    return {"model": model, "generation": 1, "meta": {"image_size": 128, "best": {"epoch": 2}},
+            "history": [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}, {"epoch": 4}],
+            "eval": {"splits": {"train": {**split, "accuracy": min(1, acc + 0.02)}, "val": split,
+                                "test": split}}}
+
+
+def test_discussion_compares_ranking_with_the_study():
+    from conftest import CLASSES
+    st = {"data": {"n_images": 11959, "split_counts": {"test": 2392}},
+          "config": {"epochs_per_model": {}, "max_steps_per_epoch": None}}
+    accs = {"dnn": 0.4, "cnn": 0.8, "cnn-aug": 0.85, "cnn3": 0.93, "lite0-frozen": 0.9,
+            "lite0-finetune": 0.975}
+    gens = [_fake_gen(m, a, CLASSES) for m, a in accs.items()]
+    text = " ".join(discussion(st, gens, gens[-1]))
+    assert "agrees with the study's" in text
+    assert "ig→neutrophil (9)" in text and "128 px" in text and "70 %" in text
+    accs["cnn"] = 0.95  # now beats cnn3 and the frozen backbone: the ranking differs
+    gens = [_fake_gen(m, a, CLASSES) for m, a in accs.items()]
+    text = " ".join(discussion(st, gens, gens[-1]))
+    assert "differs from the study's" in text and "cnn 95.0 % vs cnn3 93.0 %" in text
+
+
+def test_markdown_subset_to_html():
+    out = markdown_to_html("## T\n\n- a `x<y`\n- b\n\n```\ncode <1>\n```\ntext *em*", {})
+    assert "<h2>T</h2>" in out and "<li>a <code>x&lt;y</code></li>" in out
+    assert "<pre><code>code &lt;1&gt;</code></pre>" in out and "<em>em</em>" in out
