@@ -1,0 +1,647 @@
+"""``bloodcell serve``: a local review page and HTTP API for the classifier.
+
+A lab technician drops images on the page, sees each cell pre-classified,
+and corrects what the model got wrong; corrections live in SQLite (with
+timestamp and previous prediction) and export as CSV or as a class-folder
+ZIP that ``bloodcell train`` reads. Predictions use ``predict.Classifier``
+(the same preprocessing and model code as ``bloodcell predict``).
+
+Uploaded bytes are kept in the database under generated ids: a client's file
+name is only ever displayed, never used as a path.
+"""
+# no `from __future__ import annotations`: FastAPI resolves the endpoint
+# annotations at runtime, and its imports are local to create_app
+import asyncio
+import contextlib
+import csv
+import hashlib
+import inspect
+import io
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import sqlite3
+import threading
+import zipfile
+from collections import OrderedDict
+from concurrent.futures import Future
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .transforms import ImageError, open_image, preprocess
+
+log = logging.getLogger("bloodcell")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+AUTO = "auto"  # screen=AUTO: use the multi-cell screen when one is installed
+_MEDIA = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
+
+
+def default_db_path() -> Path:
+    if os.environ.get("BLOODCELL_DB"):
+        return Path(os.environ["BLOODCELL_DB"])
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "bloodcell" / "lab.sqlite3"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _clean_name(name: str | None, i: int) -> str:
+    """A display name: control characters dropped, length capped. Never a path."""
+    name = re.sub(r"[\x00-\x1f\x7f]", "", name or "")[-255:]
+    return name or f"file {i + 1}"
+
+
+# ------------------------------------------------------------------ storage
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS samples (
+  id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, created TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS cells (
+  id TEXT PRIMARY KEY, sample_id TEXT NOT NULL REFERENCES samples(id),
+  file_name TEXT NOT NULL, media_type TEXT, image BLOB NOT NULL, created TEXT NOT NULL,
+  model_version TEXT, predicted_class TEXT NOT NULL, probability REAL NOT NULL,
+  probabilities TEXT NOT NULL, top3 TEXT NOT NULL, needs_review INTEGER NOT NULL,
+  multi_cell INTEGER, multi_cell_score REAL, n_regions INTEGER,
+  true_class TEXT, corrected_at TEXT);
+CREATE INDEX IF NOT EXISTS cells_sample ON cells(sample_id);
+CREATE TABLE IF NOT EXISTS corrections (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, cell_id TEXT NOT NULL REFERENCES cells(id),
+  created TEXT NOT NULL, previous_prediction TEXT NOT NULL, previous_true_class TEXT,
+  true_class TEXT);
+"""
+_CELL_COLS = ("id, sample_id, file_name, created, model_version, predicted_class, probability, "
+              "probabilities, top3, needs_review, multi_cell, multi_cell_score, n_regions, "
+              "true_class, corrected_at")
+
+
+class Store:
+    """SQLite: one connection, serialised by a lock (writes are sub-millisecond)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.lock = threading.Lock()
+        with self.lock:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self.conn.executescript(SCHEMA)
+
+    def close(self):
+        with self.lock:
+            self.conn.close()
+
+    def _q(self, sql, args=()):
+        with self.lock:
+            return self.conn.execute(sql, args).fetchall()
+
+    # samples
+    def sample_for_name(self, name: str) -> dict:
+        with self.lock:
+            row = self.conn.execute("SELECT * FROM samples WHERE name=?", (name,)).fetchone()
+            if row is None:
+                sid = secrets.token_hex(6)
+                self.conn.execute("INSERT INTO samples VALUES (?,?,?)", (sid, name, _now()))
+                row = self.conn.execute("SELECT * FROM samples WHERE id=?", (sid,)).fetchone()
+        return dict(row)
+
+    def get_sample(self, sid: str) -> dict | None:
+        rows = self._q("SELECT * FROM samples WHERE id=?", (sid,))
+        return dict(rows[0]) if rows else None
+
+    def list_samples(self) -> list[dict]:
+        rows = self._q(
+            "SELECT s.id, s.name, s.created, COUNT(c.id) AS n_cells, COUNT(c.true_class) AS n_corrected, "
+            "MAX(c.created) AS updated FROM samples s LEFT JOIN cells c ON c.sample_id = s.id "
+            "GROUP BY s.id ORDER BY COALESCE(MAX(c.created), s.created) DESC, s.rowid DESC")
+        return [dict(r) for r in rows]
+
+    # cells
+    def add_cells(self, rows: list[dict]) -> None:
+        with self.lock:
+            self.conn.execute("BEGIN")
+            try:
+                self.conn.executemany(
+                    "INSERT INTO cells (id, sample_id, file_name, media_type, image, created, model_version, "
+                    "predicted_class, probability, probabilities, top3, needs_review, multi_cell, "
+                    "multi_cell_score, n_regions) VALUES (:id, :sample_id, :file_name, :media_type, :image, "
+                    ":created, :model_version, :predicted_class, :probability, :probabilities, :top3, "
+                    ":needs_review, :multi_cell, :multi_cell_score, :n_regions)", rows)
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    def cells(self, sid: str) -> list[dict]:
+        return [_cell_json(r) for r in
+                self._q(f"SELECT {_CELL_COLS} FROM cells WHERE sample_id=? ORDER BY rowid", (sid,))]
+
+    def cell(self, cid: str) -> dict | None:
+        rows = self._q(f"SELECT {_CELL_COLS} FROM cells WHERE id=?", (cid,))
+        return _cell_json(rows[0]) if rows else None
+
+    def cell_image(self, cid: str) -> tuple[bytes, str | None] | None:
+        rows = self._q("SELECT image, media_type FROM cells WHERE id=?", (cid,))
+        return (rows[0]["image"], rows[0]["media_type"]) if rows else None
+
+    def correct(self, cid: str, true_class: str | None) -> dict | None:
+        """Set (or with None, clear) a cell's true class; every change is logged."""
+        with self.lock:
+            row = self.conn.execute("SELECT predicted_class, true_class FROM cells WHERE id=?",
+                                    (cid,)).fetchone()
+            if row is None:
+                return None
+            ts = _now()
+            self.conn.execute("BEGIN")
+            self.conn.execute("UPDATE cells SET true_class=?, corrected_at=? WHERE id=?",
+                              (true_class, ts if true_class else None, cid))
+            self.conn.execute("INSERT INTO corrections (cell_id, created, previous_prediction, "
+                              "previous_true_class, true_class) VALUES (?,?,?,?,?)",
+                              (cid, ts, row["predicted_class"], row["true_class"], true_class))
+            self.conn.execute("COMMIT")
+        return self.cell(cid)
+
+    def corrections(self, cid: str) -> list[dict]:
+        return [dict(r) for r in self._q(
+            "SELECT created, previous_prediction, previous_true_class, true_class FROM corrections "
+            "WHERE cell_id=? ORDER BY id", (cid,))]
+
+
+def _cell_json(r: sqlite3.Row) -> dict:
+    d = dict(r)
+    d["probabilities"] = json.loads(d["probabilities"])
+    d["top3"] = json.loads(d["top3"])
+    d["needs_review"] = bool(d["needs_review"])
+    if d["multi_cell"] is None:
+        for k in ("multi_cell", "multi_cell_score", "n_regions"):
+            d.pop(k)
+    else:
+        d["multi_cell"] = bool(d["multi_cell"])
+    d["class"] = d["true_class"] or d["predicted_class"]  # what the differential counts
+    d["corrected"] = d["true_class"] is not None
+    return d
+
+
+def differential(cells: list[dict], classes: list[str]) -> dict:
+    counts = {c: 0 for c in classes}
+    for c in cells:
+        counts[c["class"]] = counts.get(c["class"], 0) + 1
+    n = len(cells)
+    return {"total": n, "counts": counts,
+            "percent": {c: (100.0 * v / n if n else 0.0) for c, v in counts.items()},
+            "n_corrected": sum(c["corrected"] for c in cells),
+            "n_needs_review": sum(c["needs_review"] and not c["corrected"] for c in cells),
+            "n_multi_cell": sum(bool(c.get("multi_cell")) for c in cells)}
+
+
+# ------------------------------------------------------------------ model worker
+
+class ModelWorker:
+    """The one thread that touches the torch model. Requests queue here and
+    concurrent single-image predictions are run as one batch (micro-batching):
+    cheaper per image, and no lock contention around the model."""
+
+    def __init__(self, clf, screen=None, max_batch: int = 32):
+        self.clf, self.screen, self.max_batch = clf, screen, max_batch
+        self.q: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name="bloodcell-model", daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.q.put(None)
+
+    def submit(self, kind: str, *payload) -> Future:
+        fut: Future = Future()
+        self.q.put((kind, payload, fut))
+        return fut
+
+    def _run(self):
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            jobs, other = [item], []
+            if item[0] == "predict":  # gather the predictions already waiting
+                n = len(item[1][0])
+                while n < self.max_batch:
+                    try:
+                        nxt = self.q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        self.q.put(None)
+                        break
+                    (jobs if nxt[0] == "predict" else other).append(nxt)
+                    n += len(nxt[1][0]) if nxt[0] == "predict" else 0
+                self._predict(jobs)
+            else:
+                other = jobs
+            for kind, payload, fut in other:
+                if kind == "predict":
+                    self._predict([(kind, payload, fut)])
+                    continue
+                try:
+                    fut.set_result(payload[0](*payload[1:]))
+                except BaseException as e:  # noqa: BLE001 - handed to the waiting request
+                    fut.set_exception(e)
+
+    def _predict(self, jobs):
+        try:
+            arrays = np.concatenate([np.stack(p[0]) for _, p, _ in jobs])
+            probs = self.clf.predict_proba_arrays(arrays)
+            scr = None
+            if self.screen is not None and all(p[1] is not None for _, p, _ in jobs):
+                scr = list(self.screen.score_arrays([a for _, p, _ in jobs for a in p[1]]))
+        except BaseException as e:  # noqa: BLE001
+            for _, _, fut in jobs:
+                fut.set_exception(e)
+            return
+        i = 0
+        for _, p, fut in jobs:
+            n = len(p[0])
+            fut.set_result((probs[i:i + n], scr[i:i + n] if scr is not None else None))
+            i += n
+
+
+def _load_screen(screen):
+    """screen=AUTO: the installed multi-cell screen if there is one, else none."""
+    if screen != AUTO:
+        return screen
+    try:
+        from .screen import Screen
+        return Screen.load()
+    except Exception as e:  # noqa: BLE001 - optional component: the page works without it
+        log.info("multi-cell screen not available (%s): multi_cell flag omitted", e)
+        return None
+
+
+def _model_card(clf, model_path) -> dict:
+    meta = clf.meta
+    metrics = meta.get("metrics")
+    if metrics is None and model_path is not None:
+        p = Path(model_path)
+        cand = (p if p.is_dir() else p.parent) / "metrics.json"
+        if cand.exists():
+            try:
+                metrics = json.loads(cand.read_text())
+            except (OSError, ValueError):
+                metrics = None
+    digest = hashlib.sha1(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return {"architecture": meta.get("architecture"), "classes": clf.classes,
+            "image_size": clf.image_size, "version": str(meta.get("version") or digest),
+            "model_id": digest, "bloodcell_version": __version__,
+            "review_threshold": clf.review_threshold, "temperature": clf.temperature,
+            "preprocess": meta.get("preprocess"), "metrics": metrics,
+            "description": meta.get("description"),
+            "data": {k: v for k, v in (meta.get("data") or {}).items() if k != "root"} or None}
+
+
+# ------------------------------------------------------------------ app
+
+def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_mb: float = 20,
+               screen: Any = AUTO, max_request_mb: float | None = None, max_files: int = 1000):
+    """The FastAPI app. ``model``: a ``predict.Classifier``, a model path, or None
+    for the bundled model. ``screen``: a multi-cell ``Screen``, None for none, or
+    AUTO to use the installed one when present."""
+    from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+    from fastapi.responses import FileResponse, JSONResponse, Response
+    from fastapi.staticfiles import StaticFiles
+    from pydantic import BaseModel
+    from starlette.concurrency import run_in_threadpool
+
+    from .predict import Classifier
+
+    model_path = model if isinstance(model, (str, os.PathLike)) else None
+    clf = model if isinstance(model, Classifier) else Classifier.load(model)
+    scr = _load_screen(screen)
+    card = _model_card(clf, model_path)
+    store = Store(db_path if db_path is not None else default_db_path())
+    worker = ModelWorker(clf, scr)
+    limit = int(max_upload_mb * 1024 * 1024)
+    request_limit = int((max_request_mb or max(200.0, 2 * max_upload_mb)) * 1024 * 1024)
+    saliency_cache: OrderedDict[tuple, bytes] = OrderedDict()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        worker.close()
+
+    extra = {}
+    if "max_body_size" in inspect.signature(FastAPI).parameters:  # newer FastAPI: also streamed bodies
+        extra["max_body_size"] = request_limit
+    app = FastAPI(title="bloodcell lab", version=__version__,
+                  description="Classify peripheral blood cell images, review and correct them.",
+                  docs_url=None, redoc_url=None, lifespan=lifespan, **extra)
+    app.state.store, app.state.classifier, app.state.screen, app.state.worker = store, clf, scr, worker
+    _add_docs(app)
+
+    @app.middleware("http")
+    async def _limits(request: Request, call_next):
+        # refuse an over-size body before it is read (the per-file check comes after parsing)
+        cl = request.headers.get("content-length")
+        if request.method == "POST" and cl and cl.isdigit() and int(cl) > request_limit:
+            return JSONResponse({"detail": f"request of {int(cl) / 2**20:.1f} MB is over the "
+                                 f"{request_limit / 2**20:.0f} MB limit"}, status_code=413)
+        resp = await call_next(request)
+        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return resp
+
+    # ---- model
+    @app.get("/api/health", tags=["service"])
+    def health():
+        return {"status": "ok", "version": __version__, "model": card["architecture"],
+                "model_version": card["version"], "classes": len(clf.classes),
+                "multi_cell_screen": scr is not None}
+
+    @app.get("/api/model", tags=["service"])
+    def model_card():
+        """Model card: classes, metrics and version of the loaded model."""
+        return card
+
+    # ---- predict
+    def _prepare(datas: list[bytes], names: list[str]):
+        out = []
+        for data, name in zip(datas, names):
+            try:
+                arr = preprocess(data, clf.image_size)
+                sarr = None
+                if scr is not None:
+                    size = int(getattr(scr, "image_size", clf.image_size))
+                    sarr = arr if size == clf.image_size else preprocess(data, size)
+                from PIL import Image
+                fmt = Image.open(io.BytesIO(data)).format
+                out.append((arr, sarr, _MEDIA.get(fmt), None))
+            except ImageError as e:
+                out.append((None, None, None, e.reason))
+        return out
+
+    @app.post("/api/predict", tags=["predict"])
+    async def predict(files: list[UploadFile] = File(..., description="one or more images"),
+                      sample: str | None = Form(None, description="sample name (created if new); "
+                                                "default 'default'")):
+        """Classify images. Each file gets a result or an error entry; the rest of
+        the batch goes on. 413 when a file is over the size limit, 422 when one is a
+        decompression bomb (nothing is stored then)."""
+        if len(files) > max_files:
+            raise HTTPException(413, f"{len(files)} files in one request; the limit is {max_files}")
+        names = [_clean_name(f.filename, i) for i, f in enumerate(files)]
+        for f, name in zip(files, names):
+            if f.size is not None and f.size > limit:
+                raise HTTPException(413, f"{name}: {f.size / 2**20:.1f} MB is over the "
+                                         f"{max_upload_mb:g} MB per-file limit")
+        datas = [await f.read() for f in files]
+        for d, name in zip(datas, names):
+            if len(d) > limit:
+                raise HTTPException(413, f"{name}: over the {max_upload_mb:g} MB per-file limit")
+        prepared = await run_in_threadpool(_prepare, datas, names)
+        for (arr, _, _, err), name in zip(prepared, names):
+            if err and "decompression bomb" in err:
+                raise HTTPException(422, f"{name}: {err}")
+        ok = [i for i, p in enumerate(prepared) if p[0] is not None]
+        probs, scores = (np.zeros((0, len(clf.classes))), None)
+        if ok:
+            fut = worker.submit("predict", [prepared[i][0] for i in ok],
+                                [prepared[i][1] for i in ok] if scr is not None else None)
+            probs, scores = await asyncio.wrap_future(fut)
+        sample_row = await run_in_threadpool(store.sample_for_name, (sample or "").strip()[:200] or "default")
+        results: list[dict] = [{} for _ in files]
+        rows = []
+        ts = _now()
+        for j, i in enumerate(ok):
+            rec = clf.record(names[i], probs[j])
+            cid = secrets.token_hex(8)
+            sc = scores[j] if scores is not None else None
+            row = {"id": cid, "sample_id": sample_row["id"], "file_name": names[i],
+                   "media_type": prepared[i][2], "image": datas[i], "created": ts,
+                   "model_version": card["version"], "predicted_class": rec["class"],
+                   "probability": rec["probability"], "probabilities": json.dumps(rec["probabilities"]),
+                   "top3": json.dumps(rec["top3"]), "needs_review": int(rec["needs_review"]),
+                   "multi_cell": None if sc is None else int(bool(sc["multi_cell"])),
+                   "multi_cell_score": None if sc is None else float(sc["score"]),
+                   "n_regions": None if sc is None else int(sc.get("n_regions", 0))}
+            rows.append(row)
+            res = {"file": names[i], "status": "ok", "cell_id": cid, "class": rec["class"],
+                   "probability": rec["probability"], "probabilities": rec["probabilities"],
+                   "top3": rec["top3"], "needs_review": rec["needs_review"]}
+            if sc is not None:
+                res.update(multi_cell=bool(sc["multi_cell"]), multi_cell_score=float(sc["score"]),
+                           n_regions=row["n_regions"])
+            results[i] = res
+        for i, p in enumerate(prepared):
+            if p[0] is None:
+                results[i] = {"file": names[i], "status": "error", "error": f"{names[i]}: {p[3]}"}
+        if rows:
+            await run_in_threadpool(store.add_cells, rows)
+        return {"sample_id": sample_row["id"], "sample": sample_row["name"],
+                "n_ok": len(ok), "n_errors": len(files) - len(ok), "results": results}
+
+    # ---- samples
+    def _sample_or_404(sid: str) -> dict:
+        s = store.get_sample(sid)
+        if s is None:
+            raise HTTPException(404, f"unknown sample {sid!r}")
+        return s
+
+    @app.get("/api/samples", tags=["samples"])
+    def samples():
+        return {"samples": store.list_samples()}
+
+    @app.get("/api/samples/{sample_id}", tags=["samples"])
+    def sample_detail(sample_id: str):
+        """A sample's cells and its differential count (corrected class where set)."""
+        s = _sample_or_404(sample_id)
+        cells = store.cells(sample_id)
+        return {**s, "classes": clf.classes, "cells": cells,
+                "differential": differential(cells, clf.classes)}
+
+    @app.get("/api/samples/{sample_id}/export.csv", tags=["samples"])
+    def export_csv(sample_id: str):
+        """One row per cell: prediction, correction and the resulting label."""
+        s = _sample_or_404(sample_id)
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["cell_id", "file_name", "predicted_class", "probability", "needs_review",
+                    "multi_cell", "multi_cell_score", "true_class", "label", "corrected_at",
+                    "created", "image_path"])
+        for c in store.cells(sample_id):
+            w.writerow([c["id"], _csv_safe(c["file_name"]), c["predicted_class"],
+                        f"{c['probability']:.4f}", int(c["needs_review"]),
+                        "" if c.get("multi_cell") is None else int(c["multi_cell"]),
+                        "" if c.get("multi_cell_score") is None else f"{c['multi_cell_score']:.4f}",
+                        c["true_class"] or "", c["class"], c["corrected_at"] or "", c["created"],
+                        f"{c['class']}/{c['id']}"])
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", s["name"])[:60] or s["id"]
+        return Response(buf.getvalue(), media_type="text/csv",
+                        headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})
+
+    @app.get("/api/samples/{sample_id}/export.zip", tags=["samples"])
+    def export_zip(sample_id: str, corrected_only: bool = False):
+        """Images in class folders (``<label>/<cell id>.<ext>``, corrected label where
+        set) plus labels.csv: a folder ``bloodcell train --data`` can read."""
+        s = _sample_or_404(sample_id)
+        buf = io.BytesIO()
+        lines = ["cell_id,file_name,predicted_class,true_class,label,path"]
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+            for c in store.cells(sample_id):
+                if corrected_only and not c["corrected"]:
+                    continue
+                data, mt = store.cell_image(c["id"])
+                ext = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif",
+                       "image/webp": "webp"}.get(mt or "", "img")
+                path = f"{c['class']}/{c['id']}.{ext}"
+                z.writestr(path, data)
+                fields = [c["id"], _csv_safe(c["file_name"]), c["predicted_class"],
+                          c["true_class"] or "", c["class"], path]
+                lines.append(",".join('"' + str(v).replace('"', '""') + '"' for v in fields))
+            z.writestr("labels.csv", "\n".join(lines) + "\n")
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", s["name"])[:60] or s["id"]
+        return Response(buf.getvalue(), media_type="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="{name}.zip"'})
+
+    # ---- cells
+    def _cell_or_404(cid: str) -> dict:
+        c = store.cell(cid)
+        if c is None:
+            raise HTTPException(404, f"unknown cell {cid!r}")
+        return c
+
+    @app.get("/api/cells/{cell_id}", tags=["cells"])
+    def cell(cell_id: str):
+        c = _cell_or_404(cell_id)
+        return {**c, "corrections": store.corrections(cell_id)}
+
+    class Correction(BaseModel):
+        true_class: str | None = None
+
+    def _correct(cell_id: str, body: Correction):
+        _cell_or_404(cell_id)
+        tc = body.true_class
+        if tc is not None and tc not in clf.classes:
+            raise HTTPException(422, f"unknown class {tc!r}; one of: {', '.join(clf.classes)}")
+        c = store.correct(cell_id, tc)
+        cells = store.cells(c["sample_id"])
+        return {"cell": c, "differential": differential(cells, clf.classes)}
+
+    @app.put("/api/cells/{cell_id}/correction", tags=["cells"])
+    def put_correction(cell_id: str, body: Correction):
+        """Set a cell's true class (``null`` clears it). Logged with timestamp and
+        the previous prediction; returns the cell and the sample's new differential."""
+        return _correct(cell_id, body)
+
+    @app.post("/api/cells/{cell_id}/correction", tags=["cells"])
+    def post_correction(cell_id: str, body: Correction):
+        return _correct(cell_id, body)
+
+    @app.get("/api/cells/{cell_id}/image", tags=["cells"])
+    def cell_image(cell_id: str):
+        got = store.cell_image(cell_id)
+        if got is None:
+            raise HTTPException(404, f"unknown cell {cell_id!r}")
+        data, mt = got
+        if mt is None or len(data) > 4 * 2**20:  # not browser-viewable, or heavy: re-encode
+            im = open_image(data)
+            im.thumbnail((1024, 1024))
+            b = io.BytesIO()
+            im.save(b, "PNG")
+            data, mt = b.getvalue(), "image/png"
+        return Response(data, media_type=mt, headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.get("/api/cells/{cell_id}/saliency", tags=["cells"])
+    async def cell_saliency(cell_id: str, class_name: str | None = None):
+        """Grad-CAM overlay (PNG) for the predicted class, or ``class_name``."""
+        got = await run_in_threadpool(store.cell_image, cell_id)
+        if got is None:
+            raise HTTPException(404, f"unknown cell {cell_id!r}")
+        if class_name is not None and class_name not in clf.classes:
+            raise HTTPException(422, f"unknown class {class_name!r}")
+        key = (cell_id, class_name)
+        if key not in saliency_cache:
+            from .saliency import gradcam, overlay_png
+            arr = await run_in_threadpool(preprocess, got[0], clf.image_size)
+            idx = clf.classes.index(class_name) if class_name else None
+            heat, _ = await asyncio.wrap_future(worker.submit("call", gradcam, clf.model, arr, idx))
+            base = await run_in_threadpool(open_image, got[0])
+            saliency_cache[key] = await run_in_threadpool(overlay_png, base, heat)
+            while len(saliency_cache) > 256:
+                saliency_cache.popitem(last=False)
+        return Response(saliency_cache[key], media_type="image/png",
+                        headers={"Cache-Control": "private, max-age=86400"})
+
+    # ---- page
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC_DIR / "index.html", headers={
+            "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; "
+                                       "style-src 'self'; script-src 'self'; object-src 'none'",
+            "Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def _csv_safe(s: str) -> str:
+    """Spreadsheet formula injection: a name starting with = + - @ is shown, not run."""
+    return "'" + s if s[:1] in ("=", "+", "-", "@") else s
+
+
+def _add_docs(app):
+    """OpenAPI docs at /docs: offline from the swagger-ui-bundle package when it is
+    installed, else FastAPI's default page (which loads Swagger UI from a CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    try:
+        import swagger_ui_bundle
+        from fastapi.staticfiles import StaticFiles
+        app.mount("/_docs", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-static")
+        urls = dict(swagger_js_url="/_docs/swagger-ui-bundle.js", swagger_css_url="/_docs/swagger-ui.css",
+                    swagger_favicon_url="/_docs/favicon-32x32.png")
+    except ImportError:
+        urls = {}
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="bloodcell lab API", **urls)
+
+
+# ------------------------------------------------------------------ CLI
+
+def serve(host: str = "127.0.0.1", port: int = 8000, model=None, db_path=None, max_upload_mb=20,
+          threads: int | None = None, log_level: str = "info"):
+    import torch
+    import uvicorn
+    # intra-op threads for the one inference thread; the rest is I/O and decoding
+    torch.set_num_threads(threads or max(1, min(4, os.cpu_count() or 1)))
+    app = create_app(model=model, db_path=db_path, max_upload_mb=max_upload_mb)
+    db = db_path or default_db_path()
+    print(f"bloodcell lab page on http://{host}:{port}/  (API docs /docs, database {db})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def cmd_serve(args):
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: anyone who can reach this address can see and change "
+                    "the data (there is no login)", args.host)
+    serve(args.host, args.port, args.model, args.db, args.max_upload_mb, args.threads)
+
+
+def add_cli(sub):
+    p = sub.add_parser("serve", help="local review page and HTTP API (http://127.0.0.1:8000/)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", help="run folder or model file (default: the bundled model)")
+    p.add_argument("--db", help=f"SQLite database (default {default_db_path()}, or $BLOODCELL_DB)")
+    p.add_argument("--max-upload-mb", type=float, default=20, help="per-file upload limit (default 20)")
+    p.add_argument("--threads", type=int, help="torch threads for inference (default: cores, at most 4)")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,232 @@
+"""End-to-end: the lab page in real headless Chromium (Debian chromium +
+chromium-driver, driven by Selenium) against a live uvicorn server.
+
+Also makes the README screenshot from synthetic cells:
+    .venv/bin/python tests/test_browser.py --screenshot docs/screenshot.png
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import CLASSES, synthetic_cell  # noqa: E402
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else shutil.which("chromedriver")
+
+
+def tiny_model(out: Path, train_steps: int = 0) -> Path:
+    """A cnn3 at 64 px, optionally fitted a little on synthetic cells so that
+    predictions differ between images (for the screenshot)."""
+    import torch
+
+    from bloodcell.models import create_model, save_model
+    from bloodcell.transforms import to_tensor
+    torch.manual_seed(0)
+    model = create_model("cnn3", len(CLASSES), 64)
+    if train_steps:
+        x = np.stack([synthetic_cell(k % 8, 64, seed=k) for k in range(160)])
+        y = torch.tensor([k % 8 for k in range(160)])
+        opt = torch.optim.Adam(model.parameters(), 3e-3)
+        model.train()
+        for _ in range(train_steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(to_tensor(x)), y).backward()
+            opt.step()
+    save_model(model.eval(), {"architecture": "cnn3", "classes": CLASSES, "image_size": 64,
+                              "description": "tiny synthetic test model"}, out)
+    return out
+
+
+def write_cells(folder: Path, labels, size: int = 96, seed: int = 0) -> list[Path]:
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, lab in enumerate(labels):
+        p = folder / f"cell_{i:02d}_{CLASSES[lab]}.png"
+        Image.fromarray(synthetic_cell(lab, size, seed=seed + i)).save(p)
+        paths.append(p)
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(app):
+    import uvicorn
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    deadline = time.time() + 20
+    while not server.started:
+        if time.time() > deadline or not t.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        t.join(10)
+
+
+@contextlib.contextmanager
+def chrome(width=1440, height=1000):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    profile = tempfile.mkdtemp(prefix="bloodcell-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--disable-background-networking", "--disable-component-update", "--disable-sync",
+              "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}",
+              f"--window-size={width},{height}", "--force-device-scale-factor=1"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _wait(driver, cond, timeout=30, msg=""):
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(cond, msg)
+
+
+def _cards(driver):
+    from selenium.webdriver.common.by import By
+    return driver.find_elements(By.CSS_SELECTOR, "#grid .card")
+
+
+def _diff_counts(driver) -> dict:
+    from selenium.webdriver.common.by import By
+    return {tr.get_attribute("data-class"): int(tr.find_element(By.CSS_SELECTOR, ".diff-n").text)
+            for tr in driver.find_elements(By.CSS_SELECTOR, "#diff-table tbody tr")}
+
+
+def _upload(driver, paths):
+    from selenium.webdriver.common.by import By
+    driver.find_element(By.ID, "file-input").send_keys("\n".join(str(p) for p in paths))
+
+
+needs_chromium = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="headless Chromium not installed (apt-get install chromium chromium-driver)")
+
+
+@needs_chromium
+def test_page_upload_correct_reload(tmp_path):
+    pytest.importorskip("selenium")
+    import httpx
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from bloodcell.serve import create_app
+    model_dir = tiny_model(tmp_path / "model")
+    images = write_cells(tmp_path / "imgs", [0, 3, 6])
+    junk = tmp_path / "imgs" / "notes.txt"
+    junk.write_text("not an image")
+    db = tmp_path / "lab.sqlite3"
+    app = create_app(model=str(model_dir), db_path=db, screen=None)
+    with live_server(app) as url, chrome() as driver:
+        driver.get(url + "/")
+        _wait(driver, lambda d: d.find_element(By.ID, "sample-select"), msg="page did not load")
+        _upload(driver, images + [junk])
+        _wait(driver, lambda d: len(_cards(d)) == 3, msg="grid did not show 3 cells")
+        _wait(driver, lambda d: "notes.txt" in d.find_element(By.ID, "errors").text,
+              msg="the non-image got no error message")
+        names = [c.find_element(By.CSS_SELECTOR, ".card-class-name").text for c in _cards(driver)]
+        assert all(n in CLASSES for n in names), names
+        before = _diff_counts(driver)
+        assert sum(before.values()) == 3
+
+        # open the first cell, correct it by key press to a class it was not predicted as
+        first = _cards(driver)[0]
+        cell_id = first.get_attribute("data-cell-id")
+        predicted = names[0]
+        target = next(c for c in CLASSES if c != predicted)
+        first.click()
+        _wait(driver, lambda d: d.find_element(By.ID, "viewer").get_attribute("open") is not None,
+              msg="viewer did not open")
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#v-top3 li")) == 3
+        driver.find_element(By.ID, "v-show-sal").click()  # saliency overlay loads
+        _wait(driver, lambda d: d.execute_script(
+            "const i = document.getElementById('v-sal'); return i.complete && i.naturalWidth > 0"),
+            msg="saliency overlay did not load")
+        driver.find_element(By.TAG_NAME, "body").send_keys(str(CLASSES.index(target) + 1))
+        _wait(driver, lambda d: _diff_counts(d)[target] == before[target] + 1,
+              msg="differential did not update after the correction")
+        driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+        driver.save_screenshot(str(tmp_path / "after_correction.png"))
+
+        # the correction is in the database, and survives a page reload
+        r = httpx.get(f"{url}/api/cells/{cell_id}")
+        assert r.json()["true_class"] == target
+        driver.refresh()
+        _wait(driver, lambda d: len(_cards(d)) == 3, msg="cells not shown after reload")
+        card = driver.find_element(By.CSS_SELECTOR, f'#grid .card[data-cell-id="{cell_id}"]')
+        assert card.find_element(By.CSS_SELECTOR, ".card-class-name").text == target
+        assert "corrected" in card.text
+        after = _diff_counts(driver)
+        assert after[target] == before[target] + 1 and after[predicted] == before[predicted] - 1
+        driver.save_screenshot(str(tmp_path / "page.png"))
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def make_screenshot(out: Path) -> None:
+    """The README screenshot: synthetic cells only, a few corrected, viewer open."""
+    from selenium.webdriver.common.by import By
+
+    from bloodcell.serve import create_app
+    with tempfile.TemporaryDirectory() as td:
+        td = Path(td)
+        model_dir = tiny_model(td / "model", train_steps=60)
+        rng = np.random.default_rng(3)
+        labels = rng.choice(8, size=22, p=[.02, .04, .05, .06, .25, .08, .45, .05])
+        images = write_cells(td / "imgs", labels, size=128, seed=40)
+        app = create_app(model=str(model_dir), db_path=td / "lab.sqlite3", screen=None)
+        with live_server(app) as url, chrome(1400, 900) as driver:
+            driver.get(url + "/")
+            _wait(driver, lambda d: d.find_element(By.ID, "sample-select"))
+            driver.find_element(By.ID, "new-sample-name").send_keys("Patient 0421 smear (synthetic)\n")
+            _upload(driver, images)
+            _wait(driver, lambda d: len(_cards(d)) == len(images), 60)
+            time.sleep(0.5)
+            for i in (1, 4):
+                _cards(driver)[i].click()
+                time.sleep(0.3)
+                driver.find_element(By.TAG_NAME, "body").send_keys("\n")  # confirm
+                driver.find_element(By.TAG_NAME, "body").send_keys("\ue00c")  # Esc
+                time.sleep(0.2)
+            driver.save_screenshot(str(out.with_name(out.stem + "_grid.png")))
+            _cards(driver)[7].click()
+            driver.find_element(By.ID, "v-show-sal").click()
+            _wait(driver, lambda d: d.execute_script(
+                "const i = document.getElementById('v-sal'); return i.complete && i.naturalWidth > 0"))
+            time.sleep(0.3)
+            driver.save_screenshot(str(out))
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--screenshot", required=True, type=Path)
+    make_screenshot(ap.parse_args().screenshot)

@@ -1,0 +1,363 @@
+"""The lab page's HTTP API (FastAPI TestClient): every endpoint, bad inputs,
+persistence across a restart, the multi-cell hook and Grad-CAM."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import struct
+import warnings
+import zipfile
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from conftest import CLASSES, synthetic_cell
+
+warnings.filterwarnings("ignore", message=".*`httpx`.*")  # starlette prefers httpx2; httpx works
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from bloodcell.models import create_model, save_model  # noqa: E402
+from bloodcell.predict import Classifier  # noqa: E402
+from bloodcell.serve import ModelWorker, create_app  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("model")
+    save_model(create_model("cnn3", 8, 64), {"architecture": "cnn3", "classes": CLASSES,
+                                             "image_size": 64, "version": "test-1"}, d)
+    (d / "metrics.json").write_text(json.dumps({"accuracy": 0.5, "macro_f1": 0.4}))
+    return d
+
+
+@pytest.fixture
+def client(model_dir, tmp_path):
+    with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "db" / "lab.sqlite3",
+                               screen=None)) as c:
+        yield c
+
+
+def png(label=0, size=96, seed=0, fmt="PNG") -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(synthetic_cell(label, size, seed=seed)).save(b, fmt)
+    return b.getvalue()
+
+
+def bomb_png(w=20000, h=20000) -> bytes:
+    """A tiny PNG whose header claims w x h pixels (a decompression bomb)."""
+    def chunk(t, data):
+        return struct.pack(">I", len(data)) + t + data + struct.pack(">I", zlib.crc32(t + data))
+    raw = zlib.compress(b"\x00" * (w + 1) * 4)  # a few rows; the header is what counts
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+
+
+def post(client, *files, sample=None):
+    data = {"sample": sample} if sample else {}
+    return client.post("/api/predict", files=[("files", f) for f in files], data=data)
+
+
+# ------------------------------------------------------------------ service
+
+def test_health_model_card_docs(client):
+    h = client.get("/api/health").json()
+    assert h["status"] == "ok" and h["model"] == "cnn3" and h["classes"] == 8
+    assert h["multi_cell_screen"] is False
+    m = client.get("/api/model").json()
+    assert m["classes"] == CLASSES and m["image_size"] == 64 and m["version"] == "test-1"
+    assert m["metrics"]["accuracy"] == 0.5  # metrics.json beside the model
+    spec = client.get("/openapi.json").json()
+    for path in ("/api/predict", "/api/samples/{sample_id}", "/api/cells/{cell_id}/correction",
+                 "/api/samples/{sample_id}/export.csv", "/api/cells/{cell_id}/saliency"):
+        assert path in spec["paths"], path
+    assert client.get("/docs").status_code == 200
+
+
+def test_page_is_served_and_offline(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "bloodcell" in r.text
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    for asset in ("/static/app.js", "/static/style.css"):
+        a = client.get(asset)
+        assert a.status_code == 200
+        # no CDN: the only URL allowed is the SVG namespace identifier
+        assert "https://" not in a.text and "//cdn" not in a.text
+    assert "https://" not in r.text
+
+
+# ------------------------------------------------------------------ predict
+
+def test_predict_batch_with_bad_files(client, model_dir):
+    good = [png(1, seed=1), png(5, seed=2, fmt="JPEG")]
+    r = post(client, ("a.png", good[0], "image/png"), ("notes.txt", b"hello", "text/plain"),
+             ("b.jpg", good[1], "image/jpeg"), ("broken.jpg", b"\xff\xd8\xff\xe0 trunc", "image/jpeg"),
+             ("empty.png", b"", "image/png"), sample="patient 1")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["sample"] == "patient 1" and body["n_ok"] == 2 and body["n_errors"] == 3
+    res = body["results"]
+    assert [x["status"] for x in res] == ["ok", "error", "ok", "error", "error"]
+    assert "notes.txt" in res[1]["error"] and "not an image" in res[1]["error"]
+    assert "broken.jpg" in res[3]["error"] and "corrupt" in res[3]["error"]
+    assert "empty.png" in res[4]["error"] and "empty" in res[4]["error"]
+    assert "multi_cell" not in res[0]  # no screen installed: flag omitted
+    # same preprocessing + model as `bloodcell predict`
+    clf = Classifier.load(model_dir)
+    for r_, data in zip((res[0], res[2]), good):
+        ref = clf.predict([data])[0]
+        assert r_["class"] == ref["class"]
+        assert r_["probability"] == pytest.approx(ref["probability"], abs=1e-5)
+        assert sum(r_["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert [t["class"] for t in r_["top3"]] == [t["class"] for t in ref["top3"]]
+        assert r_["needs_review"] == ref["needs_review"]
+
+
+def test_predict_requires_files(client):
+    assert client.post("/api/predict", data={"sample": "x"}).status_code == 422
+
+
+def test_oversize_upload_is_413(model_dir, tmp_path):
+    with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "l.db", screen=None,
+                               max_upload_mb=0.01)) as c:
+        big = png(2, size=300, seed=3)
+        assert len(big) > 0.01 * 2**20
+        r = post(c, ("small.png", png(0, size=32), "image/png"), ("big.png", big, "image/png"))
+        assert r.status_code == 413 and "big.png" in r.json()["detail"]
+        assert c.get("/api/samples").json()["samples"] == []  # nothing stored
+    with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "l2.db", screen=None,
+                               max_request_mb=0.05)) as c:  # whole request, refused from its header
+        r = post(c, ("big.png", png(2, size=300, seed=3) * 4, "image/png"))
+        assert r.status_code == 413
+
+
+def test_decompression_bomb_is_422(client):
+    r = post(client, ("bomb.png", bomb_png(), "image/png"), ("ok.png", png(), "image/png"))
+    assert r.status_code == 422
+    assert "bomb.png" in r.json()["detail"] and "decompression bomb" in r.json()["detail"]
+    assert client.get("/api/samples").json()["samples"] == []
+
+
+def test_file_names_never_become_paths(client, tmp_path):
+    from bloodcell.serve import _clean_name
+    assert _clean_name("a\x00b\nc.png", 0) == "abc.png" and _clean_name("", 4) == "file 5"
+    evil = "../../../../tmp/evil.png"
+    r = post(client, (evil, png(), "image/png"))
+    res = r.json()["results"][0]
+    assert res["status"] == "ok" and res["file"] == evil  # shown as given, never used as a path
+    assert sorted(p.name for p in (tmp_path / "db").iterdir())[0] == "lab.sqlite3"
+    assert all(p.name.startswith("lab.sqlite3") for p in (tmp_path / "db").iterdir())
+    sid = r.json()["sample_id"]
+    z = zipfile.ZipFile(io.BytesIO(client.get(f"/api/samples/{sid}/export.zip").content))
+    assert all(".." not in n and "evil" not in n for n in z.namelist())
+
+
+# ------------------------------------------------------------------ samples, corrections
+
+def _upload_three(client, sample="smear A"):
+    r = post(client, *[(f"c{i}.png", png(i, seed=i), "image/png") for i in (0, 3, 6)], sample=sample)
+    assert r.status_code == 200
+    return r.json()
+
+
+def test_samples_cells_and_differential(client):
+    up = _upload_three(client)
+    _upload_three(client, "smear B")
+    post(client, ("x.png", png(7), "image/png"), sample="smear A")  # same name -> same sample
+    listed = {s["name"]: s for s in client.get("/api/samples").json()["samples"]}
+    assert listed["smear A"]["n_cells"] == 4 and listed["smear B"]["n_cells"] == 3
+    s = client.get(f"/api/samples/{up['sample_id']}").json()
+    assert s["name"] == "smear A" and len(s["cells"]) == 4
+    assert [c["file_name"] for c in s["cells"]] == ["c0.png", "c3.png", "c6.png", "x.png"]
+    d = s["differential"]
+    assert d["total"] == 4 and sum(d["counts"].values()) == 4
+    assert sum(d["percent"].values()) == pytest.approx(100.0)
+    expected = {c: sum(x["predicted_class"] == c for x in s["cells"]) for c in CLASSES}
+    assert d["counts"] == expected
+    assert client.get("/api/samples/nope").status_code == 404
+    assert client.get("/api/samples/nope/export.csv").status_code == 404
+
+
+def test_cell_image_and_tiff_reencoded(client):
+    data = png(2)
+    cid = post(client, ("a.png", data, "image/png")).json()["results"][0]["cell_id"]
+    r = client.get(f"/api/cells/{cid}/image")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content == data
+    tif = io.BytesIO()
+    Image.fromarray(synthetic_cell(3, 80)).save(tif, "TIFF")
+    cid = post(client, ("a.tif", tif.getvalue(), "image/tiff")).json()["results"][0]["cell_id"]
+    r = client.get(f"/api/cells/{cid}/image")  # browsers cannot show TIFF: served as PNG
+    assert r.headers["content-type"] == "image/png" and Image.open(io.BytesIO(r.content)).size == (80, 80)
+    assert client.get("/api/cells/unknown/image").status_code == 404
+
+
+def test_saliency_png(client):
+    cid = post(client, ("a.png", png(4), "image/png")).json()["results"][0]["cell_id"]
+    r = client.get(f"/api/cells/{cid}/saliency")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    im = Image.open(io.BytesIO(r.content))
+    assert im.size == (320, 320) and im.mode == "RGB"
+    assert client.get(f"/api/cells/{cid}/saliency", params={"class_name": "platelet"}).status_code == 200
+    assert client.get(f"/api/cells/{cid}/saliency", params={"class_name": "dog"}).status_code == 422
+    assert client.get("/api/cells/unknown/saliency").status_code == 404
+
+
+def test_corrections_export_and_restart(model_dir, tmp_path):
+    db = tmp_path / "lab.sqlite3"
+    with TestClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
+        up = _upload_three(c)
+        sid = up["sample_id"]
+        cell = up["results"][1]
+        target = next(k for k in CLASSES if k != cell["class"])
+        r = c.put(f"/api/cells/{cell['cell_id']}/correction", json={"true_class": target})
+        assert r.status_code == 200
+        assert r.json()["cell"]["true_class"] == target and r.json()["cell"]["class"] == target
+        assert r.json()["differential"]["counts"][target] >= 1
+        assert r.json()["differential"]["n_corrected"] == 1
+        # POST works too; a second correction keeps the history
+        other = up["results"][0]
+        assert c.post(f"/api/cells/{other['cell_id']}/correction",
+                      json={"true_class": "platelet"}).status_code == 200
+        assert c.put(f"/api/cells/{other['cell_id']}/correction", json={"true_class": None}).status_code == 200
+        assert c.put(f"/api/cells/{cell['cell_id']}/correction", json={"true_class": "dog"}).status_code == 422
+        assert c.put("/api/cells/nope/correction", json={"true_class": "ig"}).status_code == 404
+        before = c.get(f"/api/samples/{sid}").json()
+
+    # a new app on the same database: everything is still there
+    with TestClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
+        s = c.get(f"/api/samples/{sid}").json()
+        assert s["differential"] == before["differential"]
+        got = {x["id"]: x for x in s["cells"]}
+        assert got[cell["cell_id"]]["true_class"] == target
+        assert got[cell["cell_id"]]["corrected_at"]
+        assert got[other["cell_id"]]["true_class"] is None  # cleared
+        hist = c.get(f"/api/cells/{other['cell_id']}").json()["corrections"]
+        assert [h["true_class"] for h in hist] == ["platelet", None]
+        assert hist[0]["previous_prediction"] == other["class"] and hist[0]["created"]
+        assert hist[1]["previous_true_class"] == "platelet"
+
+        rows = list(csv.DictReader(io.StringIO(c.get(f"/api/samples/{sid}/export.csv").text)))
+        assert len(rows) == 3
+        row = next(r for r in rows if r["cell_id"] == cell["cell_id"])
+        assert row["file_name"] == "c3.png" and row["predicted_class"] == cell["class"]
+        assert row["true_class"] == target and row["label"] == target
+
+        z = zipfile.ZipFile(io.BytesIO(c.get(f"/api/samples/{sid}/export.zip").content))
+        assert f"{target}/{cell['cell_id']}.png" in z.namelist() and "labels.csv" in z.namelist()
+        zc = zipfile.ZipFile(io.BytesIO(
+            c.get(f"/api/samples/{sid}/export.zip", params={"corrected_only": True}).content))
+        assert sorted(zc.namelist()) == sorted([f"{target}/{cell['cell_id']}.png", "labels.csv"])
+
+
+def test_csv_export_defuses_formulas(client):
+    sid = post(client, ("=cmd|x.png", png(), "image/png")).json()["sample_id"]
+    rows = list(csv.DictReader(io.StringIO(client.get(f"/api/samples/{sid}/export.csv").text)))
+    assert rows[0]["file_name"] == "'=cmd|x.png"
+
+
+# ------------------------------------------------------------------ multi-cell screen hook
+
+class FakeScreen:
+    image_size = 32
+
+    def __init__(self):
+        self.calls = []
+
+    def score_arrays(self, arrays):
+        self.calls.append([a.shape for a in arrays])
+        # "multi-cell" when the image is darker than the background mean
+        return [{"score": float(255 - a.mean()) / 255, "n_regions": 2 if a.mean() < 190 else 1,
+                 "multi_cell": bool(a.mean() < 190)} for a in arrays]
+
+
+def test_multi_cell_flag_from_screen(model_dir, tmp_path):
+    scr = FakeScreen()
+    dark = np.full((64, 64, 3), 120, np.uint8)
+    b = io.BytesIO()
+    Image.fromarray(dark).save(b, "PNG")
+    with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "l.db", screen=scr)) as c:
+        assert c.get("/api/health").json()["multi_cell_screen"] is True
+        r = post(c, ("light.png", png(0), "image/png"), ("dark.png", b.getvalue(), "image/png"))
+        res = r.json()["results"]
+        assert res[0]["multi_cell"] is False and res[1]["multi_cell"] is True
+        assert res[1]["n_regions"] == 2 and 0 <= res[0]["multi_cell_score"] <= 1
+        assert scr.calls and all(s == (32, 32, 3) for call in scr.calls for s in call)
+        s = c.get(f"/api/samples/{r.json()['sample_id']}").json()
+        assert s["differential"]["n_multi_cell"] == 1
+        assert [x["multi_cell"] for x in s["cells"]] == [False, True]
+
+
+def test_missing_screen_is_tolerated(model_dir, tmp_path):
+    from bloodcell.serve import _load_screen
+    assert _load_screen(None) is None
+    # AUTO never fails the app: either a loaded screen or None
+    app = create_app(model=str(model_dir), db_path=tmp_path / "l.db")
+    with TestClient(app) as c:
+        assert c.get("/api/health").status_code == 200
+
+
+# ------------------------------------------------------------------ worker, saliency, CLI
+
+def test_model_worker_batches_concurrent_requests(model_dir):
+    clf = Classifier.load(model_dir)
+    arrays = [synthetic_cell(i % 8, 64, seed=i) for i in range(6)]
+    w = ModelWorker(clf)
+    try:
+        futs = [w.submit("predict", arrays[i:i + 2], None) for i in range(0, 6, 2)]
+        got = np.concatenate([f.result(10)[0] for f in futs])
+        np.testing.assert_allclose(got, clf.predict_proba_arrays(np.stack(arrays)), atol=1e-5)
+        assert w.submit("call", lambda a, b: a + b, 2, 3).result(10) == 5
+        with pytest.raises(ZeroDivisionError):
+            w.submit("call", lambda: 1 / 0).result(10)
+    finally:
+        w.close()
+
+
+class _Channels(nn.Module):
+    """1x1 conv: channel 0 = 'red', channel 1 = 'blue'; logits = channel means."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight[:] = torch.tensor([[1., 0, -1], [-1., 0, 1]]).view(2, 3, 1, 1) / 255
+        self.act = nn.ReLU(inplace=True)  # in-place after the hooked layer, on purpose
+
+    def forward(self, x):
+        return self.act(self.conv(x)).mean((2, 3))
+
+
+def test_gradcam_points_at_the_evidence():
+    from bloodcell.saliency import gradcam, overlay_png
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, :16, 0] = 255   # left half red
+    img[:, 16:, 2] = 255   # right half blue
+    model = _Channels().eval()
+    heat0, idx0 = gradcam(model, img, 0)
+    heat1, _ = gradcam(model, img, 1)
+    assert idx0 == 0 and heat0.shape == (32, 32) and heat0.min() >= 0 and heat0.max() == pytest.approx(1)
+    assert heat0[:, :14].mean() > 0.9 and heat0[:, 18:].mean() < 0.1   # red evidence on the left
+    assert heat1[:, 18:].mean() > 0.9 and heat1[:, :14].mean() < 0.1   # blue on the right
+    png_bytes = overlay_png(img, heat0, size=64)
+    assert Image.open(io.BytesIO(png_bytes)).size == (64, 64)
+
+
+def test_gradcam_on_registry_models():
+    from bloodcell.saliency import gradcam, target_layer
+    for name, size in (("cnn3", 64), ("dnn", 32), ("lite0-frozen", 64)):
+        m = create_model(name, 8, size, pretrained=False).eval()
+        heat, idx = gradcam(m, synthetic_cell(2, size))
+        assert heat.shape == (size, size) and np.isfinite(heat).all() and 0 <= idx < 8, name
+    assert target_layer(create_model("dnn", 8, 32)) is None
+
+
+def test_cli_binds_loopback_by_default():
+    from bloodcell.cli import build_parser
+    args = build_parser().parse_args(["serve"])
+    assert args.host == "127.0.0.1" and args.port == 8000 and args.max_upload_mb == 20
