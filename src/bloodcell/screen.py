@@ -1,0 +1,537 @@
+"""The multi-cell screen: flags images that hold more than one white/nucleated cell.
+
+The study's proposal, built without labels: per-image *stain features*
+(nucleus-stained pixels and the connected stained regions of white-cell size,
+with their positions relative to the image centre), then an unsupervised
+density model on those features, fitted on a dataset folder; the score of an
+image is how unlike a one-cell image it is, and a threshold turns it into a flag.
+
+Why optical density in the red channel: May-Grunwald-Giemsa nuclei are
+purple/blue and absorb red light strongly, while red cells, eosinophil granules
+(orange) and the background transmit it. Dividing by each image's own
+background (its brightest pixels) makes the measure robust to the pink or
+lilac casts of different slides. Platelets absorb less and are small, so they
+fall under the size limit instead of counting as cells.
+
+The fitted model is plain JSON (no pickle): feature means/scales and
+scikit-learn GaussianMixture parameters, rebuilt on load.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .transforms import ImageError, ImageSource, preprocess
+
+log = logging.getLogger("bloodcell")
+
+BUNDLED_SCREEN = Path(__file__).resolve().parent / "bundled" / "screen.json"
+FORMAT = "bloodcell-screen/1"
+DEFAULT_IMAGE_SIZE = 128
+
+# Feature extraction settings, in units relative to the image side so they
+# hold at any image_size. Chosen by looking at masks of PBC images (docs/screen).
+DEFAULT_PARAMS = {
+    "nucleus_od": 0.25,       # red-channel optical density above which a pixel is nucleus-stained
+    "min_region": 0.01,       # white-cell-size region: area share of the image (platelets are smaller;
+                              # a second nucleus cut by the image edge still counts)
+    "group_radius": 0.075,    # stained pieces closer than this (x side) may be lobes of one nucleus
+    "max_nucleus": 0.44,      # ... if the merged region stays within this extent (x side)
+    "max_lobed": 0.50,        # ... or within this when one part is a thin lobe
+    "lobe_radius": 0.065,     # a part thinner than this (half-width x side) is a lobe, not a nucleus
+    "core_od": 0.42,          # a nucleus has dark chromatin: 90th-percentile red OD above this
+                              # (polychromatic red cells and platelet clumps stay below)
+    "min_speck": 0.0008,      # smaller stained pieces are ignored when grouping
+    "open_radius": 1,         # pixels: opening removes specks and thin bridges
+}
+
+
+# ----------------------------------------------------------------------------- features
+
+FEATURE_NAMES = [
+    "stain_share",        # nucleus-stained pixels / image
+    "stain_od",           # mean red OD of stained pixels (stain intensity)
+    "n_regions",          # white-cell-size stained regions (lobes grouped)
+    "main_share",         # area of the central region / image
+    "main_offset",        # distance of the central region's centroid from the centre / side
+    "second_share",       # area of the largest other stained group (any size) / image
+    "second_od",          # its 90th-percentile red OD: nuclei are dark (0 if none)
+    "second_thick",       # its half-width (max distance to its edge) / side: a nucleus is thick
+    "other_share",        # stained area in white-cell-size regions outside the central one / image
+    "outside_share",      # share of all stained area that lies outside the central region
+]
+
+
+def optical_density(img: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> per-channel optical density relative to the image's own background."""
+    a = img.astype(np.float32)
+    bg = np.percentile(a.reshape(-1, 3), 99, axis=0)
+    bg = np.maximum(bg, 120.0)  # a very dark image has no usable background: do not blow up
+    return np.log10(bg / np.maximum(a, 1.0)).clip(0, None)
+
+
+def _disk(r: int) -> np.ndarray:
+    y, x = np.mgrid[-r:r + 1, -r:r + 1]
+    return x * x + y * y <= r * r
+
+
+@dataclass
+class Regions:
+    """What the feature extractor found in one image (for features and the debug view)."""
+    mask: np.ndarray          # nucleus-stained pixels (bool HxW)
+    labels: np.ndarray        # grouped regions, 0 = none (int HxW)
+    big: list[int]            # labels of white-cell-size regions
+    main: int                 # label of the central region (0 if none)
+    od: np.ndarray            # red-channel OD (HxW)
+    dist: np.ndarray          # distance to the mask edge (HxW): local nucleus half-width
+    groups: list[int]         # all stained groups (specks removed)
+    core: dict                # group -> 90th-percentile red OD
+
+
+def find_regions(img: np.ndarray, params: dict | None = None) -> Regions:
+    """Nucleus mask -> one region per nucleated cell.
+
+    Nuclei of neighbouring cells are nearly always apart in the mask (cytoplasm
+    between them), while the lobes of one neutrophil or eosinophil are separate
+    blobs: those are merged again when close, as long as the merged region stays
+    within one nucleus' size. (A watershed split of touching blobs was tried: it
+    cut more single large nuclei than it separated cells.)"""
+    from skimage.segmentation import relabel_sequential
+    p = {**DEFAULT_PARAMS, **(params or {})}
+    h, w = img.shape[:2]
+    side = max(h, w)
+    od = optical_density(img)[..., 0]
+    mask = od > p["nucleus_od"]
+    if p["open_radius"]:
+        mask = ndi.binary_opening(mask, _disk(int(p["open_radius"])))
+    mask = ndi.binary_fill_holes(mask)
+    dist = ndi.distance_transform_edt(mask)
+    seg, _ = ndi.label(mask)
+    # specks (granules, platelet fragments) never join into a "cell"
+    seg_areas = np.bincount(seg.ravel())
+    speck = seg_areas < p["min_speck"] * h * w
+    speck[0] = False
+    seg, _, _ = relabel_sequential(np.where(speck[seg], 0, seg))
+    labels = _merge_lobes(seg, dist, p["group_radius"] * side, p["max_nucleus"] * side,
+                          p["max_lobed"] * side, p["lobe_radius"] * side)
+    areas = np.bincount(labels.ravel())
+    min_area = p["min_region"] * h * w
+    groups = [i for i in range(1, len(areas)) if areas[i] > 0]
+    core = {i: float(np.percentile(od[labels == i], 90)) for i in groups}
+    sized = [i for i in groups if areas[i] >= min_area]
+    main = 0
+    if sized:
+        # the central cell: the cell-size group that comes closest to the image centre
+        # (any stain strength: monocyte nuclei are pale)
+        yy, xx = np.nonzero(labels)
+        d = np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2)
+        lab = labels[yy, xx]
+        best = {i: float(d[lab == i].min()) for i in sized}
+        main = min(sized, key=lambda i: (best[i], -areas[i]))
+    # other cells must also look like nuclei (dark chromatin)
+    big = ([main] if main else []) + [i for i in sized if i != main and core[i] >= p["core_od"]]
+    return Regions(mask, labels, big, main, od, dist, groups, core)
+
+
+def _merge_lobes(seg: np.ndarray, dist: np.ndarray, gap: float, max_size: float,
+                 max_lobed: float, lobe_radius: float) -> np.ndarray:
+    """Greedily merge segments closer than ``gap`` pixels while the merged group
+    fits in ``max_size`` pixels (its largest extent), or in ``max_lobed`` when one
+    side is a thin lobe (thickness < ``lobe_radius``): lobes rejoin, cells do not."""
+    n = int(seg.max())
+    if n <= 1:
+        return seg
+    from scipy.spatial.distance import cdist
+    # outline points per segment (cheap stand-in for all pixels)
+    pts = []
+    for i in range(1, n + 1):
+        m = seg == i
+        yy, xx = np.nonzero(m & ~ndi.binary_erosion(m))
+        if len(yy) == 0:
+            yy, xx = np.nonzero(m)
+        pts.append(np.c_[yy, xx].astype(np.float32))
+    gaps = []
+    for a in range(n):
+        for b in range(a + 1, n):
+            if len(pts[a]) and len(pts[b]):
+                g = float(cdist(pts[a], pts[b]).min())
+                if g <= gap + 1.5:  # touching outlines are ~1 px apart
+                    gaps.append((g, a, b))
+    parent = list(range(n))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    thick = ndi.maximum(dist, seg, index=np.arange(1, n + 1))
+    members = {i: [i] for i in range(n)}
+    for g, a, b in sorted(gaps):
+        ra, rb = find(a), find(b)
+        if ra == rb:
+            continue
+        cand = np.concatenate([pts[i] for i in members[ra] + members[rb]])
+        if len(cand) > 600:
+            cand = cand[:: len(cand) // 600 + 1]
+        extent = float(cdist(cand, cand).max())
+        lobe = min(max(thick[i] for i in members[ra]), max(thick[i] for i in members[rb])) < lobe_radius
+        if extent > (max_lobed if lobe else max_size):
+            continue
+        parent[rb] = ra
+        members[ra] += members.pop(rb)
+    lut = np.zeros(n + 1, np.int32)
+    roots = sorted({find(i) for i in range(n)})
+    new_id = {r: k + 1 for k, r in enumerate(roots)}
+    for i in range(n):
+        lut[i + 1] = new_id[find(i)]
+    return lut[seg]
+
+
+def features_from_regions(r: Regions) -> np.ndarray:
+    h, w = r.mask.shape
+    n_px = float(h * w)
+    stained = int(r.mask.sum())
+    f = dict.fromkeys(FEATURE_NAMES, 0.0)
+    f["stain_share"] = stained / n_px
+    f["stain_od"] = float(r.od[r.mask].mean()) if stained else 0.0
+    f["n_regions"] = float(len(r.big))
+    if r.main:
+        sel = r.labels == r.main
+        yy, xx = np.nonzero(sel)
+        f["main_share"] = sel.sum() / n_px
+        f["main_offset"] = float(np.hypot(yy.mean() - (h - 1) / 2, xx.mean() - (w - 1) / 2)) / max(h, w)
+        f["outside_share"] = (stained - sel.sum()) / stained if stained else 0.0
+    # the strongest candidate for a second cell: the largest other stained group
+    # of any size (a platelet, a pale red cell or a real nucleus: the model decides)
+    others = [i for i in r.groups if i != r.main]
+    if others:
+        areas = {i: int((r.labels == i).sum()) for i in others}
+        j = max(others, key=areas.get)
+        f["second_share"] = areas[j] / n_px
+        f["second_od"] = r.core[j]
+        f["second_thick"] = float(r.dist[r.labels == j].max()) / max(h, w)
+        f["other_share"] = sum(a for i, a in areas.items() if i in r.big) / n_px
+    return np.array([f[k] for k in FEATURE_NAMES], dtype=np.float64)
+
+
+def image_features(img: np.ndarray, params: dict | None = None) -> np.ndarray:
+    """One preprocessed uint8 RGB image -> the FEATURE_NAMES vector."""
+    return features_from_regions(find_regions(img, params))
+
+
+# ----------------------------------------------------------------------------- model
+
+# what the mixture sees: how big, how dark and how thick the strongest candidate
+# for a second cell is (log area: platelets, pale red cells and nuclei span decades)
+MODEL_INPUTS = ("second_share", "second_od", "second_thick")
+_NO_SECOND_SCORE = -50.0   # no second stained group at all: as single as it gets
+
+
+def _model_matrix(feats: np.ndarray) -> np.ndarray:
+    idx = [FEATURE_NAMES.index(n) for n in MODEL_INPUTS]
+    x = feats[:, idx].astype(np.float64)
+    return np.c_[np.log10(x[:, 0] + 1e-3), x[:, 1], x[:, 2] * 10.0]
+
+
+def _gauss_logpdf(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    d = x - mean
+    chol = np.linalg.cholesky(cov)
+    z = np.linalg.solve(chol, d.T)
+    return -0.5 * (np.sum(z * z, 0) + len(mean) * np.log(2 * np.pi)) - np.log(np.diag(chol)).sum()
+
+
+class Screen:
+    """Stain features + a Gaussian mixture over the second-cell candidates.
+
+    Fitting uses no labels: the mixture clusters the images that have any second
+    stained group; the component with the largest groups is the "extra cell"
+    cluster. The score is the log posterior odds of that cluster (0 = even), so
+    ``score > threshold`` flags an image as multi-cell."""
+
+    def __init__(self, mixture: dict, threshold: float = 0.0, image_size: int = DEFAULT_IMAGE_SIZE,
+                 params: dict | None = None, info: dict | None = None):
+        self.mixture = {k: np.asarray(v, dtype=np.float64) if k != "multi_component" else int(v)
+                        for k, v in mixture.items()}
+        self.threshold = float(threshold)
+        self.image_size = int(image_size)
+        self.params = {**DEFAULT_PARAMS, **(params or {})}
+        self.info = dict(info or {})
+
+    # -- fitting
+    @classmethod
+    def fit(cls, data, image_size: int = DEFAULT_IMAGE_SIZE, n_components: int = 3,
+            threshold: float = 0.0, params: dict | None = None, seed: int = 0,
+            cache_dir=None, progress: bool = True) -> "Screen":
+        """Fit on a dataset folder (class sub-folders or a flat folder of images;
+        labels, if any, are ignored) or on an array of preprocessed images."""
+        from sklearn.mixture import GaussianMixture
+        if isinstance(data, np.ndarray):
+            images, source = data, f"{len(data)} arrays"
+        else:
+            images, source = _load_folder(data, image_size, cache_dir, progress)
+        feats = features_arrays(images, params, progress=progress)
+        return cls.fit_features(feats, image_size, n_components, threshold, params, seed, source)
+
+    @classmethod
+    def fit_features(cls, feats: np.ndarray, image_size: int = DEFAULT_IMAGE_SIZE,
+                     n_components: int = 3, threshold: float = 0.0, params: dict | None = None,
+                     seed: int = 0, source: str = "features") -> "Screen":
+        """Fit the mixture on an already computed feature matrix (``features_arrays``)."""
+        from sklearn.mixture import GaussianMixture
+        has = feats[:, FEATURE_NAMES.index("second_share")] > 0
+        if has.sum() < 5 * n_components:
+            raise ValueError(f"{source}: only {int(has.sum())} image(s) with a second stained group; "
+                             f"need at least {5 * n_components} to fit the screen")
+        gm = GaussianMixture(n_components, covariance_type="full", random_state=seed, n_init=3)
+        gm.fit(_model_matrix(feats[has]))
+        mixture = {"weights": gm.weights_, "means": gm.means_, "covariances": gm.covariances_,
+                   "multi_component": int(np.argmax(gm.means_[:, 0]))}
+        scr = cls(mixture, threshold, image_size, params)
+        scores = scr.score_features(feats)
+        scr.info = {"fitted_on": str(source), "n_images": int(len(feats)),
+                    "n_with_second_group": int(has.sum()),
+                    "share_flagged": float(np.mean(scores > threshold)),
+                    "features": FEATURE_NAMES, "model_inputs": list(MODEL_INPUTS)}
+        return scr
+
+    # -- scoring
+    def score_features(self, feats: np.ndarray) -> np.ndarray:
+        feats = np.atleast_2d(feats)
+        out = np.full(len(feats), _NO_SECOND_SCORE)
+        has = feats[:, FEATURE_NAMES.index("second_share")] > 0
+        if has.any():
+            x = _model_matrix(feats[has])
+            m = self.mixture
+            logp = np.stack([np.log(w) + _gauss_logpdf(x, mu, cov)
+                             for w, mu, cov in zip(m["weights"], m["means"], m["covariances"])], 1)
+            k = m["multi_component"]
+            rest = np.delete(logp, k, axis=1)
+            odds = logp[:, k] - np.logaddexp.reduce(rest, axis=1)
+            out[has] = np.clip(odds, _NO_SECOND_SCORE, -_NO_SECOND_SCORE)
+        return out
+
+    def score_arrays(self, images: Sequence[np.ndarray]) -> list[dict]:
+        """Preprocessed uint8 RGB images (``preprocess(src, self.image_size)``) ->
+        ``{"score", "n_regions", "multi_cell"}`` per image."""
+        out = []
+        for img in images:
+            f = image_features(np.asarray(img), self.params)
+            s = float(self.score_features(f[None])[0])
+            out.append({"score": round(s, 4), "n_regions": int(f[FEATURE_NAMES.index("n_regions")]),
+                        "multi_cell": bool(s > self.threshold)})
+        return out
+
+    def score_paths(self, paths: Iterable[ImageSource]) -> list[dict]:
+        """Like ``score_arrays`` for files; a bad file gets ``status: skipped: <reason>``."""
+        out = []
+        for p in paths:
+            name = str(p) if isinstance(p, (str, os.PathLike)) else f"<{type(p).__name__}>"
+            try:
+                img = preprocess(p, self.image_size)
+            except ImageError as e:
+                out.append({"path": name, "status": f"skipped: {e.reason}"})
+                continue
+            out.append({"path": name, "status": "ok", **self.score_arrays([img])[0]})
+        return out
+
+    def debug_image(self, src: ImageSource, out_png) -> dict:
+        """Save the stain mask and regions of one image (see ``render_debug``); returns its record."""
+        from .data import atomic_write_bytes
+        import io
+        img = preprocess(src, self.image_size)
+        r = find_regions(img, self.params)
+        s = float(self.score_features(features_from_regions(r)[None])[0])
+        pic = render_debug(img, r, s, s > self.threshold, scale=max(1, 384 // self.image_size))
+        buf = io.BytesIO()
+        pic.save(buf, format="PNG")
+        atomic_write_bytes(Path(out_png), buf.getvalue())
+        return {"score": s, "n_regions": len(r.big), "multi_cell": s > self.threshold}
+
+    # -- persistence (JSON only)
+    def to_dict(self) -> dict:
+        m = self.mixture
+        return {"format": FORMAT, "image_size": self.image_size, "threshold": self.threshold,
+                "params": self.params, "features": FEATURE_NAMES, "model_inputs": list(MODEL_INPUTS),
+                "mixture": {"weights": m["weights"].tolist(), "means": m["means"].tolist(),
+                            "covariances": m["covariances"].tolist(),
+                            "multi_component": int(m["multi_component"])},
+                "info": self.info}
+
+    def save(self, path) -> Path:
+        from .data import atomic_write_json
+        path = Path(path)
+        atomic_write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, path=None) -> "Screen":
+        path = Path(path) if path is not None else BUNDLED_SCREEN
+        if path.is_dir():
+            path = path / "screen.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no screen model at {path} (make one with `bloodcell screen-fit`)")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a screen model (bad JSON: {e})") from None
+        if d.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a screen model (format {d.get('format')!r}, want {FORMAT!r})")
+        if d.get("features") != FEATURE_NAMES or d.get("model_inputs") != list(MODEL_INPUTS):
+            raise ValueError(f"{path}: made with other features; refit it with `bloodcell screen-fit`")
+        return cls(d["mixture"], d["threshold"], d["image_size"], d["params"], d.get("info"))
+
+
+def features_arrays(images, params: dict | None = None, progress: bool = False) -> np.ndarray:
+    """Feature matrix [N, len(FEATURE_NAMES)] for preprocessed uint8 images."""
+    from tqdm import tqdm
+    it = tqdm(range(len(images)), desc="stain features", unit="img", disable=not progress,
+              mininterval=2.0)
+    return np.stack([image_features(np.asarray(images[i]), params) for i in it]) if len(images) \
+        else np.zeros((0, len(FEATURE_NAMES)))
+
+
+def _load_folder(folder, image_size, cache_dir, progress):
+    """Images of a folder: class sub-folders (through the shared cache) or loose files."""
+    from . import data
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"not a folder: {folder}")
+    if any(d.is_dir() and not d.name.startswith(".") for d in folder.iterdir()):
+        ds = data.scan(folder)
+        images, _ = data.load_images(ds, image_size, cache_dir=cache_dir, progress=progress)
+        return images, folder
+    files = [p for p, why in data.iter_image_files(folder) if why is None]
+    if not files:
+        raise ValueError(f"{folder}: no image files found")
+    images, reasons = data.decode_many(files, image_size, workers=1, progress=progress)
+    keep = [i for i, r in enumerate(reasons) if r is None]
+    for f, r in zip(files, reasons):
+        if r:
+            log.warning("skipped %s: %s", f, r)
+    return images[keep], folder
+
+
+# ----------------------------------------------------------------------------- debug view
+
+def render_debug(img: np.ndarray, regions: Regions, score: float | None = None,
+                 flagged: bool | None = None, scale: int = 3):
+    """A side-by-side picture (PIL image): the image with region outlines and centre
+    marker | the stain mask coloured by region (central = green, other cell-size
+    regions = red, small specks = grey)."""
+    from PIL import Image, ImageDraw
+    h, w = regions.mask.shape
+    base = Image.fromarray(img).resize((w * scale, h * scale), Image.NEAREST)
+    # outlines: region pixels that border a non-region pixel
+    lab = regions.labels
+    colour = np.zeros((h, w, 3), np.uint8)
+    colour[regions.mask] = (150, 150, 150)
+    for i in regions.big:
+        colour[lab == i] = (0, 200, 0) if i == regions.main else (230, 30, 30)
+    edge = np.zeros((h, w), bool)
+    for i in regions.big:
+        m = lab == i
+        edge |= m & ~ndi.binary_erosion(m)
+    over = np.asarray(base).copy()
+    big_edge = np.kron(edge, np.ones((scale, scale), bool))
+    big_col = np.kron(colour, np.ones((scale, scale, 1), np.uint8))
+    over[big_edge] = big_col[big_edge]
+    left = Image.fromarray(over)
+    right = Image.fromarray(big_col)
+    out = Image.new("RGB", (2 * w * scale + 4, h * scale + 18), "white")
+    out.paste(left, (0, 18))
+    out.paste(right, (w * scale + 4, 18))
+    d = ImageDraw.Draw(out)
+    cx, cy = w * scale / 2, h * scale / 2 + 18
+    for dx, dy in ((8, 0), (0, 8)):
+        d.line([cx - dx, cy - dy, cx + dx, cy + dy], fill=(0, 0, 255), width=2)
+    text = f"regions: {len(regions.big)}"
+    if score is not None:
+        text += f"   score: {score:.2f}"
+    if flagged is not None:
+        text += "   MULTI-CELL" if flagged else "   single"
+    d.text((4, 3), text, fill=(0, 0, 0))
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _expand(paths):
+    from .data import IMAGE_EXTENSIONS
+    for p in paths:
+        p = Path(p)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."):
+                    yield f
+        else:
+            yield p
+
+
+def cmd_screen(args):
+    import csv
+    import io
+    scr = Screen.load(args.screen)
+    paths = list(_expand(args.paths))
+    if not paths:
+        raise ValueError("no image files given")
+    recs = scr.score_paths(paths)
+    if args.debug_dir:
+        for p, r in zip(paths, recs):
+            if r["status"] == "ok":
+                scr.debug_image(p, Path(args.debug_dir) / f"{p.stem}.screen.png")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["path", "status", "score", "n_regions", "multi_cell"])
+    for r in recs:
+        w.writerow([r["path"], r["status"], r.get("score", ""), r.get("n_regions", ""),
+                    r.get("multi_cell", "")])
+    if args.out:
+        from .data import atomic_write_text
+        atomic_write_text(Path(args.out), buf.getvalue())
+    else:
+        print(buf.getvalue(), end="")
+    ok = [r for r in recs if r["status"] == "ok"]
+    skipped = [r for r in recs if r["status"] != "ok"]
+    flagged = sum(r["multi_cell"] for r in ok)
+    print(f"{len(ok)} image(s) screened, {flagged} flagged multi-cell"
+          + (f", {len(skipped)} skipped" if skipped else "")
+          + (f"; wrote {args.out}" if args.out else ""), file=__import__("sys").stderr)
+    for r in skipped:
+        print(f"  {r['path']}: {r['status']}", file=__import__("sys").stderr)
+
+
+def cmd_screen_fit(args):
+    from .cli import data_or_default
+    scr = Screen.fit(data_or_default(args.data), image_size=args.image_size,
+                     n_components=args.components, threshold=args.threshold,
+                     cache_dir=args.cache_dir, progress=not args.no_progress)
+    scr.save(args.out)
+    print(f"screen fitted on {scr.info['n_images']} images; flags "
+          f"{100 * scr.info['share_flagged']:.1f}% at threshold {scr.threshold}; wrote {args.out}")
+
+
+def add_cli(sub):
+    p = sub.add_parser("screen", help="flag images holding more than one white/nucleated cell")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
+    p.add_argument("--out", help="CSV file (default: print to stdout)")
+    p.add_argument("--debug-dir", help="save a stain-mask/regions picture per image here")
+    p.add_argument("--screen", help="screen model JSON (default: the bundled one)")
+    p.set_defaults(func=cmd_screen)
+
+    p = sub.add_parser("screen-fit", help="fit the multi-cell screen on a dataset folder (no labels)")
+    p.add_argument("--data", help="dataset folder (default: ../shared/data/pbc)")
+    p.add_argument("--out", required=True, help="screen model JSON to write")
+    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
+    p.add_argument("--components", type=int, default=3, help="Gaussian mixture components")
+    p.add_argument("--threshold", type=float, default=0.0, help="log-odds above which to flag")
+    p.add_argument("--cache-dir", help="decoded-image cache (default ~/.cache/bloodcell)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_screen_fit)
