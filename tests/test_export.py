@@ -94,7 +94,7 @@ def test_torch_and_onnx_same_classes_on_real_test_images(real_data, tmp_path):
         pytest.skip("no trained model (bundled or runs/recipe-s42)")
     files = []
     for d in sorted(p for p in real_data.iterdir() if p.is_dir()):
-        files += sorted(d.glob("*.jpg"))[:6]
+        files += sorted(f for f in d.glob("*.jpg") if not f.name.startswith("."))[:6]
     t = P.Classifier.load(model, backend="torch", screen=None)
     o = P.Classifier.load(model, backend="onnx", onnx_path=E.export(model, out=tmp_path / "m.onnx"),
                           screen=None)

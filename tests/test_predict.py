@@ -265,3 +265,13 @@ def test_cli_predict_json_and_csv(model_dir, image_dir, tmp_path, capsys):
     header = (tmp_path / "o.csv").read_text().splitlines()[0].split(",")
     assert header[:5] == ["path", "status", "class", "probability", "top3"] and "p_platelet" in header
     assert main(["predict", str(image_dir), "--model", str(model_dir), "--out", str(tmp_path / "o.txt")]) == 2
+
+
+@pytest.mark.skipif(not (P.BUNDLED_DIR / "screen.json").exists(), reason="no bundled screen")
+def test_bundled_screen_adds_flags(model_dir, image_dir):
+    clf = P.Classifier.load(model_dir, backend="torch")  # screen="auto": the bundled one
+    assert clf.screen is not None
+    recs = clf.predict(sorted(image_dir.rglob("*.png"))[:3])
+    assert all(isinstance(r["multi_cell"], bool) and isinstance(r["multi_cell_score"], float) for r in recs)
+    assert "multi_cell" not in P.Classifier.load(model_dir, backend="torch", screen=None).predict(
+        synthetic_cell(0))[0]

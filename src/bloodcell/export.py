@@ -20,6 +20,8 @@ log = logging.getLogger("bloodcell")
 
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
+# bump when the exported graph changes: cached exports of older versions are redone
+EXPORT_VERSION = "2"
 
 
 def weights_sha1(weights_path: str | os.PathLike) -> str:
@@ -28,6 +30,119 @@ def weights_sha1(weights_path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _static_padding(model, size: int):
+    """A copy of ``model`` whose TF-'SAME' convolutions pad by constants worked out for
+    ``size`` x ``size`` inputs. Traced as is, the padding becomes ~10 shape ops per
+    convolution plus a Pad that ONNX Runtime cannot fuse (each costing two layout
+    reorders); with constant pads it folds them into the Conv itself."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from .models import _same_pad, _SameConv
+    model = copy.deepcopy(model).eval()
+    convs = [m for m in model.modules() if isinstance(m, _SameConv)]
+    if not convs:
+        return model
+    shapes = {}
+
+    def record(m, args):  # returns None: the input passes unchanged
+        shapes[m] = tuple(args[0].shape[-2:])
+
+    hooks = [m.register_forward_pre_hook(record) for m in convs]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+
+    class FixedPadConv(torch.nn.Module):
+        def __init__(self, conv, hw):
+            super().__init__()
+            self.conv = conv
+            k, st = conv.kernel_size[0], conv.stride[0]
+            probe = _same_pad(torch.zeros(1, 1, *hw), k, st)  # the same rule, evaluated once
+            ph, pw = probe.shape[-2] - hw[0], probe.shape[-1] - hw[1]
+            self.pads = [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2]
+
+        def forward(self, x):
+            c = self.conv
+            return F.conv2d(F.pad(x, self.pads), c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, _SameConv):
+                setattr(parent, name, FixedPadConv(child, shapes[child]))
+    return model
+
+
+def _constant_folded(path: Path):
+    """The exported graph after ONNX Runtime's basic (hardware-independent) optimisations:
+    constant folding turns the tracer's pad-list arithmetic into plain constants."""
+    import onnx
+    import onnxruntime as ort
+    out = path.with_name(path.name + ".basic")
+    try:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(out)
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return onnx.load(str(out))
+    finally:
+        if out.exists():
+            out.unlink()
+
+
+def _fold_pads_into_convs(proto) -> int:
+    """Zero ``Pad`` -> ``Conv`` becomes one Conv with (possibly asymmetric) ``pads``, which
+    ONNX allows and ONNX Runtime runs without a separate pad and two layout reorders."""
+    from onnx import numpy_helper
+    g = proto.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+    users: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+    folded = []
+    for pad in g.node:
+        if pad.op_type != "Pad" or pad.output[0] in graph_outputs:
+            continue
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        pads = consts.get(pad.input[1]) if len(pad.input) > 1 else None
+        value = consts.get(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else 0
+        conv = users.get(pad.output[0], [])
+        if (mode != b"constant" or pads is None or value is None or float(value) != 0.0
+                or len(pads) != 8 or any(pads[[0, 1, 4, 5]]) or len(conv) != 1
+                or conv[0].op_type != "Conv"):
+            continue
+        conv = conv[0]
+        old = next((a for a in conv.attribute if a.name == "pads"), None)
+        if old is not None and any(old.ints):
+            continue
+        if any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in conv.attribute):
+            continue
+        if old is not None:
+            conv.attribute.remove(old)
+        h0, w0, h1, w1 = (int(v) for v in pads[[2, 3, 6, 7]])
+        conv.attribute.append(onnx_helper().make_attribute("pads", [h0, w0, h1, w1]))
+        conv.input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        g.node.remove(pad)
+    return len(folded)
+
+
+def onnx_helper():
+    from onnx import helper
+    return helper
 
 
 def _uint8_wrapper(model):
@@ -63,19 +178,21 @@ def export_onnx(model, meta: dict, out: str | os.PathLike, weights_sha: str = ""
         with warnings.catch_warnings():  # tracer chatter about python ints in SAME padding
             warnings.simplefilter("ignore")
             # TorchScript exporter: needs no onnxscript, handles every model in the registry
-            torch.onnx.export(_uint8_wrapper(model), (x,), str(tmp), dynamo=False,
+            torch.onnx.export(_uint8_wrapper(_static_padding(model, size)), (x,), str(tmp), dynamo=False,
                               opset_version=opset, input_names=[INPUT_NAME],
                               output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-        proto = onnx.load(str(tmp))
+        proto = _constant_folded(tmp)
     finally:
         if tmp.exists():
             tmp.unlink()
+    _fold_pads_into_convs(proto)
     onnx.checker.check_model(proto)
     info = {"bloodcell_classes": json.dumps(list(meta["classes"])),
             "bloodcell_image_size": str(size),
             "bloodcell_architecture": str(meta.get("architecture", "")),
             "bloodcell_weights_sha1": weights_sha,
+            "bloodcell_export_version": EXPORT_VERSION,
             "bloodcell_input": "uint8 [N, S, S, 3] RGB from transforms.preprocess; output raw logits"}
     for k, v in info.items():
         p = proto.metadata_props.add()
@@ -112,7 +229,9 @@ def ensure_onnx(weights_path: str | os.PathLike, model, meta: dict,
     for c in candidates:
         if c.exists():
             try:
-                if onnx_metadata(c).get("bloodcell_weights_sha1") == sha:
+                md = onnx_metadata(c)
+                if (md.get("bloodcell_weights_sha1") == sha
+                        and md.get("bloodcell_export_version") == EXPORT_VERSION):
                     return c
             except Exception as e:  # unreadable cache: rebuild it
                 log.warning("%s: unreadable ONNX cache (%s); re-exporting", c, e)

@@ -50,7 +50,7 @@ def load_screen(screen="auto"):
             return None
         try:
             from .screen import Screen
-            return Screen.load(None)
+            return Screen.load(BUNDLED_DIR / "screen.json")
         except Exception as e:  # the screen is an add-on: never block classification
             log.warning("multi-cell screen not loaded (%s: %s); images are not screened",
                         type(e).__name__, e)
@@ -173,10 +173,23 @@ class Classifier:
             raise ImageError(str(src), f"could not decode ({type(e).__name__}: {e})") from None
 
     def _decode_safe(self, src):
+        """-> ({size: array, "screen": dict | None}, None) or (None, skip reason).
+        The screen scores here, in the worker, so it overlaps with the model too."""
         try:
-            return self._decode(src), None
+            arrays = self._decode(src)
         except ImageError as e:
             return None, e.reason
+        arrays["screen"] = self._screen_one(arrays)
+        return arrays, None
+
+    def _screen_one(self, arrays: dict):
+        if self.screen is None:
+            return None
+        try:
+            return self.screen.score_arrays([arrays[int(self.screen.image_size)]])[0]
+        except Exception as e:  # an add-on failing must not lose the classification
+            log.warning("multi-cell screen failed (%s: %s); image not screened", type(e).__name__, e)
+            return None
 
     def iter_predict(self, inputs: Iterable, names: Iterable[str] | None = None,
                      batch_size: int = 64, workers: int | None = None) -> Iterator[list[tuple[int, dict]]]:
@@ -193,9 +206,8 @@ class Classifier:
         def flush():
             if pending:
                 probs = self.predict_proba_arrays(np.stack([a[self.image_size] for _, _, a in pending]))
-                scores = self._screen_scores([a for _, _, a in pending])
-                for k, ((i, name, _), pr) in enumerate(zip(pending, probs)):
-                    done.append((i, self.record(name, pr, scores[k] if scores else None)))
+                for (i, name, a), pr in zip(pending, probs):
+                    done.append((i, self.record(name, pr, a["screen"])))
                 pending.clear()
 
         def take():
@@ -231,17 +243,6 @@ class Classifier:
                 for _, _, fut in window:
                     fut.cancel()
                 ex.shutdown(wait=True)
-
-    def _screen_scores(self, arrays: list[dict]):
-        if self.screen is None:
-            return None
-        size = int(self.screen.image_size)
-        try:
-            return self.screen.score_arrays([a[size] for a in arrays])
-        except Exception as e:  # an add-on failing must not lose the classifications
-            log.warning("multi-cell screen failed on a batch (%s: %s); not flagged",
-                        type(e).__name__, e)
-            return None
 
     def predict(self, inputs: ImageSource | Iterable[ImageSource], batch_size: int = 64,
                 workers: int | None = None) -> list[dict]:
@@ -501,6 +502,11 @@ def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: i
             if journal:
                 journal.sync()
             bar.update(len(batch))
+    except KeyboardInterrupt:
+        if journal:
+            log.warning("interrupted: finished images are kept in %s; run the same command again "
+                        "to resume without recomputing them", journal.path)
+        raise
     finally:
         bar.close()
         if journal:

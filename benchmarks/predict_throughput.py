@@ -1,0 +1,127 @@
+"""End-to-end prediction throughput: image files on disk -> classes.
+
+    .venv/bin/python benchmarks/predict_throughput.py [--model M] [--data DIR] [-n 2000]
+        [--backends torch,onnx] [--batch-sizes 32,64,128] [--workers 2]
+
+For each backend and batch size, runs ``Classifier.predict`` (decode threads
+overlapped with the model, exactly what ``bloodcell predict`` does) over the
+first N files of the data folder and prints a markdown table of images/s, plus
+decode-only and model-only figures for context. Files are read once before
+timing, so every row sees the same warm page cache.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bloodcell.data import default_data_dir, iter_image_files
+from bloodcell.predict import Classifier, bundled_model_path, default_workers
+from bloodcell.transforms import preprocess
+
+
+def default_model() -> Path:
+    try:
+        return bundled_model_path()
+    except FileNotFoundError:
+        run = Path(__file__).resolve().parents[1] / "runs" / "recipe-s42" / "model.json"
+        if run.exists():
+            return run
+        raise
+
+
+def files_of(root: Path, n: int) -> list[Path]:
+    # interleave the class folders so the first N hold every class (as a real slide would)
+    per = [[p for p, why in iter_image_files(d) if why is None]
+           for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    out, i = [], 0
+    while len(out) < n and any(i < len(p) for p in per):
+        out += [p[i] for p in per if i < len(p)]
+        i += 1
+    return out[:n]
+
+
+def timed(fn, repeat=1):
+    """Best wall time of ``repeat`` runs, and the process CPU time (all threads) of that run."""
+    best, cpu = float("inf"), float("nan")
+    for _ in range(repeat):
+        c, t = time.process_time(), time.perf_counter()
+        fn()
+        t, c = time.perf_counter() - t, time.process_time() - c
+        if t < best:
+            best, cpu = t, c
+    return best, cpu
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="run folder or model.json (default: bundled, else runs/recipe-s42)")
+    ap.add_argument("--data", help="image folder (default ../shared/data/pbc)")
+    ap.add_argument("-n", type=int, default=2000, help="number of files (default 2000)")
+    ap.add_argument("--backends", default="torch,onnx")
+    ap.add_argument("--batch-sizes", default="32,64,128")
+    ap.add_argument("--workers", default=str(default_workers()), help="decode threads, comma list")
+    ap.add_argument("--threads", type=int, help="model compute threads (default all cores)")
+    ap.add_argument("--repeat", type=int, default=1, help="best of R runs per row")
+    ap.add_argument("--screen", action="store_true",
+                    help="also time the fastest setting with the bundled multi-cell screen on")
+    a = ap.parse_args(argv)
+    data = Path(a.data) if a.data else default_data_dir()
+    if data is None or not data.is_dir():
+        sys.exit("no data folder: pass --data DIR")
+    model = Path(a.model) if a.model else default_model()
+    files = files_of(data, a.n)
+    for f in files:  # warm the page cache: measure decoding, not the disk
+        f.read_bytes()
+    n = len(files)
+    print(f"model {model}; {n} files from {data}; {os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}; "
+          f"load average {os.getloadavg()[0]:.2f} (background jobs lower these figures)\n")
+
+    clf = Classifier.load(model, backend="torch", screen=None, threads=a.threads)
+    size = clf.image_size
+    sub = files[: min(n, 500)]
+    t, c = timed(lambda: [preprocess(f, size) for f in sub])
+    print(f"decode+preprocess alone, 1 thread: {len(sub) / t:.0f} images/s "
+          f"({1000 * c / len(sub):.2f} CPU ms/image)")
+    arrays = np.stack([preprocess(f, size) for f in sub[:256]])
+
+    rows = []
+    for backend in a.backends.split(","):
+        clf = Classifier.load(model, backend=backend, screen=None, threads=a.threads)
+        clf.predict_proba_arrays(arrays[:32])  # warm-up (thread pools, allocations)
+        t, c = timed(lambda: [clf.predict_proba_arrays(arrays[i:i + 64]) for i in range(0, len(arrays), 64)])
+        print(f"model alone, {backend}, batch 64: {len(arrays) / t:.0f} images/s "
+              f"({1000 * c / len(arrays):.2f} CPU ms/image)")
+        for bs in [int(b) for b in a.batch_sizes.split(",")]:
+            for w in [int(x) for x in a.workers.split(",")]:
+                t, c = timed(lambda: clf.predict(files, batch_size=bs, workers=w), a.repeat)
+                rows.append((backend, bs, w, n / t, t, 1000 * c / n))
+                print(f"  {backend} batch {bs} workers {w}: {n / t:.0f} images/s", file=sys.stderr)
+
+    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    # CPU ms/image counts every thread of this process; on a busy machine it is the fairer
+    # figure: ncpu*1000/that is what the same work would give with the cores to itself
+    print(f"\n| backend | batch | decode workers | images/s (files -> classes) | seconds "
+          f"| CPU ms/image | if {ncpu} idle cores (img/s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for backend, bs, w, ips, t, cms in rows:
+        print(f"| {backend} | {bs} | {w} | {ips:.0f} | {t:.1f} | {cms:.2f} | {ncpu * 1000 / cms:.0f} |")
+    best = max(rows, key=lambda r: r[3])
+    if a.screen:
+        clf = Classifier.load(model, backend=best[0], screen="auto", threads=a.threads)
+        if clf.screen is None:
+            print("(no bundled multi-cell screen: not timed)")
+        else:
+            t, c = timed(lambda: clf.predict(files, batch_size=best[1], workers=best[2]), a.repeat)
+            print(f"| {best[0]} + multi-cell screen | {best[1]} | {best[2]} | {n / t:.0f} | {t:.1f} "
+                  f"| {1000 * c / n:.2f} | {ncpu * n / c:.0f} |")
+    print(f"\nbest: {best[0]}, batch {best[1]}, {best[2]} decode worker(s): {best[3]:.0f} images/s end-to-end")
+
+
+if __name__ == "__main__":
+    main()
