@@ -204,6 +204,7 @@ def fig_accuracy(gens: list[dict], path: Path):
         ax.scatter(rx, ry, marker="_", s=260, linewidths=2.2, color="black", zorder=3,
                    label="study's test (ResNet50 for 5-6)")
     ax.set_xticks(x, [_label(g).replace(": ", "\n") for g in gens])
+    ax.set_xlim(-0.7, len(gens) - 0.3)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 108)
     ax.set_yticks(range(0, 101, 20))
@@ -320,7 +321,7 @@ def fig_mistakes(st: dict, g: dict, path: Path, k: int = 16, size: int = 128) ->
     root = Path(st["data"]["root"])
     ncols = 4
     nrows = max(1, -(-len(mis) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 2.0, nrows * 2.35), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 2.0, nrows * 2.5), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, m in zip(axes.flat, mis):
@@ -329,11 +330,12 @@ def fig_mistakes(st: dict, g: dict, path: Path, k: int = 16, size: int = 128) ->
         except ImageError as e:
             ax.text(0.5, 0.5, "unreadable", ha="center", va="center")
             log.warning("mistakes gallery: %s", e)
-        ax.set_title(f"true: {m['true']}\npred: {m['predicted']} ({m['prob']:.2f})", fontsize=8)
+        ax.set_title(f"true: {m['true']} ({m['prob_true']:.2f})\n"
+                     f"pred: {m['predicted']} ({m['prob']:.2f})", fontsize=8)
     if not mis:
         axes[0][0].text(0.5, 0.5, "no mistakes on the test set", ha="center", va="center")
     fig.suptitle(f"{_label(g)}: the {len(mis)} most confident mistakes on the test set\n"
-                 "(true class, predicted class and its probability)", fontsize=10)
+                 "(true and predicted class, each with the model's probability)", fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     return len(mis)
@@ -575,7 +577,7 @@ def discussion(st: dict, gens: list[dict], best: dict) -> list[str]:
                       "their borderline is genuinely blurry)." if shared else
                       "none of our top pairs are among them.")
                    + " The study noted that many misclassified images hold more than one cell; "
-                   "the gallery of mistakes in the full report is where to check this.")
+                   "Figure 4 (the gallery of mistakes, full report only) is where to check this.")
     worst = sorted(ev["per_class"].items(), key=lambda kv: kv[1]["f1"])[:2]
     out.append("**Hardest classes** for the best generation (lowest F1): "
                + ", ".join(f"{c} {v['f1']:.3f}" for c, v in worst) + ".")
@@ -753,7 +755,7 @@ def write_report(study_dir, target=None, public: bool = False, screen_report=Non
                "Figure 1. Images per class (count and share of all images), coloured by split.")
     doc.table(["class", "images", "%", "train", "val", "test"],
               [[c, f"{d['class_counts'][c]:,}", f"{100 * d['class_counts'][c] / d['n_images']:.1f}"]
-               + [d["split_by_class"][c][s] for s in D.SPLITS] for c in d["classes"]])
+               + [f"{d['split_by_class'][c][s]:,}" for s in D.SPLITS] for c in d["classes"]])
     if d["skipped"]:
         doc.p("Skipped files:")
         doc.bullets([f"`{s['path']}`: {s['reason']}" for s in d["skipped"]])
@@ -771,8 +773,9 @@ def write_report(study_dir, target=None, public: bool = False, screen_report=Non
     doc.h(2, "Accuracy of the six generations")
     fig_accuracy(gens, fig_dir / "fig2_accuracy.png")
     doc.figure(fig_dir / "fig2_accuracy.png", "figures/fig2_accuracy.png",
-               "Figure 2. Accuracy on train/val/test per generation; black dashes: the study's test "
-               "accuracy (ResNet50 for generations 5-6; the study reports none for generation 5).")
+               "Figure 2. Accuracy on train/val/test per generation (all three measured after "
+               "training, without augmentation); black dashes: the study's test accuracy "
+               "(ResNet50 for generations 5-6; the study reports none for generation 5).")
     rows = []
     for g in gens:
         ev = g["eval"]["splits"]
