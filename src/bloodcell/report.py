@@ -804,7 +804,8 @@ def write_report(study_dir, target=None, public: bool = False, screen_report=Non
         if mis:
             doc.p("Their labels and probabilities (file names only):")
             doc.table(["file", "true", "predicted", "probability"],
-                      [[f"`{m['path']}`", m["true"], m["predicted"], f"{m['prob']:.3f}"] for m in mis])
+                      [[f"`{m['path']}`", m["true"], m["predicted"], f"{m['prob']:.3f}"] for m in mis],
+                      align=["l", "l", "l", "r"])
     else:
         n = fig_mistakes(st, best, fig_dir / "fig4_mistakes.png")
         doc.figure(fig_dir / "fig4_mistakes.png", "figures/fig4_mistakes.png",
