@@ -66,7 +66,7 @@ def main(argv=None):
     ap.add_argument("--backends", default="torch,onnx")
     ap.add_argument("--batch-sizes", default="32,64,128")
     ap.add_argument("--workers", default=str(default_workers()), help="decode threads, comma list")
-    ap.add_argument("--threads", type=int, help="model compute threads (default all cores)")
+    ap.add_argument("--threads", default="0", help="model compute threads, comma list (0 = all cores)")
     ap.add_argument("--repeat", type=int, default=1, help="best of R runs per row")
     ap.add_argument("--screen", action="store_true",
                     help="also time the fastest setting with the bundled multi-cell screen on")
@@ -82,7 +82,8 @@ def main(argv=None):
     print(f"model {model}; {n} files from {data}; {os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}; "
           f"load average {os.getloadavg()[0]:.2f} (background jobs lower these figures)\n")
 
-    clf = Classifier.load(model, backend="torch", screen=None, threads=a.threads)
+    threads = [int(x) or None for x in a.threads.split(",")]
+    clf = Classifier.load(model, backend="torch", screen=None)
     size = clf.image_size
     sub = files[: min(n, 500)]
     t, c = timed(lambda: [preprocess(f, size) for f in sub])
@@ -91,17 +92,22 @@ def main(argv=None):
     arrays = np.stack([preprocess(f, size) for f in sub[:256]])
 
     rows = []
+    import torch
+    default_torch_threads = torch.get_num_threads()
     for backend in a.backends.split(","):
-        clf = Classifier.load(model, backend=backend, screen=None, threads=a.threads)
+      for th in threads:
+        torch.set_num_threads(th or default_torch_threads)
+        clf = Classifier.load(model, backend=backend, screen=None, threads=th)
+        label = backend + (f" ({th} thread{'s' if th > 1 else ''})" if th else "")
         clf.predict_proba_arrays(arrays[:32])  # warm-up (thread pools, allocations)
         t, c = timed(lambda: [clf.predict_proba_arrays(arrays[i:i + 64]) for i in range(0, len(arrays), 64)])
-        print(f"model alone, {backend}, batch 64: {len(arrays) / t:.0f} images/s "
+        print(f"model alone, {label}, batch 64: {len(arrays) / t:.0f} images/s "
               f"({1000 * c / len(arrays):.2f} CPU ms/image)")
         for bs in [int(b) for b in a.batch_sizes.split(",")]:
             for w in [int(x) for x in a.workers.split(",")]:
                 t, c = timed(lambda: clf.predict(files, batch_size=bs, workers=w), a.repeat)
-                rows.append((backend, bs, w, n / t, t, 1000 * c / n))
-                print(f"  {backend} batch {bs} workers {w}: {n / t:.0f} images/s", file=sys.stderr)
+                rows.append((label, bs, w, n / t, t, 1000 * c / n, backend, th))
+                print(f"  {label} batch {bs} workers {w}: {n / t:.0f} images/s", file=sys.stderr)
 
     ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     # CPU ms/image counts every thread of this process; on a busy machine it is the fairer
@@ -109,11 +115,11 @@ def main(argv=None):
     print(f"\n| backend | batch | decode workers | images/s (files -> classes) | seconds "
           f"| CPU ms/image | if {ncpu} idle cores (img/s) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for backend, bs, w, ips, t, cms in rows:
+    for backend, bs, w, ips, t, cms, *_ in rows:
         print(f"| {backend} | {bs} | {w} | {ips:.0f} | {t:.1f} | {cms:.2f} | {ncpu * 1000 / cms:.0f} |")
     best = max(rows, key=lambda r: r[3])
     if a.screen:
-        clf = Classifier.load(model, backend=best[0], screen="auto", threads=a.threads)
+        clf = Classifier.load(model, backend=best[6], screen="auto", threads=best[7])
         if clf.screen is None:
             print("(no bundled multi-cell screen: not timed)")
         else:

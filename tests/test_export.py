@@ -104,3 +104,16 @@ def test_torch_and_onnx_same_classes_on_real_test_images(real_data, tmp_path):
     pt = np.array([r["probability"] for r in rt])
     po = np.array([r["probability"] for r in ro])
     assert np.abs(pt - po).max() < 1e-3
+
+
+def test_int8_quantisation_runs_and_mostly_agrees(model_dir, tmp_path):
+    fp32 = E.export(model_dir, out=tmp_path / "m.onnx")
+    calib = np.stack([synthetic_cell(k % 8, seed=100 + k) for k in range(32)])
+    q = E.quantize_int8(fp32, tmp_path / "m.int8.onnx", calib)
+    import onnx
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(q)).graph.node)
+    x = np.stack([synthetic_cell(k % 8, seed=k) for k in range(24)])
+    p32 = P.Classifier.load(model_dir, backend="onnx", onnx_path=fp32, screen=None).predict_proba_arrays(x)
+    p8 = P.Classifier.load(model_dir, backend="onnx", onnx_path=q, screen=None).predict_proba_arrays(x)
+    assert p8.shape == p32.shape and np.allclose(p8.sum(1), 1, atol=1e-5)
+    assert (p8.argmax(1) == p32.argmax(1)).mean() >= 0.75

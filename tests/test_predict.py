@@ -65,6 +65,8 @@ def test_shipped_bundled_model_predicts():
 def test_record_fields_and_probabilities(clf):
     recs = clf.predict([synthetic_cell(k, seed=k) for k in range(8)])
     assert len({r["class"] for r in recs}) > 1  # the fixture model is not constant
+    as_batch = clf.predict(np.stack([synthetic_cell(k, seed=k) for k in range(8)]))
+    assert [r["class"] for r in as_batch] == [r["class"] for r in recs]
     for r in recs:
         assert r["status"] == "ok"
         p = r["probabilities"]

@@ -247,12 +247,61 @@ def ensure_onnx(weights_path: str | os.PathLike, model, meta: dict,
     raise OSError(f"could not write an ONNX export for {weights_path} anywhere")
 
 
+def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calib: "np.ndarray",
+                  batch: int = 32) -> Path:
+    """Static int8 quantisation (QDQ, per-channel weights) calibrated on ``calib``, uint8
+    images as the model takes them. 7-bit weights (reduce_range): on AVX2 without VNNI
+    the u8 x s8 kernels can saturate with full-range weights."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from .data import atomic_write_bytes
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{INPUT_NAME: calib[i:i + batch]} for i in range(0, len(calib), batch)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.quant")
+    try:
+        quantize_static(str(fp32_onnx), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8)
+        atomic_write_bytes(out, tmp.read_bytes())
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def train_images(model_path, data, n: int = 300, seed: int = 0, cache_dir=None):
+    """``n`` training-split images of the model's run (never val/test), for calibration."""
+    import json
+
+    import numpy as np
+
+    from . import data as D
+    from .evaluate import resolve_split
+    from .models import resolve_model_path
+    _, j = resolve_model_path(model_path)
+    meta = json.loads(j.read_text())
+    ds = D.scan(data, classes=meta["classes"])
+    images, _ = D.load_images(ds, meta["image_size"], cache_dir, progress=False)
+    mf, derive = resolve_split(meta, Path(model_path), None)
+    splits = D.apply_manifest(ds, D.read_manifest(mf)) if mf else D.make_split(ds, *derive)
+    idx = D.split_indices(splits, "train")
+    idx = np.sort(np.random.default_rng(seed).choice(idx, min(n, len(idx)), replace=False))
+    return np.asarray(images[idx])
+
+
 def export(model_path=None, fmt: str = "onnx", out=None, opset: int = ONNX_OPSET) -> Path:
     """``bloodcell export``: saved model (None = bundled) -> ONNX file (default next to it)."""
     from .models import load_model, resolve_model_path
     from .predict import bundled_model_path
-    if fmt != "onnx":
-        raise ValueError(f"unknown export format {fmt!r}: only onnx is supported")
+    if fmt not in ("onnx", "onnx-int8"):
+        raise ValueError(f"unknown export format {fmt!r}: use onnx or onnx-int8")
     model_path = Path(model_path) if model_path else bundled_model_path()
     w, _ = resolve_model_path(model_path)
     model, meta = load_model(model_path)
@@ -263,7 +312,17 @@ def export(model_path=None, fmt: str = "onnx", out=None, opset: int = ONNX_OPSET
 def cmd_export(args):
     import numpy as np
 
-    out = export(args.model, args.format, args.out, args.opset)
+    if args.format == "onnx-int8":
+        from .cli import data_or_default
+        from .models import resolve_model_path
+        w, _ = resolve_model_path(args.model or _bundled())
+        fp32 = export(args.model, "onnx", Path(args.out or w.with_suffix(".onnx")).with_suffix(".fp32.onnx"),
+                      args.opset)
+        calib = train_images(args.model or _bundled(), data_or_default(args.data), n=args.calib_images)
+        out = quantize_int8(fp32, args.out or w.with_suffix(".int8.onnx"), calib)
+        fp32.unlink()
+    else:
+        out = export(args.model, args.format, args.out, args.opset)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {args.opset}, dynamic batch, "
           "input uint8 [N,S,S,3], output logits)")
     if not args.no_verify:
@@ -277,14 +336,27 @@ def cmd_export(args):
         diff = float(np.abs(pt - po).max())
         same = bool((pt.argmax(1) == po.argmax(1)).all())
         print(f"check vs PyTorch on 8 random images: same classes {same}, max |dp| {diff:.2e}")
-        if not same or diff > 1e-3:
+        if args.format == "onnx-int8":  # quantised: the same classes is the bar, not equal numbers
+            if not same:
+                log.warning("int8 model changes some classes on random images: check it on the "
+                            "test split (bloodcell evaluate does not run ONNX; see benchmarks)")
+        elif not same or diff > 1e-3:
             raise ValueError(f"{out}: ONNX output differs from PyTorch (max |dp| {diff:.2e})")
+
+
+def _bundled():
+    from .predict import bundled_model_path
+    return bundled_model_path()
 
 
 def add_cli(sub):
     p = sub.add_parser("export", help="export a saved model (default: the bundled one) to ONNX")
     p.add_argument("--model", help="run folder or model file (default: the bundled model)")
-    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--format", default="onnx", choices=["onnx", "onnx-int8"],
+                   help="onnx (float32, same numbers as PyTorch) or onnx-int8 (static int8, "
+                        "calibrated on training images of --data; faster, check its accuracy)")
+    p.add_argument("--data", help="dataset folder for int8 calibration (default ../shared/data/pbc)")
+    p.add_argument("--calib-images", type=int, default=300)
     p.add_argument("--out", help="output file (default: <model>.onnx next to the weights)")
     p.add_argument("--opset", type=int, default=ONNX_OPSET)
     p.add_argument("--no-verify", action="store_true", help="skip the PyTorch-vs-ONNX check")

@@ -249,7 +249,9 @@ class Classifier:
         """Records with class, probability, top-3, needs_review (and multi_cell,
         multi_cell_score when a screen is loaded); bad inputs get
         ``status: 'skipped: <reason>'`` instead of raising."""
-        if isinstance(inputs, (str, os.PathLike, bytes, np.ndarray)) or hasattr(inputs, "getpixel"):
+        if isinstance(inputs, np.ndarray) and inputs.ndim == 4:
+            inputs = list(inputs)  # a batch of images [N, H, W, C]
+        elif isinstance(inputs, (str, os.PathLike, bytes, np.ndarray)) or hasattr(inputs, "getpixel"):
             inputs = [inputs]
         inputs = list(inputs)
         out: list[dict | None] = [None] * len(inputs)
