@@ -86,11 +86,12 @@ def review_stats(probs: np.ndarray, y: np.ndarray, threshold: float) -> dict:
 
 
 def split_logits(model_path, data, split_file=None, cache_dir=None, batch_size: int = 128,
-                 progress: bool = True) -> dict:
-    """Raw logits and labels of the val and test splits (decoded-image cache, torch)."""
+                 progress: bool = True, backend: str = "onnx") -> dict:
+    """Raw logits and labels of the val and test splits (decoded-image cache; ONNX Runtime
+    by default, which gives PyTorch's logits to ~1e-5 at several times the speed)."""
     from .evaluate import resolve_split
     from .predict import Classifier
-    clf = Classifier.load(model_path, backend="torch", screen=None)
+    clf = Classifier.load(model_path, backend=backend, screen=None)
     ds = D.scan(data, classes=clf.classes)
     images, _ = D.load_images(ds, clf.image_size, cache_dir, progress=progress)
     mf, derive = resolve_split(clf.meta, Path(model_path), split_file)
@@ -141,8 +142,9 @@ def store_calibration(model_path, temperature: float, review_threshold: float, r
 
 
 def calibrate(model_path, data, out=None, split_file=None, cache_dir=None,
-              target: float = DEFAULT_TARGET_ACCURACY, progress: bool = True, store: bool = True) -> dict:
-    lg = split_logits(model_path, data, split_file, cache_dir, progress=progress)
+              target: float = DEFAULT_TARGET_ACCURACY, progress: bool = True, store: bool = True,
+              backend: str = "onnx") -> dict:
+    lg = split_logits(model_path, data, split_file, cache_dir, progress=progress, backend=backend)
     rep = calibrate_logits(lg["val"], lg["test"], target)
     rep["model"] = str(model_path)
     rep["data"] = str(data)
@@ -172,7 +174,7 @@ def cmd_calibrate(args):
     from .cli import data_or_default
     r = calibrate(args.model, data_or_default(args.data), out=args.out, split_file=args.split_file,
                   cache_dir=args.cache_dir, target=args.target, progress=not args.no_progress,
-                  store=not args.dry_run)
+                  store=not args.dry_run, backend=args.backend)
     print(format_report(r))
     if r.get("stored_in"):
         print(f"stored temperature and review_threshold in {r['stored_in']}")
@@ -189,6 +191,7 @@ def add_cli(sub):
     p.add_argument("--target", type=float, default=DEFAULT_TARGET_ACCURACY,
                    help="accuracy wanted on the images not flagged for review (default 0.998)")
     p.add_argument("--cache-dir")
+    p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
     p.add_argument("--dry-run", action="store_true", help="report only; leave model.json unchanged")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_calibrate)
