@@ -17,7 +17,7 @@ log = logging.getLogger("bloodcell")
 
 # modules that may add sub-commands: each defines add_cli(subparsers)
 _EXTENSIONS = ["bloodcell.report", "bloodcell.study", "bloodcell.screen", "bloodcell.serve", "bloodcell.export",
-               "bloodcell.fetch", "bloodcell.predict"]
+               "bloodcell.fetch", "bloodcell.predict", "bloodcell.calibrate"]
 
 
 def _add_train_args(p, model_required=True):
@@ -137,7 +137,7 @@ def main(argv=None):
                         format="%(levelname)s %(message)s")
     try:
         return args.func(args) or 0
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except (OSError, ValueError) as e:  # bad paths, bad files, bad arguments: one clear line
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -61,6 +61,16 @@ def create_model(name: str, num_classes: int, image_size: int = 224, **kwargs) -
 
 # ---------------------------------------------------------------- study models 1-4
 
+def _keras_init(model: nn.Module) -> nn.Module:
+    """Glorot-uniform kernels and zero biases, Keras' defaults the study trained with
+    (PyTorch's smaller default init leaves the 3-block CNN stuck for many epochs)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
 def _study_augment(**kw) -> Augment:
     # Keras RandomFlip("horizontal_and_vertical") + RandomRotation(0.4)
     return Augment(flip=True, rotation=0.4, **kw)
@@ -74,14 +84,14 @@ def dnn(num_classes: int, image_size: int = 224, **_):
         layers += [nn.Linear(width, 128), nn.ReLU(inplace=True)]
         width = 128
     layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
+    return _keras_init(nn.Sequential(*layers))
 
 
 def _small_cnn(num_classes, image_size, augment: bool):
     layers = [_study_augment()] if augment else []
     layers += [Normalize(), nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
                nn.Flatten(), nn.Linear(8 * (image_size // 2) ** 2, num_classes)]
-    return nn.Sequential(*layers)
+    return _keras_init(nn.Sequential(*layers))
 
 
 @register("cnn", "Gen 2: rescale, Conv 8@3x3 ReLU, MaxPool 2, flatten, softmax", generation=2)
@@ -98,13 +108,13 @@ def cnn_aug(num_classes: int, image_size: int = 224, **_):
           generation=4)
 def cnn3(num_classes: int, image_size: int = 224, **_):
     s = image_size // 2 // 2 // 2
-    return nn.Sequential(
+    return _keras_init(nn.Sequential(
         _study_augment(), Normalize(),
         nn.Conv2d(3, 8, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(32 * s * s, num_classes),
-    )
+    ))
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite0
@@ -123,7 +133,9 @@ class _SameConv(nn.Conv2d):
 
 
 def _bn(c):
-    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+    # eps as in the TF weights; PyTorch's momentum 0.1 (not TF's 0.01) so running
+    # statistics follow the fast-changing weights of fine-tuning
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.1)
 
 
 class _MBConv(nn.Module):
@@ -257,7 +269,7 @@ def lite0_finetune(num_classes: int, image_size: int = 224, pretrained: bool | s
 
 @register("lite0-recipe", "Shipped classifier: Lite0 fine-tuned with stain/scale jitter, "
           "label smoothing, AdamW + one-cycle cosine schedule",
-          lr=2e-3, weight_decay=1e-4, label_smoothing=0.1, schedule="onecycle", epochs=9,
+          lr=2e-3, weight_decay=1e-4, label_smoothing=0.1, schedule="onecycle", epochs=8,
           batch_size=48, image_size=128, patience=0, optimizer="adamw")
 def lite0_recipe(num_classes: int, image_size: int = 224, pretrained: bool | str = True, **_):
     aug = Augment(flip=True, rotation=0.5, scale=0.1, color=0.15)

@@ -136,6 +136,37 @@ def predict_proba_arrays(model, images: np.ndarray, batch_size: int = 128, devic
     return np.concatenate(out)
 
 
+@torch.no_grad()
+def recalibrate_bn(model, images: np.ndarray, idx: np.ndarray, batch_size: int = 64,
+                   max_images: int = 1536, device=None, precision: str = "fp32", seed: int = 0) -> bool:
+    """Re-estimate BatchNorm running statistics on un-augmented training images
+    ("precise BN"). Running averages lag behind weights that change fast during
+    fine-tuning, which makes eval-mode accuracy (and early stopping) misleading.
+    Returns False when the model has no trainable-statistics BN layer."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or getattr(model, "frozen", False):
+        return False
+    device = device or next(model.parameters()).device
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.permutation(idx)[:max_images])
+    saved = {m: m.momentum for m in bns}
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    aug = getattr(model, "augment", None)
+    if aug is not None:
+        aug.eval()  # statistics of the images the model will see at inference
+    for i in range(0, len(pick), batch_size):
+        x = to_tensor(images[pick[i:i + batch_size]]).to(device)
+        with autocast(device, precision):
+            model(x)
+    for m, mom in saved.items():
+        m.momentum = mom
+    model.eval()
+    return True
+
+
 def _save_training_state(run: Path, model, opt, epoch, history, best):
     """Last completed epoch: model + optimizer tensors in safetensors, the rest in JSON."""
     from safetensors.torch import save as st_save
@@ -288,6 +319,7 @@ def train(cfg: TrainConfig) -> dict:
                             epoch, epoch - 1)
                 break
             train_time = time.perf_counter() - t0
+            recalibrate_bn(model, images, tr, device=device, precision=precision, seed=epoch)
             val_probs = predict_proba_arrays(model, images[va], device=device, precision=precision)
             val_pred = val_probs.argmax(1) if len(va) else np.array([])
             val_acc = float((val_pred == ds.labels[va]).mean()) if len(va) else float("nan")

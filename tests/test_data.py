@@ -1,0 +1,91 @@
+import numpy as np
+import pytest
+
+from bloodcell import data as D
+
+
+def test_scan_skips_junk_with_reasons(synthetic_dataset):
+    ds = D.scan(synthetic_dataset)
+    assert ds.classes == sorted(ds.classes) and len(ds.classes) == 8
+    reasons = {s["path"]: s["reason"] for s in ds.skipped}
+    assert "hidden" in reasons["neutrophil/.DS_000.jpg"]
+    assert "empty" in reasons["platelet/empty.jpg"]
+    assert "extension" in reasons["basophil/notes.txt"]
+    # the broken JPEG has a good name: only decoding finds it
+    assert "eosinophil/broken.jpg" in [s.path for s in ds.samples]
+    images, info = D.load_images(ds, 32)
+    assert "eosinophil/broken.jpg" not in [s.path for s in ds.samples]
+    assert any(s["path"] == "eosinophil/broken.jpg" for s in ds.skipped)
+    assert len(images) == len(ds) == 96 and images.shape[1:] == (32, 32, 3)
+
+
+def test_scan_bad_paths(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        D.scan(tmp_path / "missing")
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        D.scan(tmp_path / "f.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        D.scan(tmp_path / "empty")
+    (tmp_path / "empty" / "a").mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        D.scan(tmp_path / "empty")
+
+
+def test_split_stratified_reproducible(synthetic_dataset):
+    ds = D.scan(synthetic_dataset)
+    s1, s2 = D.make_split(ds, seed=42), D.make_split(ds, seed=42)
+    assert s1 == s2 and D.make_split(ds, seed=1) != s1
+    labels = ds.labels
+    for split, frac in zip(D.SPLITS, D.DEFAULT_FRACTIONS):
+        idx = D.split_indices(s1, split)
+        counts = np.bincount(labels[idx], minlength=8)
+        assert counts.min() >= 1  # every class in every split
+        assert abs(len(idx) / len(ds) - frac) < 0.06
+
+
+def test_split_independent_of_listing_order(synthetic_dataset):
+    ds = D.scan(synthetic_dataset)
+    s = dict(zip([x.path for x in ds.samples], D.make_split(ds)))
+    rev = D.Dataset(ds.root, ds.classes, ds.samples[::-1])
+    s_rev = dict(zip([x.path for x in rev.samples], D.make_split(rev)))
+    assert s == s_rev
+
+
+def test_manifest_roundtrip_and_missing_files(synthetic_dataset, tmp_path):
+    ds = D.scan(synthetic_dataset)
+    splits = D.make_split(ds)
+    h = D.write_manifest(tmp_path / "split.csv", ds, splits)
+    assert len(h) == 40
+    m = D.read_manifest(tmp_path / "split.csv")
+    assert D.apply_manifest(ds, m) == splits
+    del m[ds.samples[0].path]
+    with pytest.raises(ValueError, match="not in the split manifest"):
+        D.apply_manifest(ds, m)
+
+
+def test_cache_reused_and_invalidated(synthetic_dataset, tmp_path):
+    from PIL import Image
+    cache = tmp_path / "c"
+    ds = D.scan(synthetic_dataset)
+    a, info = D.load_images(ds, 24, cache, progress=False)
+    assert info["built"]
+    ds2 = D.scan(synthetic_dataset)
+    b, info2 = D.load_images(ds2, 24, cache, progress=False)
+    assert not info2["built"] and np.array_equal(np.asarray(a), np.asarray(b))
+    # change one file's content -> new cache key -> rebuilt with the new pixels
+    p = synthetic_dataset / "basophil" / "basophil_0.png"
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(p)
+    ds3 = D.scan(synthetic_dataset)
+    c, info3 = D.load_images(ds3, 24, cache, progress=False)
+    assert info3["built"]
+    i = [s.path for s in ds3.samples].index("basophil/basophil_0.png")
+    assert c[i, :, :, 2].mean() > 250 and c[i, :, :, 0].mean() < 5
+
+
+def test_atomic_write_leaves_no_partial(tmp_path):
+    p = tmp_path / "out.json"
+    D.atomic_write_json(p, {"a": 1})
+    assert p.read_text().strip().startswith("{")
+    assert [f.name for f in tmp_path.iterdir()] == ["out.json"]
