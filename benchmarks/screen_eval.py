@@ -55,6 +55,7 @@ def main(argv=None):
     ci = np.array([index[r["path"]] for r in check])
     y = np.array([r["label"] == "multi" for r in check])
     is_random = np.array([r["note"].startswith("random") for r in check])
+    is_held = np.array([r["note"].startswith("held-out") for r in check])
     test = data.split_indices(splits, "test")
 
     need = np.union1d(ci, test)
@@ -70,10 +71,12 @@ def main(argv=None):
                       + (f" --classifier {args.classifier}" if args.classifier else ""),
            "threshold": scr.threshold, "feature_seconds_per_image": secs / len(need),
            "checkset": {"n": len(y), "multi": int(y.sum()), "single": int((~y).sum()),
-                        "random_part": {"n": int(is_random.sum()), "multi": int(y[is_random].sum())}}}
+                        "random_part": {"n": int(is_random.sum()), "multi": int(y[is_random].sum())},
+                        "held_out_part": {"n": int(is_held.sum()), "multi": int(y[is_held].sum())}}}
     flag_c = sc_c > scr.threshold
     res["checkset"]["screen"] = pr_at(y, flag_c)
     res["checkset"]["screen_random_part"] = pr_at(y[is_random], flag_c[is_random])
+    res["checkset"]["screen_held_out_part"] = pr_at(y[is_held], flag_c[is_held])
     res["checkset"]["rule_n_regions_ge_2"] = pr_at(y, fc[:, nreg] >= 2)
     per_class = {}
     for c in sorted({r["class"] for r in check}):
@@ -142,7 +145,7 @@ def main(argv=None):
 
     c = res["checkset"]
     print(f"check set: {c['n']} images ({c['multi']} multi, {c['single']} single)")
-    for name in ("screen", "screen_random_part", "rule_n_regions_ge_2"):
+    for name in ("screen", "screen_random_part", "screen_held_out_part", "rule_n_regions_ge_2"):
         m = c[name]
         print(f"  {name:<22} precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
               f"(tp {m['tp']}, fp {m['fp']}, fn {m['fn']}; singles flagged {100 * m['flagged_share_of_singles']:.1f}%)")

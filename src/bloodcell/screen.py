@@ -46,6 +46,7 @@ DEFAULT_PARAMS = {
     "max_nucleus": 0.44,      # ... if the merged region stays within this extent (x side)
     "max_lobed": 0.50,        # ... or within this when one part is a thin lobe
     "lobe_radius": 0.065,     # a part thinner than this (half-width x side) is a lobe, not a nucleus
+    "round_max": 1.35,        # area / disc of half-width below this: a round nucleus (not a lobe)
     "core_od": 0.42,          # a nucleus has dark chromatin: 90th-percentile red OD above this
                               # (polychromatic red cells and platelet clumps stay below)
     "min_speck": 0.0008,      # smaller stained pieces are ignored when grouping
@@ -120,7 +121,7 @@ def find_regions(img: np.ndarray, params: dict | None = None) -> Regions:
     speck[0] = False
     seg, _, _ = relabel_sequential(np.where(speck[seg], 0, seg))
     labels = _merge_lobes(seg, dist, p["group_radius"] * side, p["max_nucleus"] * side,
-                          p["max_lobed"] * side, p["lobe_radius"] * side)
+                          p["max_lobed"] * side, p["lobe_radius"] * side, p["round_max"])
     areas = np.bincount(labels.ravel())
     min_area = p["min_region"] * h * w
     groups = [i for i in range(1, len(areas)) if areas[i] > 0]
@@ -141,10 +142,12 @@ def find_regions(img: np.ndarray, params: dict | None = None) -> Regions:
 
 
 def _merge_lobes(seg: np.ndarray, dist: np.ndarray, gap: float, max_size: float,
-                 max_lobed: float, lobe_radius: float) -> np.ndarray:
+                 max_lobed: float, lobe_radius: float, round_max: float) -> np.ndarray:
     """Greedily merge segments closer than ``gap`` pixels while the merged group
     fits in ``max_size`` pixels (its largest extent), or in ``max_lobed`` when one
-    side is a thin lobe (thickness < ``lobe_radius``): lobes rejoin, cells do not."""
+    side is a thin lobe (thickness < ``lobe_radius``): lobes rejoin, cells do not.
+    Two whole round nuclei (area < ``round_max`` x the disc of their half-width,
+    e.g. two erythroblasts side by side) are never merged: lobes are elongated."""
     n = int(seg.max())
     if n <= 1:
         return seg
@@ -172,7 +175,9 @@ def _merge_lobes(seg: np.ndarray, dist: np.ndarray, gap: float, max_size: float,
             x = parent[x]
         return x
 
-    thick = ndi.maximum(dist, seg, index=np.arange(1, n + 1))
+    thick = np.asarray(ndi.maximum(dist, seg, index=np.arange(1, n + 1)))
+    area = np.bincount(seg.ravel(), minlength=n + 1)[1:]
+    round_nucleus = (area < round_max * np.pi * thick ** 2) & (thick >= lobe_radius)
     members = {i: [i] for i in range(n)}
     for g, a, b in sorted(gaps):
         ra, rb = find(a), find(b)
@@ -182,6 +187,9 @@ def _merge_lobes(seg: np.ndarray, dist: np.ndarray, gap: float, max_size: float,
         if len(cand) > 600:
             cand = cand[:: len(cand) // 600 + 1]
         extent = float(cdist(cand, cand).max())
+        if round_nucleus[max(members[ra], key=lambda i: area[i])] and \
+                round_nucleus[max(members[rb], key=lambda i: area[i])]:
+            continue
         lobe = min(max(thick[i] for i in members[ra]), max(thick[i] for i in members[rb])) < lobe_radius
         if extent > (max_lobed if lobe else max_size):
             continue
