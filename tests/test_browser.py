@@ -7,6 +7,7 @@ Also makes the README screenshot from synthetic cells:
 from __future__ import annotations
 
 import contextlib
+import io
 import shutil
 import socket
 import sys
@@ -192,17 +193,18 @@ def test_page_upload_correct_reload(tmp_path):
 
 
 def make_screenshot(out: Path) -> None:
-    """The README screenshot: synthetic cells only, a few corrected, viewer open."""
+    """The README screenshots: synthetic cells only, two confirmed; then one cell
+    open in the viewer with its saliency overlay (``<out>_viewer.png``)."""
     from selenium.webdriver.common.by import By
 
     from bloodcell.serve import create_app
     with tempfile.TemporaryDirectory() as td:
         td = Path(td)
-        model_dir = tiny_model(td / "model", train_steps=60)
+        model_dir = tiny_model(td / "model", train_steps=150)
         rng = np.random.default_rng(3)
         labels = rng.choice(8, size=22, p=[.02, .04, .05, .06, .25, .08, .45, .05])
         images = write_cells(td / "imgs", labels, size=128, seed=40)
-        app = create_app(model=str(model_dir), db_path=td / "lab.sqlite3", screen=None)
+        app = create_app(model=str(model_dir), db_path=td / "lab.sqlite3")  # with the screen, if any
         with live_server(app) as url, chrome(1400, 900) as driver:
             driver.get(url + "/")
             _wait(driver, lambda d: d.find_element(By.ID, "sample-select"))
@@ -216,13 +218,25 @@ def make_screenshot(out: Path) -> None:
                 driver.find_element(By.TAG_NAME, "body").send_keys("\n")  # confirm
                 driver.find_element(By.TAG_NAME, "body").send_keys("\ue00c")  # Esc
                 time.sleep(0.2)
-            driver.save_screenshot(str(out.with_name(out.stem + "_grid.png")))
+            _save_small(driver, out)
             _cards(driver)[7].click()
             driver.find_element(By.ID, "v-show-sal").click()
             _wait(driver, lambda d: d.execute_script(
                 "const i = document.getElementById('v-sal'); return i.complete && i.naturalWidth > 0"))
             time.sleep(0.3)
-            driver.save_screenshot(str(out))
+            _save_small(driver, out.with_name(out.stem + "_viewer.png"))
+
+
+def _save_small(driver, out: Path) -> None:
+    """Screenshot as a 256-colour PNG (a fraction of the size, same look)."""
+    from PIL import Image
+
+    from bloodcell.data import atomic_write_bytes
+    im = Image.open(io.BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    buf = io.BytesIO()
+    im.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE).save(buf, "PNG", optimize=True)
+    atomic_write_bytes(out, buf.getvalue())
+    out.chmod(0o644)
 
 
 if __name__ == "__main__":

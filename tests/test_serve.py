@@ -309,8 +309,8 @@ def test_model_worker_batches_concurrent_requests(model_dir):
     arrays = [synthetic_cell(i % 8, 64, seed=i) for i in range(6)]
     w = ModelWorker(clf)
     try:
-        futs = [w.submit("predict", arrays[i:i + 2], None) for i in range(0, 6, 2)]
-        got = np.concatenate([f.result(10)[0] for f in futs])
+        futs = [w.submit("predict", arrays[i:i + 2]) for i in range(0, 6, 2)]
+        got = np.concatenate([f.result(10) for f in futs])
         np.testing.assert_allclose(got, clf.predict_proba_arrays(np.stack(arrays)), atol=1e-5)
         assert w.submit("call", lambda a, b: a + b, 2, 3).result(10) == 5
         with pytest.raises(ZeroDivisionError):

@@ -94,6 +94,7 @@ class Store:
         self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
         self.lock = threading.Lock()
+        self._samples: dict[str, dict] = {}
         with self.lock:
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -110,13 +111,18 @@ class Store:
 
     # samples
     def sample_for_name(self, name: str) -> dict:
+        """The sample called ``name``, created if new (samples are never renamed or
+        deleted, so lookups are cached)."""
         with self.lock:
+            if name in self._samples:
+                return self._samples[name]
             row = self.conn.execute("SELECT * FROM samples WHERE name=?", (name,)).fetchone()
             if row is None:
                 sid = secrets.token_hex(6)
                 self.conn.execute("INSERT INTO samples VALUES (?,?,?)", (sid, name, _now()))
                 row = self.conn.execute("SELECT * FROM samples WHERE id=?", (sid,)).fetchone()
-        return dict(row)
+            self._samples[name] = dict(row)
+            return dict(row)
 
     def get_sample(self, sid: str) -> dict | None:
         rows = self._q("SELECT * FROM samples WHERE id=?", (sid,))
@@ -214,8 +220,8 @@ class ModelWorker:
     concurrent single-image predictions are run as one batch (micro-batching):
     cheaper per image, and no lock contention around the model."""
 
-    def __init__(self, clf, screen=None, max_batch: int = 32):
-        self.clf, self.screen, self.max_batch = clf, screen, max_batch
+    def __init__(self, clf, max_batch: int = 32):
+        self.clf, self.max_batch = clf, max_batch
         self.q: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._run, name="bloodcell-model", daemon=True)
         self.thread.start()
@@ -260,19 +266,15 @@ class ModelWorker:
 
     def _predict(self, jobs):
         try:
-            arrays = np.concatenate([np.stack(p[0]) for _, p, _ in jobs])
-            probs = self.clf.predict_proba_arrays(arrays)
-            scr = None
-            if self.screen is not None and all(p[1] is not None for _, p, _ in jobs):
-                scr = list(self.screen.score_arrays([a for _, p, _ in jobs for a in p[1]]))
-        except BaseException as e:  # noqa: BLE001
+            probs = self.clf.predict_proba_arrays(np.concatenate([np.stack(p[0]) for _, p, _ in jobs]))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting requests
             for _, _, fut in jobs:
                 fut.set_exception(e)
             return
         i = 0
         for _, p, fut in jobs:
             n = len(p[0])
-            fut.set_result((probs[i:i + n], scr[i:i + n] if scr is not None else None))
+            fut.set_result(probs[i:i + n])
             i += n
 
 
@@ -329,7 +331,7 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
     scr = _load_screen(screen)
     card = _model_card(clf, model_path)
     store = Store(db_path if db_path is not None else default_db_path())
-    worker = ModelWorker(clf, scr)
+    worker = ModelWorker(clf)
     limit = int(max_upload_mb * 1024 * 1024)
     request_limit = int((max_request_mb or max(200.0, 2 * max_upload_mb)) * 1024 * 1024)
     saliency_cache: OrderedDict[tuple, bytes] = OrderedDict()
@@ -348,16 +350,7 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
     app.state.store, app.state.classifier, app.state.screen, app.state.worker = store, clf, scr, worker
     _add_docs(app)
 
-    @app.middleware("http")
-    async def _limits(request: Request, call_next):
-        # refuse an over-size body before it is read (the per-file check comes after parsing)
-        cl = request.headers.get("content-length")
-        if request.method == "POST" and cl and cl.isdigit() and int(cl) > request_limit:
-            return JSONResponse({"detail": f"request of {int(cl) / 2**20:.1f} MB is over the "
-                                 f"{request_limit / 2**20:.0f} MB limit"}, status_code=413)
-        resp = await call_next(request)
-        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
-        return resp
+    app.add_middleware(_Guard, request_limit=request_limit)
 
     # ---- model
     @app.get("/api/health", tags=["service"])
@@ -372,21 +365,28 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
         return card
 
     # ---- predict
-    def _prepare(datas: list[bytes], names: list[str]):
+    def _prepare(datas: list[bytes], names: list[str], sample_name: str):
         out = []
         for data, name in zip(datas, names):
             try:
                 arr = preprocess(data, clf.image_size)
-                sarr = None
-                if scr is not None:
+                score = None
+                if scr is not None:  # numpy/scipy: scored here, in parallel, not on the model thread
                     size = int(getattr(scr, "image_size", clf.image_size))
                     sarr = arr if size == clf.image_size else preprocess(data, size)
+                    try:
+                        score = scr.score_arrays([sarr])[0]
+                    except Exception as e:  # noqa: BLE001 - an optional flag must not fail the prediction
+                        log.warning("%s: multi-cell screen failed (%s); flag omitted", name, e)
                 from PIL import Image
                 fmt = Image.open(io.BytesIO(data)).format
-                out.append((arr, sarr, _MEDIA.get(fmt), None))
+                out.append((arr, score, _MEDIA.get(fmt), None))
             except ImageError as e:
                 out.append((None, None, None, e.reason))
-        return out
+        # a sample is created only when something will be stored in it
+        if any(o[0] is not None for o in out) and not any(o[3] and "decompression bomb" in o[3] for o in out):
+            return out, store.sample_for_name(sample_name)
+        return out, {"id": None, "name": sample_name}
 
     @app.post("/api/predict", tags=["predict"])
     async def predict(files: list[UploadFile] = File(..., description="one or more images"),
@@ -406,24 +406,22 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
         for d, name in zip(datas, names):
             if len(d) > limit:
                 raise HTTPException(413, f"{name}: over the {max_upload_mb:g} MB per-file limit")
-        prepared = await run_in_threadpool(_prepare, datas, names)
+        sample_name = (sample or "").strip()[:200] or "default"
+        prepared, sample_row = await run_in_threadpool(_prepare, datas, names, sample_name)
         for (arr, _, _, err), name in zip(prepared, names):
             if err and "decompression bomb" in err:
                 raise HTTPException(422, f"{name}: {err}")
         ok = [i for i, p in enumerate(prepared) if p[0] is not None]
-        probs, scores = (np.zeros((0, len(clf.classes))), None)
+        probs = np.zeros((0, len(clf.classes)))
         if ok:
-            fut = worker.submit("predict", [prepared[i][0] for i in ok],
-                                [prepared[i][1] for i in ok] if scr is not None else None)
-            probs, scores = await asyncio.wrap_future(fut)
-        sample_row = await run_in_threadpool(store.sample_for_name, (sample or "").strip()[:200] or "default")
+            probs = await asyncio.wrap_future(worker.submit("predict", [prepared[i][0] for i in ok]))
         results: list[dict] = [{} for _ in files]
         rows = []
         ts = _now()
         for j, i in enumerate(ok):
             rec = clf.record(names[i], probs[j])
             cid = secrets.token_hex(8)
-            sc = scores[j] if scores is not None else None
+            sc = prepared[i][1]
             row = {"id": cid, "sample_id": sample_row["id"], "file_name": names[i],
                    "media_type": prepared[i][2], "image": datas[i], "created": ts,
                    "model_version": card["version"], "predicted_class": rec["class"],
@@ -445,8 +443,9 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
                 results[i] = {"file": names[i], "status": "error", "error": f"{names[i]}: {p[3]}"}
         if rows:
             await run_in_threadpool(store.add_cells, rows)
-        return {"sample_id": sample_row["id"], "sample": sample_row["name"],
-                "n_ok": len(ok), "n_errors": len(files) - len(ok), "results": results}
+        # plain JSONResponse: these are JSON-ready already, skip FastAPI's re-encoding
+        return JSONResponse({"sample_id": sample_row["id"], "sample": sample_row["name"],
+                             "n_ok": len(ok), "n_errors": len(files) - len(ok), "results": results})
 
     # ---- samples
     def _sample_or_404(sid: str) -> dict:
@@ -592,6 +591,32 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
     return app
 
 
+class _Guard:
+    """Plain ASGI middleware (cheaper than BaseHTTPMiddleware under load): refuses a
+    body whose declared size is over the request limit before reading it, and marks
+    every response nosniff (uploaded bytes are served back as images)."""
+
+    def __init__(self, app, request_limit: int):
+        self.app, self.request_limit = app, request_limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["method"] == "POST":
+            for k, v in scope["headers"]:
+                if k == b"content-length" and v.isdigit() and int(v) > self.request_limit:
+                    from fastapi.responses import JSONResponse
+                    resp = JSONResponse({"detail": f"request of {int(v) / 2**20:.1f} MB is over the "
+                                                   f"{self.request_limit / 2**20:g} MB limit"}, 413)
+                    return await resp(scope, receive, send)
+
+        async def send_nosniff(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", []), (b"x-content-type-options", b"nosniff")]}
+            await send(msg)
+        await self.app(scope, receive, send_nosniff)
+
+
 def _csv_safe(s: str) -> str:
     """Spreadsheet formula injection: a name starting with = + - @ is shown, not run."""
     return "'" + s if s[:1] in ("=", "+", "-", "@") else s
@@ -617,13 +642,22 @@ def _add_docs(app):
 
 # ------------------------------------------------------------------ CLI
 
+def default_threads() -> int:
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
 def serve(host: str = "127.0.0.1", port: int = 8000, model=None, db_path=None, max_upload_mb=20,
-          threads: int | None = None, log_level: str = "info"):
+          threads: int | None = None, log_level: str = "info", screen: Any = AUTO):
     import torch
     import uvicorn
-    # intra-op threads for the one inference thread; the rest is I/O and decoding
-    torch.set_num_threads(threads or max(1, min(4, os.cpu_count() or 1)))
-    app = create_app(model=model, db_path=db_path, max_upload_mb=max_upload_mb)
+    # Half the cores for the one inference thread, the rest for decoding and HTTP.
+    # Never more intra-op threads than free cores: on a busy 2-core box two threads
+    # made a tiny batch-1 forward 200x slower (each parallel region waits for a core).
+    torch.set_num_threads(threads or default_threads())
+    if screen not in (None, AUTO) and isinstance(screen, (str, os.PathLike)):
+        from .screen import Screen
+        screen = Screen.load(screen)
+    app = create_app(model=model, db_path=db_path, max_upload_mb=max_upload_mb, screen=screen)
     db = db_path or default_db_path()
     print(f"bloodcell lab page on http://{host}:{port}/  (API docs /docs, database {db})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
@@ -633,7 +667,9 @@ def cmd_serve(args):
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this address can see and change "
                     "the data (there is no login)", args.host)
-    serve(args.host, args.port, args.model, args.db, args.max_upload_mb, args.threads)
+    screen = None if args.no_screen else (args.screen or AUTO)
+    serve(args.host, args.port, args.model, args.db, args.max_upload_mb, args.threads, args.log_level,
+          screen)
 
 
 def add_cli(sub):
@@ -643,5 +679,9 @@ def add_cli(sub):
     p.add_argument("--model", help="run folder or model file (default: the bundled model)")
     p.add_argument("--db", help=f"SQLite database (default {default_db_path()}, or $BLOODCELL_DB)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="per-file upload limit (default 20)")
-    p.add_argument("--threads", type=int, help="torch threads for inference (default: cores, at most 4)")
+    p.add_argument("--threads", type=int, help="torch threads for inference (default: half the cores, 1 to 4)")
+    p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")
+    p.add_argument("--no-screen", action="store_true", help="no multi-cell flag")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (info logs every request)")
     p.set_defaults(func=cmd_serve)
