@@ -151,3 +151,20 @@ def test_screen_fit_cli(tmp_path):
     out = tmp_path / "s.json"
     assert main(["screen-fit", "--data", str(tmp_path / "data"), "--out", str(out), "--no-progress"]) == 0
     assert Screen.load(out).info["n_images"] == 30
+
+
+@pytest.mark.realdata
+def test_bundled_screen_on_real_check_set(real_data):
+    """The random part of the hand-labelled check set (docs/screen/checkset.csv):
+    all its multi-cell images and every 4th single-cell one, scored from the files."""
+    from pathlib import Path
+    rows = list(csv.DictReader(open(Path(__file__).resolve().parents[1] / "docs/screen/checkset.csv")))
+    rows = [r for r in rows if r["note"].startswith("random")]
+    multi = [r for r in rows if r["label"] == "multi"]
+    single = [r for r in rows if r["label"] == "single"][::4]
+    scr = Screen.load()
+    fm = [r["multi_cell"] for r in scr.score_paths([real_data / r["path"] for r in multi])]
+    fs = [r["multi_cell"] for r in scr.score_paths([real_data / r["path"] for r in single])]
+    assert len(multi) >= 10 and len(single) >= 80
+    assert sum(fm) / len(fm) >= 0.8          # recall
+    assert sum(fs) <= 2                      # single-cell images flagged

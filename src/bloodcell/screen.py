@@ -1,26 +1,30 @@
 """The multi-cell screen: flags images that hold more than one white/nucleated cell.
 
-The study's proposal, built without labels: per-image *stain features*
-(nucleus-stained pixels and the connected stained regions of white-cell size,
-with their positions relative to the image centre), then an unsupervised
-density model on those features, fitted on a dataset folder; the score of an
-image is how unlike a one-cell image it is, and a threshold turns it into a flag.
+The study's proposal, built without labels: per-image *stain features* (the
+nucleus-stained pixels and the stained regions of white-cell size, found
+relative to the image centre), then an unsupervised Gaussian mixture over the
+features of the strongest candidate second cell, fitted on a dataset folder.
+The score is the log posterior odds of the "large dark second nucleus" cluster;
+``score > threshold`` (0 = even odds) flags the image.
 
 Why optical density in the red channel: May-Grunwald-Giemsa nuclei are
 purple/blue and absorb red light strongly, while red cells, eosinophil granules
 (orange) and the background transmit it. Dividing by each image's own
 background (its brightest pixels) makes the measure robust to the pink or
-lilac casts of different slides. Platelets absorb less and are small, so they
-fall under the size limit instead of counting as cells.
+lilac casts of different slides. Platelets are small and paler, so they fall
+under the size and darkness limits instead of counting as cells.
 
-The fitted model is plain JSON (no pickle): feature means/scales and
-scikit-learn GaussianMixture parameters, rebuilt on load.
+The fitted model is plain JSON (no pickle): the mixture's weights, means and
+covariances, evaluated here with numpy. Measured in docs/screen/screen_report.md.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -186,10 +190,10 @@ def _merge_lobes(seg: np.ndarray, dist: np.ndarray, gap: float, max_size: float,
         cand = np.concatenate([pts[i] for i in members[ra] + members[rb]])
         if len(cand) > 600:
             cand = cand[:: len(cand) // 600 + 1]
-        extent = float(cdist(cand, cand).max())
         if round_nucleus[max(members[ra], key=lambda i: area[i])] and \
                 round_nucleus[max(members[rb], key=lambda i: area[i])]:
             continue
+        extent = float(cdist(cand, cand).max())
         lobe = min(max(thick[i] for i in members[ra]), max(thick[i] for i in members[rb])) < lobe_radius
         if extent > (max_lobed if lobe else max_size):
             continue
@@ -353,7 +357,6 @@ class Screen:
     def debug_image(self, src: ImageSource, out_png) -> dict:
         """Save the stain mask and regions of one image (see ``render_debug``); returns its record."""
         from .data import atomic_write_bytes
-        import io
         img = preprocess(src, self.image_size)
         r = find_regions(img, self.params)
         s = float(self.score_features(features_from_regions(r)[None])[0])
@@ -484,8 +487,6 @@ def _expand(paths):
 
 
 def cmd_screen(args):
-    import csv
-    import io
     scr = Screen.load(args.screen)
     paths = list(_expand(args.paths))
     if not paths:
@@ -511,9 +512,9 @@ def cmd_screen(args):
     flagged = sum(r["multi_cell"] for r in ok)
     print(f"{len(ok)} image(s) screened, {flagged} flagged multi-cell"
           + (f", {len(skipped)} skipped" if skipped else "")
-          + (f"; wrote {args.out}" if args.out else ""), file=__import__("sys").stderr)
+          + (f"; wrote {args.out}" if args.out else ""), file=sys.stderr)
     for r in skipped:
-        print(f"  {r['path']}: {r['status']}", file=__import__("sys").stderr)
+        print(f"  {r['path']}: {r['status']}", file=sys.stderr)
 
 
 def cmd_screen_fit(args):
