@@ -21,7 +21,7 @@ log = logging.getLogger("bloodcell")
 ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # bump when the exported graph changes: cached exports of older versions are redone
-EXPORT_VERSION = "2"
+EXPORT_VERSION = "3"
 
 
 def weights_sha1(weights_path: str | os.PathLike) -> str:
@@ -137,6 +137,12 @@ def _fold_pads_into_convs(proto) -> int:
         folded.append(pad)
     for pad in folded:
         g.node.remove(pad)
+    # the pad amounts are constants nobody reads any more: drop them (ORT warns about each)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    for n in [n for n in g.node if n.op_type == "Constant" and n.output[0] not in used]:
+        g.node.remove(n)
     return len(folded)
 
 

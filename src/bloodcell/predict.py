@@ -97,6 +97,7 @@ class Classifier:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = threads or (os.cpu_count() or 1)
         so.inter_op_num_threads = 1
+        so.log_severity_level = 3  # errors only: graph-optimiser notes are not the user's business
         # no busy-waiting between ops: the decode threads need those cycles
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
