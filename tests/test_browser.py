@@ -99,6 +99,7 @@ def chrome(width=1440, height=1000):
               "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}",
               f"--window-size={width},{height}", "--force-device-scale-factor=1"):
         opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     try:
         yield driver
@@ -118,9 +119,10 @@ def _cards(driver):
 
 
 def _diff_counts(driver) -> dict:
-    from selenium.webdriver.common.by import By
-    return {tr.get_attribute("data-class"): int(tr.find_element(By.CSS_SELECTOR, ".diff-n").text)
-            for tr in driver.find_elements(By.CSS_SELECTOR, "#diff-table tbody tr")}
+    # read in one script: the table is re-rendered on every change (no stale elements)
+    return driver.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#diff-table tbody tr')]"
+        ".map(tr => [tr.dataset.class, Number(tr.querySelector('.diff-n').textContent)]))")
 
 
 def _upload(driver, paths):
@@ -189,6 +191,9 @@ def test_page_upload_correct_reload(tmp_path):
         after = _diff_counts(driver)
         assert after[target] == before[target] + 1 and after[predicted] == before[predicted] - 1
         driver.save_screenshot(str(tmp_path / "page.png"))
+        # the page itself logged no errors (CSP violations, JS exceptions, failed loads)
+        severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe
     assert (tmp_path / "page.png").stat().st_size > 10_000
 
 

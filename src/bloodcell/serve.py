@@ -295,6 +295,7 @@ def _model_card(clf, model_path) -> dict:
     metrics = meta.get("metrics")
     if metrics is None and model_path is not None:
         p = Path(model_path)
+        # metrics.json beside the model (a run folder, or the bundled model's folder)
         cand = (p if p.is_dir() else p.parent) / "metrics.json"
         if cand.exists():
             try:
@@ -326,8 +327,10 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
 
     from .predict import Classifier
 
-    model_path = model if isinstance(model, (str, os.PathLike)) else None
+    from .predict import bundled_model_path
     clf = model if isinstance(model, Classifier) else Classifier.load(model)
+    model_path = model if isinstance(model, (str, os.PathLike)) else (
+        bundled_model_path() if model is None else None)
     scr = _load_screen(screen)
     card = _model_card(clf, model_path)
     store = Store(db_path if db_path is not None else default_db_path())
