@@ -141,6 +141,7 @@ def test_page_upload_correct_reload(tmp_path):
     import httpx
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
 
     from bloodcell.serve import create_app
     model_dir = tiny_model(tmp_path / "model")
@@ -190,6 +191,15 @@ def test_page_upload_correct_reload(tmp_path):
         assert "corrected" in card.text
         after = _diff_counts(driver)
         assert after[target] == before[target] + 1 and after[predicted] == before[predicted] - 1
+
+        # filters: by flag, then by class
+        visible = "return [...document.querySelectorAll('#grid .card')].filter(c => !c.hidden).length"
+        driver.find_element(By.CSS_SELECTOR, '#flag-filters [data-flag="corrected"]').click()
+        assert driver.execute_script(visible) == 1
+        driver.find_element(By.CSS_SELECTOR, '#flag-filters [data-flag="all"]').click()
+        assert driver.execute_script(visible) == 3
+        Select(driver.find_element(By.ID, "class-filter")).select_by_value(target)
+        assert driver.execute_script(visible) == after[target]
         driver.save_screenshot(str(tmp_path / "page.png"))
         # the page itself logged no errors (CSP violations, JS exceptions, failed loads)
         severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
