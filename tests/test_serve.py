@@ -252,7 +252,14 @@ def test_corrections_export_and_restart(model_dir, tmp_path):
         assert f"{target}/{cell['cell_id']}.png" in z.namelist() and "labels.csv" in z.namelist()
         zc = zipfile.ZipFile(io.BytesIO(
             c.get(f"/api/samples/{sid}/export.zip", params={"corrected_only": True}).content))
-        assert sorted(zc.namelist()) == sorted([f"{target}/{cell['cell_id']}.png", "labels.csv"])
+        files = [n for n in zc.namelist() if not n.endswith("/")]
+        assert sorted(files) == sorted([f"{target}/{cell['cell_id']}.png", "labels.csv"])
+        assert sorted(n[:-1] for n in zc.namelist() if n.endswith("/")) == sorted(CLASSES)
+        # the unpacked ZIP is a dataset folder that `bloodcell train` reads
+        from bloodcell.data import scan
+        z.extractall(tmp_path / "export")
+        ds = scan(tmp_path / "export")
+        assert ds.classes == CLASSES and len(ds) == 3 and not ds.skipped
 
 
 def test_csv_export_defuses_formulas(client):

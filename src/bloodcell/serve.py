@@ -497,6 +497,8 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
         buf = io.BytesIO()
         lines = ["cell_id,file_name,predicted_class,true_class,label,path"]
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+            for cls in clf.classes:  # every class folder, so the class list matches the model's
+                z.writestr(f"{cls}/", b"")
             for c in store.cells(sample_id):
                 if corrected_only and not c["corrected"]:
                     continue
