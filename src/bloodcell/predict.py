@@ -83,6 +83,8 @@ class Classifier:
         self.threads = threads
         self.onnx_path = None
         self._session = None
+        if threads and backend == "torch":
+            torch.set_num_threads(int(threads))
         if backend == "onnx":
             from .export import ensure_onnx
             if onnx_path is None and self.weights_path is None:
