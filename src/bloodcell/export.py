@@ -179,6 +179,7 @@ def export_onnx(model, meta: dict, out: str | os.PathLike, weights_sha: str = ""
     size = int(meta["image_size"])
     model = model.eval()
     x = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.export")
     try:
         with warnings.catch_warnings():  # tracer chatter about python ints in SAME padding
