@@ -118,8 +118,9 @@ class Dataset:
         return Dataset(self.root, self.classes, [self.samples[i] for i in idx], self.skipped)
 
 
-def _file_sha1(p: Path) -> str:
-    h = hashlib.sha1()
+def file_digest(p: Path, algorithm: str = "sha1") -> str:
+    """Hex digest of a file's content, read in 1 MB chunks."""
+    h = hashlib.new(algorithm)
     with open(p, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -166,7 +167,7 @@ def scan(root: str | os.PathLike, classes: list[str] | None = None) -> Dataset:
             if reason:
                 skipped.append({"path": rel, "reason": reason})
             else:
-                samples.append(Sample(rel, label, _file_sha1(p)))
+                samples.append(Sample(rel, label, file_digest(p)))
     if not samples:
         raise ValueError(f"{root}: no image files found in its class folders")
     ds = Dataset(root, list(classes), samples, skipped)
@@ -227,7 +228,7 @@ def read_manifest(path: Path) -> dict[str, tuple[str, str]]:
 
 
 def manifest_sha1(path: Path) -> str:
-    return _file_sha1(Path(path))
+    return file_digest(Path(path))
 
 
 def apply_manifest(ds: Dataset, manifest: dict[str, tuple[str, str]]) -> list[str]:

@@ -43,11 +43,8 @@ def download(url: str, dest: Path, progress: bool = True, timeout: float = 60) -
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from .data import file_digest
+    return file_digest(path, "sha256")
 
 
 def _safe_target(root: Path, name: str) -> Path:
