@@ -139,7 +139,10 @@ def preprocess(src: ImageSource, size: int) -> np.ndarray:
 
 def to_tensor(batch: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in 0..255, channels_last memory."""
-    t = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
+    a = np.ascontiguousarray(batch)
+    if not a.flags.writeable:  # a read-only memory map: torch wants writable memory
+        a = a.copy()
+    t = torch.from_numpy(a).permute(0, 3, 1, 2).float()
     return t.contiguous(memory_format=torch.channels_last)
 
 
