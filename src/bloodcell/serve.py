@@ -461,11 +461,13 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
                              "n_ok": len(ok), "n_errors": len(files) - len(ok), "results": results})
 
     # ---- samples
+    def _found(row, kind: str, key: str) -> dict:
+        if row is None:
+            raise HTTPException(404, f"unknown {kind} {key!r}")
+        return row
+
     def _sample_or_404(sid: str) -> dict:
-        s = store.get_sample(sid)
-        if s is None:
-            raise HTTPException(404, f"unknown sample {sid!r}")
-        return s
+        return _found(store.get_sample(sid), "sample", sid)
 
     @app.get("/api/samples", tags=["samples"])
     def samples():
@@ -527,10 +529,7 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
 
     # ---- cells
     def _cell_or_404(cid: str) -> dict:
-        c = store.cell(cid)
-        if c is None:
-            raise HTTPException(404, f"unknown cell {cid!r}")
-        return c
+        return _found(store.cell(cid), "cell", cid)
 
     @app.get("/api/cells/{cell_id}", tags=["cells"])
     def cell(cell_id: str):
