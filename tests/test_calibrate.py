@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import CLASSES, synthetic_cell
+from conftest import synthetic_cell
 
 from bloodcell import calibrate as C
 from bloodcell import predict as P

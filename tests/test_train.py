@@ -5,9 +5,7 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-import torch
 
 from bloodcell.evaluate import evaluate
 from bloodcell.models import load_model

@@ -114,9 +114,6 @@ class Dataset:
         counts = np.bincount(self.labels, minlength=len(self.classes))
         return {c: int(n) for c, n in zip(self.classes, counts)}
 
-    def subset(self, idx) -> "Dataset":
-        return Dataset(self.root, self.classes, [self.samples[i] for i in idx], self.skipped)
-
 
 def file_digest(p: Path, algorithm: str = "sha1") -> str:
     """Hex digest of a file's content, read in 1 MB chunks."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from pathlib import Path
 
@@ -137,6 +136,3 @@ def print_report(m: dict) -> None:
         for s in m["skipped"]:
             print(f"  {s['path']}: {s['reason']}")
 
-
-def dumps(m: dict) -> str:
-    return json.dumps(public(m), indent=2)

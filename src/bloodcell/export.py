@@ -254,7 +254,7 @@ def ensure_onnx(weights_path: str | os.PathLike, model, meta: dict,
     raise OSError(f"could not write an ONNX export for {weights_path} anywhere")
 
 
-def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calib: "np.ndarray",
+def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calib,
                   batch: int = 32) -> Path:
     """Static int8 quantisation (QDQ, per-channel weights) calibrated on ``calib``, uint8
     images as the model takes them. 7-bit weights (reduce_range): on AVX2 without VNNI

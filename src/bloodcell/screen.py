@@ -284,7 +284,6 @@ class Screen:
             cache_dir=None, progress: bool = True) -> "Screen":
         """Fit on a dataset folder (class sub-folders or a flat folder of images;
         labels, if any, are ignored) or on an array of preprocessed images."""
-        from sklearn.mixture import GaussianMixture
         if isinstance(data, np.ndarray):
             images, source = data, f"{len(data)} arrays"
         else:

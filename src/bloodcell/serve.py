@@ -320,7 +320,7 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
     """The FastAPI app. ``model``: a ``predict.Classifier``, a model path, or None
     for the bundled model. ``screen``: a multi-cell ``Screen``, None for none, or
     AUTO to use the installed one when present."""
-    from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+    from fastapi import FastAPI, File, Form, HTTPException, UploadFile
     from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
     from pydantic import BaseModel
