@@ -8,7 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bloodcell.screen import FEATURE_NAMES, Screen, find_regions, image_features
+from scipy import ndimage as ndi
+
+from bloodcell.screen import (FEATURE_NAMES, Screen, _disk, _stained_segments, find_regions,
+                              image_features, optical_density, red_optical_density)
 
 SIZE = 128
 
@@ -49,6 +52,28 @@ def test_features_one_vs_two_cells():
     assert feat(TWO, "second_share") > 0.02
     # red cells are not stain: one nucleus of radius 14 is ~3.8% of the image
     assert 0.02 < feat(ONE, "stain_share") < 0.06
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_paths_equal_the_whole_image_computation(seed):
+    """The screen's speed-ups (red-channel lookup table, work on the stain's bounding
+    box) must give exactly what the plain whole-image operations give, including
+    blobs cut by the image edge, holes and isolated specks."""
+    rng = np.random.default_rng(seed)
+    img = slide([(rng.uniform(0, SIZE), rng.uniform(0, SIZE), rng.uniform(4, 16)) for _ in range(3)],
+                seed=seed, platelets=[tuple(rng.uniform(0, SIZE, 2)) for _ in range(2)])
+    if seed == 0:
+        img[:, :6] = (60, 40, 120)   # stain along the whole left edge
+        img[60:64, 60:64] = 250      # a hole inside stain
+    assert np.array_equal(red_optical_density(img), optical_density(img)[..., 0])
+    raw = red_optical_density(img) > 0.25
+    mask, dist, seg = _stained_segments(raw, 1)
+    ref = ndi.binary_fill_holes(ndi.binary_opening(raw, _disk(1)))
+    assert np.array_equal(mask, ref)
+    assert np.array_equal(dist, ndi.distance_transform_edt(ref))
+    assert np.array_equal(seg, ndi.label(ref)[0])
+    empty = _stained_segments(np.zeros((8, 8), bool), 1)
+    assert not empty[0].any() and not empty[2].any()
 
 
 def test_lobes_are_one_cell_and_platelets_are_no_cell():

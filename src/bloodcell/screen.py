@@ -82,6 +82,16 @@ def optical_density(img: np.ndarray) -> np.ndarray:
     return np.log10(bg / np.maximum(a, 1.0)).clip(0, None)
 
 
+def red_optical_density(img: np.ndarray) -> np.ndarray:
+    """``optical_density(img)[..., 0]``, bit for bit, at a fraction of the cost: the
+    screen only needs the red channel, and a uint8 channel has 256 values, so the
+    logarithm is a 256-entry lookup table (this runs on every served image)."""
+    red = np.ascontiguousarray(img[..., 0])
+    bg = np.maximum(np.percentile(red.astype(np.float32), 99), 120.0)
+    lut = np.log10(np.float32(bg) / np.maximum(np.arange(256, dtype=np.float32), 1.0)).clip(0, None)
+    return lut[red]
+
+
 def _disk(r: int) -> np.ndarray:
     y, x = np.mgrid[-r:r + 1, -r:r + 1]
     return x * x + y * y <= r * r
@@ -108,28 +118,26 @@ def find_regions(img: np.ndarray, params: dict | None = None) -> Regions:
     blobs: those are merged again when close, as long as the merged region stays
     within one nucleus' size. (A watershed split of touching blobs was tried: it
     cut more single large nuclei than it separated cells.)"""
-    from skimage.segmentation import relabel_sequential
     p = {**DEFAULT_PARAMS, **(params or {})}
     h, w = img.shape[:2]
     side = max(h, w)
-    od = optical_density(img)[..., 0]
-    mask = od > p["nucleus_od"]
-    if p["open_radius"]:
-        mask = ndi.binary_opening(mask, _disk(int(p["open_radius"])))
-    mask = ndi.binary_fill_holes(mask)
-    dist = ndi.distance_transform_edt(mask)
-    seg, _ = ndi.label(mask)
-    # specks (granules, platelet fragments) never join into a "cell"
-    seg_areas = np.bincount(seg.ravel())
-    speck = seg_areas < p["min_speck"] * h * w
-    speck[0] = False
-    seg, _, _ = relabel_sequential(np.where(speck[seg], 0, seg))
+    od = red_optical_density(img)
+    mask, dist, seg = _stained_segments(od > p["nucleus_od"], int(p["open_radius"]))
+    # specks (granules, platelet fragments) never join into a "cell"; the others
+    # are renumbered 1..n in their order
+    keep = np.bincount(seg.ravel()) >= p["min_speck"] * h * w
+    keep[0] = False
+    renumber = np.zeros(len(keep), np.int32)
+    renumber[keep] = np.arange(1, int(keep.sum()) + 1)
+    seg = renumber[seg]
     labels = _merge_lobes(seg, dist, p["group_radius"] * side, p["max_nucleus"] * side,
                           p["max_lobed"] * side, p["lobe_radius"] * side, p["round_max"])
     areas = np.bincount(labels.ravel())
     min_area = p["min_region"] * h * w
     groups = [i for i in range(1, len(areas)) if areas[i] > 0]
-    core = {i: float(np.percentile(od[labels == i], 90)) for i in groups}
+    stained = labels > 0
+    lab_px, od_px = labels[stained], od[stained]
+    core = {i: float(np.percentile(od_px[lab_px == i], 90)) for i in groups}
     sized = [i for i in groups if areas[i] >= min_area]
     main = 0
     if sized:
@@ -145,6 +153,30 @@ def find_regions(img: np.ndarray, params: dict | None = None) -> Regions:
     return Regions(mask, labels, big, main, od, dist, groups, core)
 
 
+def _stained_segments(raw: np.ndarray, open_radius: int):
+    """Opening, hole filling, the distance to the mask edge and the connected
+    segments, computed on the stained pixels' bounding box (plus a background
+    margin) only: the stain covers a fifth of a typical image, and the results are
+    the same as on the whole image (the margin is background all round, where the
+    image does not end first; segments keep their raster-order numbers)."""
+    mask = np.zeros_like(raw)
+    dist = np.zeros(raw.shape)
+    seg = np.zeros(raw.shape, np.int32)
+    rows, cols = np.flatnonzero(raw.any(1)), np.flatnonzero(raw.any(0))
+    if len(rows) == 0:
+        return mask, dist, seg
+    m = open_radius + 2
+    box = (slice(max(rows[0] - m, 0), rows[-1] + m + 1), slice(max(cols[0] - m, 0), cols[-1] + m + 1))
+    sub = raw[box]
+    if open_radius:
+        sub = ndi.binary_opening(sub, _disk(open_radius))
+    sub = ndi.binary_fill_holes(sub)
+    mask[box] = sub
+    dist[box] = ndi.distance_transform_edt(sub)
+    seg[box] = ndi.label(sub)[0]
+    return mask, dist, seg
+
+
 def _merge_lobes(seg: np.ndarray, dist: np.ndarray, gap: float, max_size: float,
                  max_lobed: float, lobe_radius: float, round_max: float) -> np.ndarray:
     """Greedily merge segments closer than ``gap`` pixels while the merged group
@@ -157,13 +189,16 @@ def _merge_lobes(seg: np.ndarray, dist: np.ndarray, gap: float, max_size: float,
         return seg
     from scipy.spatial.distance import cdist
     # outline points per segment (cheap stand-in for all pixels)
-    pts = []
-    for i in range(1, n + 1):
-        m = seg == i
-        yy, xx = np.nonzero(m & ~ndi.binary_erosion(m))
-        if len(yy) == 0:
-            yy, xx = np.nonzero(m)
-        pts.append(np.c_[yy, xx].astype(np.float32))
+    # One erosion for all segments: they are 4-connected components, so each pixel's
+    # 4-neighbours lie in its own segment or the background; the outline of segment i
+    # is then its pixels on the outline of the whole mask (row-major order kept).
+    fg = seg > 0
+    yy, xx = np.nonzero(fg & ~ndi.binary_erosion(fg))
+    lab = seg[yy, xx]
+    order = np.argsort(lab, kind="stable")
+    bounds = np.searchsorted(lab[order], np.arange(1, n + 2))
+    pts = [np.c_[yy[order[bounds[i]:bounds[i + 1]]], xx[order[bounds[i]:bounds[i + 1]]]]
+           .astype(np.float32) for i in range(n)]
     gaps = []
     for a in range(n):
         for b in range(a + 1, n):
@@ -179,7 +214,9 @@ def _merge_lobes(seg: np.ndarray, dist: np.ndarray, gap: float, max_size: float,
             x = parent[x]
         return x
 
-    thick = np.asarray(ndi.maximum(dist, seg, index=np.arange(1, n + 1)))
+    thick = np.zeros(n + 1)
+    np.maximum.at(thick, seg[fg], dist[fg])
+    thick = thick[1:]
     area = np.bincount(seg.ravel(), minlength=n + 1)[1:]
     round_nucleus = (area < round_max * np.pi * thick ** 2) & (thick >= lobe_radius)
     members = {i: [i] for i in range(n)}

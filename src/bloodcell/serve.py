@@ -326,9 +326,7 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
     from pydantic import BaseModel
     from starlette.concurrency import run_in_threadpool
 
-    from .predict import Classifier
-
-    from .predict import bundled_model_path
+    from .predict import Classifier, bundled_model_path
     if isinstance(model, Classifier):
         clf = model
     else:
@@ -338,7 +336,8 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
             if backend == "torch":
                 raise
             log.warning("ONNX backend unavailable (%s); serving with torch", e)
-            clf = Classifier.load(model, backend="torch", screen=None, threads=threads)
+            clf = Classifier.load(model, backend="torch", screen=None,
+                                  threads=min(threads or 1, default_threads("torch")))
     model_path = model if isinstance(model, (str, os.PathLike)) else (
         bundled_model_path() if model is None else None)
     scr = _load_screen(screen)
@@ -656,8 +655,14 @@ def _add_docs(app):
 
 # ------------------------------------------------------------------ CLI
 
-def default_threads() -> int:
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
+def default_threads(backend: str = "onnx") -> int:
+    """Inference threads. ONNX Runtime (spinning off) uses every core and yields them
+    to decoding and HTTP between batches: on 2 cores, 50 clients got p95 400 ms with
+    two threads vs 480-570 ms with one (benchmarks/serve_load.py). PyTorch's OpenMP
+    threads wait for a core on a busy box (a tiny batch-1 forward ran 200x slower
+    with two threads on 2 cores), so torch gets half the cores."""
+    cores = os.cpu_count() or 2
+    return max(1, min(4, cores if backend == "onnx" else cores // 2))
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, model=None, db_path=None, max_upload_mb=20,
@@ -665,15 +670,13 @@ def serve(host: str = "127.0.0.1", port: int = 8000, model=None, db_path=None, m
           backend: str = "onnx"):
     import torch
     import uvicorn
-    # Half the cores for the one inference thread, the rest for decoding and HTTP.
-    # Never more intra-op threads than free cores: on a busy 2-core box two threads
-    # made a tiny batch-1 forward 200x slower (each parallel region waits for a core).
-    torch.set_num_threads(threads or default_threads())
+    threads = threads or default_threads(backend)
+    torch.set_num_threads(threads if backend == "torch" else default_threads("torch"))
     if screen not in (None, AUTO) and isinstance(screen, (str, os.PathLike)):
         from .screen import Screen
         screen = Screen.load(screen)
     app = create_app(model=model, db_path=db_path, max_upload_mb=max_upload_mb, screen=screen,
-                     backend=backend, threads=threads or default_threads())
+                     backend=backend, threads=threads)
     db = db_path or default_db_path()
     print(f"bloodcell lab page on http://{host}:{port}/  (API docs /docs, database {db})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
@@ -695,7 +698,7 @@ def add_cli(sub):
     p.add_argument("--model", help="run folder or model file (default: the bundled model)")
     p.add_argument("--db", help=f"SQLite database (default {default_db_path()}, or $BLOODCELL_DB)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="per-file upload limit (default 20)")
-    p.add_argument("--threads", type=int, help="torch threads for inference (default: half the cores, 1 to 4)")
+    p.add_argument("--threads", type=int, help="inference threads (default: onnx every core, torch half the cores; 1 to 4)")
     p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")
     p.add_argument("--no-screen", action="store_true", help="no multi-cell flag")
     p.add_argument("--backend", default="onnx", choices=["onnx", "torch"],

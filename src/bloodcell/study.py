@@ -155,10 +155,16 @@ def prepare_split(cfg: StudyConfig, out: Path) -> tuple[Path, D.Dataset, dict]:
 
 # ----------------------------------------------------------------------------- train
 
-def _check_compatible(run: Path, split_sha1: str, size: int):
+def _check_compatible(run: Path, split_sha1: str, size: int, model: str):
     """A finished run from other settings would make the comparison meaningless."""
+    from .models import get_spec
     meta = json.loads((run / "model.json").read_text())
     problems = []
+    recipe = get_spec(model).defaults
+    for key in ("schedule", "lr", "optimizer"):
+        was = meta.get("train_args", {}).get(key)
+        if key in recipe and was is not None and was != recipe[key]:
+            problems.append(f"its {key} was {was}, the recipe's is now {recipe[key]}")
     if meta.get("split_manifest_sha1") and meta["split_manifest_sha1"] != split_sha1:
         problems.append("it was trained on a different split")
     if meta.get("image_size") != size:
@@ -173,7 +179,7 @@ def train_generation(cfg: StudyConfig, model: str, split_file: Path, split_sha1:
     run = Path(cfg.out) / "runs" / model
     size = image_size_for(cfg, model)
     if run_finished(run):
-        _check_compatible(run, split_sha1, size)
+        _check_compatible(run, split_sha1, size, model)
         log.info("study: %s already trained (%s): skipping", model, run)
         return {"status": "skipped (finished earlier)", "finished": True}
     resume = (run / "checkpoint" / "last.json").exists()

@@ -112,7 +112,8 @@ def open_image(src: ImageSource, draft_size: int | None = None) -> Image.Image:
             raise ImageError(name, f"image too large ({im.width}x{im.height} pixels, limit {MAX_PIXELS:,})")
         if im.width < 8 or im.height < 8:
             raise ImageError(name, f"image too small ({im.width}x{im.height} pixels, need at least 8x8)")
-        im = ImageOps.exif_transpose(im)
+        if im.getexif().get(0x0112, 1) != 1:  # rotated by the camera (exif_transpose copies always)
+            im = ImageOps.exif_transpose(im)
         return _to_rgb(im)
     except ImageError:
         raise
