@@ -1,12 +1,17 @@
-"""Test-time augmentation on the validation split: does averaging the softmax over
-flipped/rotated views help a saved model?
+"""Test-time augmentation and two-model cascades on the validation split: does
+averaging the softmax over flipped/rotated views, or over a second model, help?
 
-    BLOODCELL_CACHE=... .venv/bin/python benchmarks/tta_val.py [RUN_DIR] [--data DIR]
+    BLOODCELL_CACHE=... .venv/bin/python benchmarks/tta_val.py [RUN_DIR] [--second RUN_DIR]
 
-Prints the val accuracy of each of the 8 dihedral views alone, then of the mean
-over 4 views (identity, h-flip, v-flip, 180 deg) and over all 8.
+Prints the val accuracy of each of the 8 dihedral views alone, the mean over 4
+views (identity, h-flip, v-flip, 180 deg) and over all 8, and the *selective*
+variants that spend the extra views (or the second model) only on the images the
+first model is unsure of (top probability below a cut-off), with the share of
+images that pay the extra cost. Probabilities are cached next to each run
+(val_views.npz), so a re-run with another --second is quick.
 """
 import argparse
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,31 +20,81 @@ from bloodcell import data as D
 from bloodcell.models import load_model
 from bloodcell.transforms import to_tensor
 
+VIEWS = ["identity", "h-flip", "v-flip", "rot180", "rot90", "rot270", "transpose", "anti-transpose"]
+
+
+def dihedral(x: np.ndarray, name: str) -> np.ndarray:
+    return {"identity": x, "h-flip": x[:, :, ::-1], "v-flip": x[:, ::-1], "rot180": x[:, ::-1, ::-1],
+            "rot90": np.rot90(x, 1, (1, 2)), "rot270": np.rot90(x, 3, (1, 2)),
+            "transpose": x.transpose(0, 2, 1, 3),
+            "anti-transpose": x[:, ::-1, ::-1].transpose(0, 2, 1, 3)}[name]
+
+
+def val_view_probs(run: str, data: str):
+    """(probabilities per view [8, N, C], labels [N], split manifest sha1) on val."""
+    cache = Path(run) / "val_views.npz"
+    sha = D.manifest_sha1(Path(run) / "split.csv")
+    if cache.exists():
+        z = np.load(cache)
+        if str(z["split_sha1"]) == sha:
+            return z["probs"], z["labels"], sha
+    model, meta = load_model(run)
+    ds = D.scan(data, classes=meta["classes"])
+    images, _ = D.load_images(ds, meta["image_size"], progress=False)
+    splits = D.apply_manifest(ds, D.read_manifest(Path(run) / "split.csv"))
+    va = D.split_indices(splits, "val")
+    x, y = np.asarray(images[va]), ds.labels[va]
+    out = []
+    with torch.inference_mode():
+        for name in VIEWS:
+            v = dihedral(x, name)
+            out.append(np.concatenate([torch.softmax(model(to_tensor(np.ascontiguousarray(v[i:i + 128]))), 1)
+                                       .numpy() for i in range(0, len(v), 128)]))
+            print(f"  {run}: {name} done", flush=True)
+    probs = np.stack(out)
+    np.savez(cache, probs=probs, labels=y, split_sha1=sha)
+    return probs, y, sha
+
+
+def selective(base: np.ndarray, better: np.ndarray, y: np.ndarray, cut: float):
+    """Use `better` where the base's top probability is below `cut`."""
+    unsure = base.max(1) < cut
+    p = np.where(unsure[:, None], better, base)
+    return (p.argmax(1) == y).mean(), unsure.mean()
+
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("run", nargs="?", default="runs/recipe-s42")
+    ap.add_argument("--second", help="a second run (same split) for ensembles and cascades")
     ap.add_argument("--data", default=str(D.default_data_dir() or "../shared/data/pbc"))
+    ap.add_argument("--cuts", default="0.6,0.7,0.8,0.9,0.95")
     a = ap.parse_args()
-    model, meta = load_model(a.run)
-    ds = D.scan(a.data, classes=meta["classes"])
-    images, _ = D.load_images(ds, meta["image_size"], progress=False)
-    splits = D.apply_manifest(ds, D.read_manifest(f"{a.run}/split.csv"))
-    va = D.split_indices(splits, "val")
-    x, y = np.asarray(images[va]), ds.labels[va]
-    views = {"identity": x, "h-flip": x[:, :, ::-1], "v-flip": x[:, ::-1], "rot180": x[:, ::-1, ::-1],
-             "rot90": np.rot90(x, 1, (1, 2)), "rot270": np.rot90(x, 3, (1, 2)),
-             "transpose": x.transpose(0, 2, 1, 3), "anti-transpose": x[:, ::-1, ::-1].transpose(0, 2, 1, 3)}
-    probs = {}
-    with torch.inference_mode():
-        for name, v in views.items():
-            p = np.concatenate([torch.softmax(model(to_tensor(np.ascontiguousarray(v[i:i + 128]))), 1).numpy()
-                                for i in range(0, len(v), 128)])
-            probs[name] = p
-            print(f"{name:<15} val accuracy {(p.argmax(1) == y).mean():.4f}", flush=True)
-    for keys in (list(views)[:4], list(views)):
-        p = np.mean([probs[k] for k in keys], axis=0)
-        print(f"mean of {len(keys)} views  val accuracy {(p.argmax(1) == y).mean():.4f}")
+    cuts = [float(c) for c in a.cuts.split(",")]
+    probs, y, sha = val_view_probs(a.run, a.data)
+    acc = lambda p: (p.argmax(1) == y).mean()  # noqa: E731
+    for name, p in zip(VIEWS, probs):
+        print(f"{name:<15} val accuracy {acc(p):.4f}")
+    base, tta4, tta8 = probs[0], probs[:4].mean(0), probs.mean(0)
+    print(f"mean of 4 views  val accuracy {acc(tta4):.4f}\nmean of 8 views  val accuracy {acc(tta8):.4f}")
+    print("\nselective TTA (extra views only below the cut-off; raw softmax of the first model)")
+    print("cut-off  share re-run  acc 4 views  acc 8 views")
+    for c in cuts:
+        a4, share = selective(base, tta4, y, c)
+        a8, _ = selective(base, tta8, y, c)
+        print(f"{c:7.2f}  {share:12.3f}  {a4:11.4f}  {a8:11.4f}")
+    if a.second:
+        p2, y2, sha2 = val_view_probs(a.second, a.data)
+        if sha2 != sha or not np.array_equal(y, y2):
+            raise SystemExit(f"{a.second} was trained on another split than {a.run}")
+        print(f"\nsecond model {a.second}: alone {acc(p2[0]):.4f}, 8 views {acc(p2.mean(0)):.4f}")
+        print(f"ensemble (mean of both, 1 view each) {acc((base + p2[0]) / 2):.4f}; "
+              f"both with 8 views {acc((tta8 + p2.mean(0)) / 2):.4f}")
+        print("cascade: the first model, then both (1 / 4 / 8 views each) below the cut-off")
+        print("cut-off  share re-run  acc 1 view  acc 4 views  acc 8 views")
+        for c in cuts:
+            r = [selective(base, (probs[:k].mean(0) + p2[:k].mean(0)) / 2, y, c) for k in (1, 4, 8)]
+            print(f"{c:7.2f}  {r[0][1]:12.3f}  {r[0][0]:10.4f}  {r[1][0]:11.4f}  {r[2][0]:11.4f}")
 
 
 if __name__ == "__main__":

@@ -117,3 +117,24 @@ def test_int8_quantisation_runs_and_mostly_agrees(model_dir, tmp_path):
     p8 = P.Classifier.load(model_dir, backend="onnx", onnx_path=q, screen=None).predict_proba_arrays(x)
     assert p8.shape == p32.shape and np.allclose(p8.sum(1), 1, atol=1e-5)
     assert (p8.argmax(1) == p32.argmax(1)).mean() >= 0.75
+
+
+def test_int8_backend_finds_its_file_and_refuses_stale_ones(model_dir, tmp_path):
+    from bloodcell.models import resolve_model_path
+    weights, _ = resolve_model_path(model_dir)
+    with pytest.raises(FileNotFoundError, match="export --format onnx-int8"):
+        P.Classifier.load(model_dir, backend="onnx-int8", screen=None)
+    fp32 = E.export(model_dir, out=tmp_path / "m.onnx")
+    calib = np.stack([synthetic_cell(k % 8, seed=100 + k) for k in range(16)])
+    q = E.quantize_int8(fp32, E.default_int8_path(weights), calib)
+    # the quantised file keeps the float export's provenance
+    assert E.onnx_metadata(q)["bloodcell_weights_sha1"] == E.weights_sha1(weights)
+    clf = P.Classifier.load(model_dir, backend="onnx-int8", screen=None)
+    assert clf.onnx_path == q
+    rec = clf.predict([synthetic_cell(2, seed=5)])[0]
+    assert rec["status"] == "ok" and abs(sum(rec["probabilities"].values()) - 1) < 1e-5
+    other = make_model(tmp_path / "other", gain=3.0)
+    ow, _ = resolve_model_path(other)
+    E.default_int8_path(ow).write_bytes(q.read_bytes())  # an int8 file of other weights
+    with pytest.raises(ValueError, match="other weights"):
+        P.Classifier.load(other, backend="onnx-int8", screen=None)

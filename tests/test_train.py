@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from bloodcell.evaluate import evaluate
@@ -36,6 +37,9 @@ def test_train_learns_synthetic_and_writes_run(synthetic_dataset, tmp_path):
     keys = json.loads((tmp_path / "ev" / "metrics.json").read_text()).keys()
     assert set(keys) == {"accuracy", "macro_f1", "n_images", "classes", "per_class",
                          "confusion_matrix", "skipped"}
+    # evaluating through ONNX Runtime (what `bloodcell predict` runs) gives the same answers
+    mo = evaluate(run, synthetic_dataset, split="val", progress=False, backend="onnx")
+    assert mo["backend"] == "onnx" and np.abs(mo["_probs"] - m["_probs"]).max() < 1e-4
 
 
 def test_same_seed_same_result(synthetic_dataset, tmp_path):

@@ -183,6 +183,7 @@ def cmd_calibrate(args):
 
 
 def add_cli(sub):
+    from .predict import BACKENDS
     p = sub.add_parser("calibrate", help="fit temperature + review threshold on val; store in model.json")
     p.add_argument("--model", required=True, help="run folder or model file")
     p.add_argument("--data", help="dataset folder (default: ../shared/data/pbc)")
@@ -191,7 +192,7 @@ def add_cli(sub):
     p.add_argument("--target", type=float, default=DEFAULT_TARGET_ACCURACY,
                    help="accuracy wanted on the images not flagged for review (default 0.998)")
     p.add_argument("--cache-dir")
-    p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
+    p.add_argument("--backend", choices=BACKENDS, default="onnx")
     p.add_argument("--dry-run", action="store_true", help="report only; leave model.json unchanged")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_calibrate)

@@ -82,7 +82,7 @@ def cmd_evaluate(args):
     from .evaluate import evaluate, print_report
     m = evaluate(args.model, data_or_default(args.data), split=args.split, out=args.out,
                  split_file=args.split_file, batch_size=args.batch_size, cache_dir=args.cache_dir,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, backend=args.backend)
     print_report(m)
     if args.out:
         print(f"wrote {args.out}/metrics.json and predictions.csv")
@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-file")
     p.add_argument("--out", help="folder for metrics.json and predictions.csv")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--backend", default="torch", choices=("torch", "onnx", "onnx-int8"),
+                   help="inference engine (default torch; onnx-int8 needs `bloodcell export --format onnx-int8`)")
     p.add_argument("--cache-dir")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)

@@ -73,8 +73,10 @@ def resolve_split(meta: dict, model_path: Path | None, split_file: str | None):
 
 
 def evaluate(model_path=None, data=None, split: str = "test", out=None, split_file=None,
-             batch_size: int = 128, cache_dir=None, progress: bool = True, temperature=None) -> dict:
-    """Evaluate a saved model (run dir / file; None = bundled) on ``split`` of ``data``."""
+             batch_size: int = 128, cache_dir=None, progress: bool = True, temperature=None,
+             backend: str = "torch") -> dict:
+    """Evaluate a saved model (run dir / file; None = bundled) on ``split`` of ``data``,
+    through ``backend`` (torch, onnx or onnx-int8: what `bloodcell predict` would run)."""
     import torch
 
     from .models import load_model
@@ -95,20 +97,28 @@ def evaluate(model_path=None, data=None, split: str = "test", out=None, split_fi
     if len(idx) == 0:
         raise ValueError(f"no images in split {split!r} of {data}")
     t = meta.get("temperature", 1.0) if temperature is None else temperature
-    probs = predict_proba_arrays(model, images[idx], batch_size=batch_size, temperature=t,
-                                 progress=progress)
+    if backend == "torch":
+        probs = predict_proba_arrays(model, images[idx], batch_size=batch_size, temperature=t,
+                                     progress=progress)
+    else:
+        from .predict import Classifier, softmax
+        clf = Classifier.load(model_path, backend=backend, screen=None)
+        logits = np.concatenate([clf.predict_logits_arrays(np.asarray(images[idx[i:i + batch_size]]))
+                                 for i in range(0, len(idx), batch_size)])
+        probs = softmax(logits / t)
     y = ds.labels[idx]
     m = compute_metrics(y, probs, meta["classes"])
     m["skipped"] = ds.skipped
     m["split"] = split
     m["model"] = str(model_path)
+    m["backend"] = backend
     m["data"] = str(ds.root)
     if out:
         out = Path(out)
         D.atomic_write_json(out / "metrics.json", {k: m[k] for k in METRICS_KEYS})
         D.atomic_write_json(out / "evaluation.json", {
             k: m[k] for k in ("accuracy", "accuracy_ci95", "macro_f1", "n_images", "split",
-                              "model", "data")})
+                              "model", "backend", "data")})
         write_predictions(out / "predictions.csv", [ds.samples[i].path for i in idx],
                           [meta["classes"][i] for i in y], probs, meta["classes"])
     m["_probs"], m["_y"], m["_paths"] = probs, y, [ds.samples[i].path for i in idx]

@@ -254,6 +254,22 @@ def ensure_onnx(weights_path: str | os.PathLike, model, meta: dict,
     raise OSError(f"could not write an ONNX export for {weights_path} anywhere")
 
 
+def default_int8_path(weights_path: Path) -> Path:
+    return Path(weights_path).with_suffix(".int8.onnx")
+
+
+def find_int8(weights_path: str | os.PathLike) -> Path:
+    """The int8 ONNX file made for these weights (``bloodcell export --format onnx-int8``).
+    Unlike the float export it cannot be made on the fly: it needs calibration images."""
+    p = default_int8_path(Path(weights_path))
+    hint = f"make it with `bloodcell export --format onnx-int8 --model {weights_path} --data DATA`"
+    if not p.exists():
+        raise FileNotFoundError(f"no int8 model next to {weights_path} ({p}); {hint}")
+    if onnx_metadata(p).get("bloodcell_weights_sha1") != weights_sha1(weights_path):
+        raise ValueError(f"{p} was made from other weights than {weights_path}; {hint}")
+    return p
+
+
 def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calib,
                   batch: int = 32) -> Path:
     """Static int8 quantisation (QDQ, per-channel weights) calibrated on ``calib``, uint8
@@ -276,7 +292,13 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calib,
         quantize_static(str(fp32_onnx), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8)
-        atomic_write_bytes(out, tmp.read_bytes())
+        import onnx
+        proto = onnx.load(str(tmp))
+        del proto.metadata_props[:]  # keep the float export's provenance (weights sha1, classes...)
+        for k, v in onnx_metadata(fp32_onnx).items():
+            p = proto.metadata_props.add()
+            p.key, p.value = k, v
+        atomic_write_bytes(out, proto.SerializeToString())
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -29,7 +29,7 @@ log = logging.getLogger("bloodcell")
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 DEFAULT_REVIEW_THRESHOLD = 0.9
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "onnx-int8")  # onnx-int8: a quantised file made by `bloodcell export`
 JOURNAL_VERSION = 1
 
 
@@ -85,11 +85,14 @@ class Classifier:
         self._session = None
         if threads and backend == "torch":
             torch.set_num_threads(int(threads))
-        if backend == "onnx":
-            from .export import ensure_onnx
+        if backend in ("onnx", "onnx-int8"):
+            from .export import ensure_onnx, find_int8
             if onnx_path is None and self.weights_path is None:
-                raise ValueError("backend 'onnx' needs a saved model or an onnx_path")
-            self.onnx_path = ensure_onnx(self.weights_path, self.model, meta, onnx_path)
+                raise ValueError(f"backend {backend!r} needs a saved model or an onnx_path")
+            if backend == "onnx-int8" and onnx_path is None:
+                self.onnx_path = find_int8(self.weights_path)
+            else:
+                self.onnx_path = ensure_onnx(self.weights_path, self.model, meta, onnx_path)
             self._session = self._ort_session(self.onnx_path, threads)
 
     @staticmethod

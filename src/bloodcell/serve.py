@@ -662,7 +662,7 @@ def default_threads(backend: str = "onnx") -> int:
     threads wait for a core on a busy box (a tiny batch-1 forward ran 200x slower
     with two threads on 2 cores), so torch gets half the cores."""
     cores = os.cpu_count() or 2
-    return max(1, min(4, cores if backend == "onnx" else cores // 2))
+    return max(1, min(4, cores if backend != "torch" else cores // 2))
 
 
 def serve(host: str = "127.0.0.1", port: int = 8000, model=None, db_path=None, max_upload_mb=20,
@@ -692,6 +692,7 @@ def cmd_serve(args):
 
 
 def add_cli(sub):
+    from .predict import BACKENDS
     p = sub.add_parser("serve", help="local review page and HTTP API (http://127.0.0.1:8000/)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -701,7 +702,7 @@ def add_cli(sub):
     p.add_argument("--threads", type=int, help="inference threads (default: onnx every core, torch half the cores; 1 to 4)")
     p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")
     p.add_argument("--no-screen", action="store_true", help="no multi-cell flag")
-    p.add_argument("--backend", default="onnx", choices=["onnx", "torch"],
+    p.add_argument("--backend", default="onnx", choices=BACKENDS,
                    help="inference engine (default onnx; saliency always uses torch)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (info logs every request)")
