@@ -5,7 +5,9 @@
 Needs RUN/model.{safetensors,json} (after `bloodcell calibrate`), RUN/eval-test/
 (`bloodcell evaluate --split test --out RUN/eval-test`) and RUN/calibration.json.
 The test metrics and calibration report go into the bundled model.json, which
-`bloodcell serve` shows as the model card.
+`bloodcell serve` shows as the model card. RUN/model.int8.onnx, if made for these
+weights (`bloodcell export --format onnx-int8 --model RUN`), is bundled too, so
+`--backend onnx-int8` works out of the box.
 """
 import json
 import shutil
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 from bloodcell.data import atomic_write_json
+from bloodcell.export import find_int8
 from bloodcell.predict import BUNDLED_DIR
 
 MAX_BYTES = 25_000_000
@@ -36,6 +39,13 @@ def main(run: Path):
     BUNDLED_DIR.mkdir(exist_ok=True)
     shutil.copyfile(weights, BUNDLED_DIR / "model.safetensors")
     atomic_write_json(BUNDLED_DIR / "model.json", meta)
+    stale = BUNDLED_DIR / "model.int8.onnx"
+    stale.unlink(missing_ok=True)
+    try:
+        shutil.copyfile(find_int8(weights), stale)
+        print(f"bundled the int8 ONNX file ({stale.stat().st_size / 1e6:.1f} MB)")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"no int8 file bundled: {e}")
     print(f"bundled {run} -> {BUNDLED_DIR} (test accuracy {metrics['accuracy']:.4f})")
 
 

@@ -537,8 +537,16 @@ def _run_row(g: dict, st: dict) -> list:
         stop = "epoch cap"
     status = g["study_run"].get("status", "")
     return [_label(g), meta.get("image_size"), f"{len(h)} / {cap}", best, stop,
-            args.get("batch_size"), f"{args.get('lr'):g}" if args.get("lr") else "",
+            args.get("batch_size"), _lr_text(args),
             args.get("precision", ""), _fmt_s(wall), f"{np.mean(ips):.0f}" if ips else "–", status]
+
+
+def _lr_text(args: dict) -> str:
+    """'0.0001' for a constant LR, '0.0001, onecycle' when a schedule moves it."""
+    if not args.get("lr"):
+        return ""
+    sched = args.get("schedule") or "constant"
+    return f"{args['lr']:g}" + ("" if sched == "constant" else f", {sched}")
 
 
 def _stopped_at_cap(g, st) -> bool:
@@ -742,7 +750,7 @@ def write_report(study_dir, target=None, public: bool = False, screen_report=Non
         + (f"; this invocation took {_fmt_s(st['wall_s_this_invocation'])}"
            if st.get("wall_s_this_invocation") else ""),
     ])
-    doc.table(["generation", "px", "epochs run / max", "best epoch", "stopped by", "batch", "lr",
+    doc.table(["generation", "px", "epochs run / max", "best epoch", "stopped by", "batch", "lr, schedule",
                "precision", "train time", "img/s", "status"],
               [_run_row(g, st) for g in gens], align=["l"] + ["r"] * 4 + ["r"] * 3 + ["r", "r", "l"])
     doc.p("Train time is the sum of the epochs' wall times (training + validation pass); images/s is "
