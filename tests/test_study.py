@@ -189,3 +189,18 @@ def test_markdown_subset_to_html():
     out = markdown_to_html("## T\n\n- a `x<y`\n- b\n\n```\ncode <1>\n```\ntext *em*", {})
     assert "<h2>T</h2>" in out and "<li>a <code>x&lt;y</code></li>" in out
     assert "<pre><code>code &lt;1&gt;</code></pre>" in out and "<em>em</em>" in out
+
+
+def test_per_model_image_size_and_epoch_caps():
+    from bloodcell.study import StudyConfig, epochs_for, image_size_for, parse_epochs_cap, parse_image_size
+    sizes = parse_image_size("128,lite0-finetune=160")
+    assert sizes == {"*": 128, "lite0-finetune": 160}
+    cfg = StudyConfig(data="d", out="o", image_size=sizes, epochs_cap=parse_epochs_cap("10,cnn=6"))
+    assert image_size_for(cfg, "lite0-finetune") == 160 and image_size_for(cfg, "cnn") == 128
+    assert epochs_for(cfg, "cnn") == 6 and epochs_for(cfg, "cnn3") == 10
+    assert image_size_for(StudyConfig(data="d", out="o", image_size=96), "dnn") == 96
+    assert image_size_for(StudyConfig(data="d", out="o"), "dnn") == 224  # the study's default
+    for bad, msg in (("128,nosuchmodel=160", "nosuchmodel"), ("big", "not N or MODEL=N"),
+                     ("8", "too small")):
+        with pytest.raises((ValueError, KeyError), match=msg):
+            parse_image_size(bad)

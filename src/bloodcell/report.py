@@ -741,9 +741,10 @@ def write_report(study_dir, target=None, public: bool = False, screen_report=Non
         f"seed {cfg['seed']}: {d['split_counts']['train']:,} / {d['split_counts']['val']:,} / "
         f"{d['split_counts']['test']:,} images; manifest `split.csv` (sha1 `{d['split_sha1'][:12]}`), "
         "the same for every generation",
-        f"seed {cfg['seed']} (split and training); image size {', '.join(map(str, sizes))} px; "
+        f"seed {cfg['seed']} (split and training); image size {', '.join(map(str, sizes))} px "
+        "(per generation in the table below); "
         "Adam, early stopping on validation accuracy (patience 3) restoring the best epoch, "
-        "as in the study; epochs per generation: "
+        "as in the study (learning rate and schedule per generation below); epochs per generation: "
         + ", ".join(f"{m} ≤ {n}" for m, n in cfg.get("epochs_per_model", {}).items()),
         "library versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
         f"started {st.get('started', '?')}"

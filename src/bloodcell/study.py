@@ -38,7 +38,7 @@ class StudyConfig:
     data: str
     out: str
     models: list[str] = field(default_factory=lambda: list(STUDY_MODELS))
-    image_size: int | None = None        # None: each model's default (224, the study's)
+    image_size: int | dict | None = None  # N, or model (or "*") -> px; None: each model's (224)
     epochs_cap: dict = field(default_factory=dict)   # model (or "*") -> max epochs
     seed: int = D.DEFAULT_SEED
     fractions: tuple = D.DEFAULT_FRACTIONS
@@ -51,13 +51,13 @@ class StudyConfig:
     screen_report: str | None = None
 
 
-def parse_epochs_cap(spec: str | None) -> dict:
-    """'12' -> every model at most 12 epochs; '12,lite0-finetune=6' -> per-model caps."""
+def _per_model(spec: str | None, option: str, what: str) -> dict:
+    """'12' -> {'*': 12}; '12,lite0-finetune=6' -> {'*': 12, 'lite0-finetune': 6}."""
     from .models import get_spec
-    caps: dict = {}
+    out: dict = {}
     if not spec:
-        return caps
-    for part in spec.split(","):
+        return out
+    for part in str(spec).split(","):
         part = part.strip()
         if not part:
             continue
@@ -65,13 +65,27 @@ def parse_epochs_cap(spec: str | None) -> dict:
         try:
             value = int(n)
         except ValueError:
-            raise ValueError(f"--epochs-cap: {part!r} is not N or MODEL=N") from None
+            raise ValueError(f"{option}: {part!r} is not N or MODEL=N") from None
         if value < 1:
-            raise ValueError(f"--epochs-cap: {part!r}: need at least 1 epoch")
+            raise ValueError(f"{option}: {part!r}: need at least 1 {what}")
         if name:
             get_spec(name)  # clear error on a typo
-        caps[name or "*"] = value
-    return caps
+        out[name or "*"] = value
+    return out
+
+
+def parse_epochs_cap(spec: str | None) -> dict:
+    """'12' -> every model at most 12 epochs; '12,lite0-finetune=6' -> per-model caps."""
+    return _per_model(spec, "--epochs-cap", "epoch")
+
+
+def parse_image_size(spec: str | None) -> dict:
+    """'128' -> every model at 128 px; '128,lite0-finetune=160' -> one model larger."""
+    sizes = _per_model(spec, "--image-size", "pixel")
+    for k, v in sizes.items():
+        if v < 16:
+            raise ValueError(f"--image-size: {k}={v} px is too small (16 at least)")
+    return sizes
 
 
 def parse_models(spec: str | None) -> list[str]:
@@ -95,7 +109,10 @@ def epochs_for(cfg: StudyConfig, model: str) -> int:
 
 def image_size_for(cfg: StudyConfig, model: str) -> int:
     from .models import get_spec
-    return cfg.image_size or get_spec(model).defaults["image_size"]
+    size = cfg.image_size
+    if isinstance(size, dict):
+        size = size.get(model, size.get("*"))
+    return size or get_spec(model).defaults["image_size"]
 
 
 def run_finished(run: Path) -> bool:
@@ -306,7 +323,8 @@ def cmd_study(args):
     models = parse_models(args.models)
     from .cli import data_or_default
     cfg = StudyConfig(
-        data=data_or_default(args.data), out=args.out, models=models, image_size=args.image_size,
+        data=data_or_default(args.data), out=args.out, models=models,
+        image_size=parse_image_size(args.image_size) or None,
         epochs_cap=parse_epochs_cap(args.epochs_cap), seed=args.seed, precision=args.precision,
         cache_dir=args.cache_dir, max_steps_per_epoch=args.max_steps_per_epoch,
         progress=not args.no_progress, public=args.public, screen_report=args.screen_report,
@@ -328,8 +346,9 @@ def add_cli(sub):
     p.add_argument("--data", help="dataset folder of class sub-folders (default: ../shared/data/pbc)")
     p.add_argument("--out", required=True, help="report folder (REPORT_DIR)")
     p.add_argument("--models", help=f"comma-separated (default: {','.join(STUDY_MODELS)})")
-    p.add_argument("--image-size", type=int,
-                   help="input size for every generation (default: each model's, 224; 128 on a CPU)")
+    p.add_argument("--image-size",
+                   help="input size: N for every generation, or e.g. '128,lite0-finetune=160' "
+                   "(default: each model's, 224)")
     p.add_argument("--epochs-cap", help="max epochs: N for all, or e.g. '20,lite0-finetune=6' "
                    "(early stopping, patience 3, still applies)")
     p.add_argument("--seed", type=int, default=D.DEFAULT_SEED, help="split and training seed")
