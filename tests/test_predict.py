@@ -62,6 +62,19 @@ def test_shipped_bundled_model_predicts():
     assert r["status"] == "ok" and abs(sum(r["probabilities"].values()) - 1) < 1e-5
 
 
+def test_shipped_int8_file_belongs_to_the_bundled_weights():
+    """The bundled int8 ONNX file is the bundled model quantised: it loads (provenance
+    checked against the weights) and mostly agrees with the float model."""
+    if not (P.BUNDLED_DIR / "model.int8.onnx").exists():
+        pytest.skip("no int8 file bundled")
+    q = P.Classifier.load(backend="onnx-int8", screen=None)
+    t = P.Classifier.load(backend="torch", screen=None)
+    x = np.stack([synthetic_cell(k % 8, size=t.image_size, seed=k) for k in range(16)])
+    pq, pt = q.predict_proba_arrays(x), t.predict_proba_arrays(x)
+    assert np.allclose(pq.sum(1), 1, atol=1e-5)
+    assert (pq.argmax(1) == pt.argmax(1)).mean() >= 0.8
+
+
 def test_record_fields_and_probabilities(clf):
     recs = clf.predict([synthetic_cell(k, seed=k) for k in range(8)])
     assert len({r["class"] for r in recs}) > 1  # the fixture model is not constant
