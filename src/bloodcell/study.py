@@ -285,7 +285,8 @@ def run_study(cfg: StudyConfig) -> dict:
         info = train_generation(cfg, model, split_file, data_summary["split_sha1"])
         prev = state["runs"].get(model, {})
         if info["status"].startswith("skipped") and prev:
-            info = {**prev, "status": prev.get("status", "trained") + ", skipped on re-run"}
+            first = prev.get("status", "trained").split(",")[0]  # trained / resumed, once
+            info = {**prev, "status": first + ", skipped on re-run"}
         state["runs"][model] = info
         D.atomic_write_json(study_path, state)
         if not info["finished"]:
