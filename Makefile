@@ -31,8 +31,11 @@ demo: install
 	  $(BIN)/bloodcell predict "$(DATA)" --out $(OUT)/results.csv; \
 	fi
 
+# The committed study's CPU settings (docs/study); STUDY_ARGS= gives the study's own 224 px, uncapped.
+STUDY_ARGS ?= --image-size 128,lite0-finetune=160 --epochs-cap 10,dnn=6,cnn=6,cnn-aug=8,lite0-frozen=4,lite0-finetune=12
+
 study: install
-	$(BIN)/bloodcell study --data "$(DATA)" --out runs/study
+	$(BIN)/bloodcell study --data "$(DATA)" --out runs/study $(STUDY_ARGS)
 
 clean:
 	rm -rf runs/demo .pytest_cache
