@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-file")
     p.add_argument("--out", help="folder for metrics.json and predictions.csv")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--backend", default="torch", choices=("torch", "onnx", "onnx-int8"),
+    from .predict import BACKENDS
+    p.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="inference engine (default torch; onnx-int8 needs `bloodcell export --format onnx-int8`)")
     p.add_argument("--cache-dir")
     p.add_argument("--no-progress", action="store_true")
