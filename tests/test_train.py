@@ -105,3 +105,23 @@ def test_checkpoint_is_not_pickle(synthetic_dataset, tmp_path):
             assert f.suffix in {".safetensors", ".json", ".jsonl", ".csv"}, f
     m, meta = load_model(run)
     assert not m.training
+
+
+def test_ema_weights_are_validated_saved_and_resumed(synthetic_dataset, tmp_path):
+    from safetensors.torch import load_file
+    run = tmp_path / "ema"
+    s = train(_cfg(synthetic_dataset, run, epochs=1, ema=0.9))
+    assert "val_accuracy_raw" in s["history"][0]
+    saved = load_file(str(run / "model.safetensors"))
+    ck = load_file(str(run / "checkpoint" / "last.safetensors"))
+    name = next(k for k in saved if k.endswith("weight") and saved[k].ndim == 4)
+    # the file holds the averaged weights, not the last step's
+    assert np.allclose(saved[name].float().numpy(), ck[f"ema.module.{name}"].float().numpy(), atol=1e-3)
+    assert not np.allclose(saved[name].float().numpy(), ck[f"model.{name}"].float().numpy(), atol=1e-3)
+    assert json.loads((run / "model.json").read_text())["train_args"]["ema"] == 0.9
+    # resuming carries the average on: 2 + 1 epochs == 3 epochs
+    full = train(_cfg(synthetic_dataset, tmp_path / "full", epochs=3, ema=0.9))
+    part = tmp_path / "part"
+    train(_cfg(synthetic_dataset, part, epochs=2, ema=0.9))
+    r = train(_cfg(synthetic_dataset, part, epochs=3, ema=0.9, resume=True))
+    assert r["history"][-1]["val_loss"] == pytest.approx(full["history"][-1]["val_loss"], rel=1e-4)

@@ -46,6 +46,7 @@ class TrainConfig:
     label_smoothing: float | None = None
     schedule: str | None = None          # constant | onecycle
     optimizer: str | None = None         # adam | adamw
+    ema: float | None = None             # decay of a weight EMA that is validated and saved; 0 = off
     seed: int = D.DEFAULT_SEED
     split_seed: int = D.DEFAULT_SEED
     split_file: str | None = None
@@ -63,7 +64,7 @@ class TrainConfig:
         d = get_spec(self.model).defaults
         out = TrainConfig(**asdict(self))
         for k in ("epochs", "batch_size", "lr", "image_size", "patience", "weight_decay",
-                  "label_smoothing", "schedule", "optimizer"):
+                  "label_smoothing", "schedule", "optimizer", "ema"):
             if getattr(out, k) is None:
                 setattr(out, k, d[k])
         return out
@@ -166,10 +167,12 @@ def recalibrate_bn(model, images: np.ndarray, idx: np.ndarray, batch_size: int =
     return True
 
 
-def _save_training_state(run: Path, model, opt, epoch, history, best):
-    """Last completed epoch: model + optimizer tensors in safetensors, the rest in JSON."""
+def _save_training_state(run: Path, model, opt, epoch, history, best, ema=None):
+    """Last completed epoch: model (+ EMA) + optimizer tensors in safetensors, the rest in JSON."""
     from safetensors.torch import save as st_save
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     osd = opt.state_dict()
     for pid, st in osd["state"].items():
         for k, v in st.items():
@@ -186,11 +189,16 @@ def _np_rng_to_json():
     return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
 
 
-def _load_training_state(run: Path, model, opt):
+def _load_training_state(run: Path, model, opt, ema=None):
     from safetensors.torch import load_file
     meta = json.loads((run / "checkpoint" / "last.json").read_text())
     t = load_file(str(run / "checkpoint" / "last.safetensors"))
     model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    if ema is not None:
+        ema_sd = {k[4:]: v for k, v in t.items() if k.startswith("ema.")}
+        if not ema_sd:
+            raise ValueError(f"{run}: the checkpoint has no EMA weights; resume without --ema")
+        ema.load_state_dict(ema_sd)
     state: dict = {}
     for k, v in t.items():
         if k.startswith("opt."):
@@ -246,6 +254,12 @@ def train(cfg: TrainConfig) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # Polyak/EMA weights: an average over the last ~1/(1-decay) steps is a cheap
+    # ensemble along the trajectory; it is the model that gets validated and saved.
+    ema = None
+    if cfg.ema:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=False)
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -255,7 +269,7 @@ def train(cfg: TrainConfig) -> dict:
     best = {"val_accuracy": -1.0, "epoch": 0}
     start_epoch = 1
     if cfg.resume and (run / "checkpoint" / "last.json").exists():
-        state = _load_training_state(run, model, opt)
+        state = _load_training_state(run, model, opt, ema)
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
         log.info("resumed from epoch %d (best val acc %.4f at epoch %d)", state["epoch"],
                  best["val_accuracy"], best["epoch"])
@@ -305,6 +319,8 @@ def train(cfg: TrainConfig) -> dict:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 step += 1
                 seen += len(idx)
                 loss_sum += float(loss.detach()) * len(idx)
@@ -318,17 +334,16 @@ def train(cfg: TrainConfig) -> dict:
                             epoch, epoch - 1)
                 break
             train_time = time.perf_counter() - t0
-            recalibrate_bn(model, images, tr, device=device, precision=precision, seed=epoch)
-            val_probs = predict_proba_arrays(model, images[va], device=device, precision=precision)
-            val_pred = val_probs.argmax(1) if len(va) else np.array([])
-            val_acc = float((val_pred == ds.labels[va]).mean()) if len(va) else float("nan")
-            val_loss = float(F.nll_loss(torch.log(torch.from_numpy(val_probs).clamp_min(1e-12)),
-                                        torch.from_numpy(ds.labels[va])) if len(va) else float("nan"))
+            keep = ema.module if ema is not None else model  # the network that is validated and saved
+            val_acc, val_loss = _validate(keep, images, tr, va, ds.labels, device, precision, epoch)
             rec = {"epoch": epoch, "train_loss": round(loss_sum / seen, 5),
                    "train_accuracy": round(correct / seen, 5), "val_loss": round(val_loss, 5),
                    "val_accuracy": round(val_acc, 5), "lr": opt.param_groups[0]["lr"],
                    "seconds": round(time.perf_counter() - t0, 1),
                    "images_per_s": round(seen / train_time, 1)}
+            if ema is not None:  # the raw weights too, to see what the average adds
+                rec["val_accuracy_raw"] = round(_validate(model, images, tr, va, ds.labels, device,
+                                                          precision, epoch)[0], 5)
             history.append(rec)
             _write_history(run, history)
             log.info("epoch %d: %s", epoch, json.dumps(rec))
@@ -336,10 +351,10 @@ def train(cfg: TrainConfig) -> dict:
             if improved:
                 best = {"val_accuracy": val_acc, "epoch": epoch}
                 bad_epochs = 0
-                save_model(model, {**meta, "history": history, "best": best}, run)
+                save_model(keep, {**meta, "history": history, "best": best}, run)
             else:
                 bad_epochs += 1
-            _save_training_state(run, model, opt, epoch, history, best)
+            _save_training_state(run, model, opt, epoch, history, best, ema)
             if stop["flag"]:
                 break
     finally:
@@ -358,6 +373,18 @@ def train(cfg: TrainConfig) -> dict:
         D.atomic_write_json(j, m)
     D.atomic_write_json(run / "train_summary.json", summary)
     return summary
+
+
+def _validate(model, images, tr, va, labels, device, precision, epoch) -> tuple[float, float]:
+    """(accuracy, log loss) on the val split, after precise-BN on training images."""
+    if not len(va):
+        return float("nan"), float("nan")
+    recalibrate_bn(model, images, tr, device=device, precision=precision, seed=epoch)
+    probs = predict_proba_arrays(model, images[va], device=device, precision=precision)
+    acc = float((probs.argmax(1) == labels[va]).mean())
+    loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+                            torch.from_numpy(labels[va])))
+    return acc, loss
 
 
 def threading_main() -> bool:
