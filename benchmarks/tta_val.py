@@ -30,14 +30,14 @@ def dihedral(x: np.ndarray, name: str) -> np.ndarray:
             "anti-transpose": x[:, ::-1, ::-1].transpose(0, 2, 1, 3)}[name]
 
 
-def val_view_probs(run: str, data: str):
-    """(probabilities per view [8, N, C], labels [N], split manifest sha1) on val."""
+def val_view_probs(run: str, data: str, n_views: int = 8):
+    """(probabilities per view [n_views, N, C], labels [N], split manifest sha1) on val."""
     cache = Path(run) / "val_views.npz"
     sha = D.manifest_sha1(Path(run) / "split.csv")
     if cache.exists():
         z = np.load(cache)
-        if str(z["split_sha1"]) == sha:
-            return z["probs"], z["labels"], sha
+        if str(z["split_sha1"]) == sha and len(z["probs"]) >= n_views:
+            return z["probs"][:n_views], z["labels"], sha
     model, meta = load_model(run)
     ds = D.scan(data, classes=meta["classes"])
     images, _ = D.load_images(ds, meta["image_size"], progress=False)
@@ -46,7 +46,7 @@ def val_view_probs(run: str, data: str):
     x, y = np.asarray(images[va]), ds.labels[va]
     out = []
     with torch.inference_mode():
-        for name in VIEWS:
+        for name in VIEWS[:n_views]:
             v = dihedral(x, name)
             out.append(np.concatenate([torch.softmax(model(to_tensor(np.ascontiguousarray(v[i:i + 128]))), 1)
                                        .numpy() for i in range(0, len(v), 128)]))
@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--second", help="a second run (same split) for ensembles and cascades")
     ap.add_argument("--data", default=str(D.default_data_dir() or "../shared/data/pbc"))
     ap.add_argument("--cuts", default="0.6,0.7,0.8,0.9,0.95")
+    ap.add_argument("--second-views", type=int, default=8, choices=[1, 4, 8],
+                    help="dihedral views to compute for the second model (1 = plain ensemble only)")
     a = ap.parse_args()
     cuts = [float(c) for c in a.cuts.split(",")]
     probs, y, sha = val_view_probs(a.run, a.data)
@@ -84,17 +86,18 @@ def main():
         a8, _ = selective(base, tta8, y, c)
         print(f"{c:7.2f}  {share:12.3f}  {a4:11.4f}  {a8:11.4f}")
     if a.second:
-        p2, y2, sha2 = val_view_probs(a.second, a.data)
+        p2, y2, sha2 = val_view_probs(a.second, a.data, a.second_views)
         if sha2 != sha or not np.array_equal(y, y2):
             raise SystemExit(f"{a.second} was trained on another split than {a.run}")
-        print(f"\nsecond model {a.second}: alone {acc(p2[0]):.4f}, 8 views {acc(p2.mean(0)):.4f}")
+        ks = [k for k in (1, 4, 8) if k <= len(p2)]
+        print(f"\nsecond model {a.second}: alone {acc(p2[0]):.4f}, {len(p2)} views {acc(p2.mean(0)):.4f}")
         print(f"ensemble (mean of both, 1 view each) {acc((base + p2[0]) / 2):.4f}; "
-              f"both with 8 views {acc((tta8 + p2.mean(0)) / 2):.4f}")
-        print("cascade: the first model, then both (1 / 4 / 8 views each) below the cut-off")
-        print("cut-off  share re-run  acc 1 view  acc 4 views  acc 8 views")
+              f"both with {len(p2)} view(s) {acc((probs[:len(p2)].mean(0) + p2.mean(0)) / 2):.4f}")
+        print(f"cascade: the first model, then both ({' / '.join(map(str, ks))} views each) below the cut-off")
+        print("cut-off  share re-run" + "".join(f"  acc {k} view(s)" for k in ks))
         for c in cuts:
-            r = [selective(base, (probs[:k].mean(0) + p2[:k].mean(0)) / 2, y, c) for k in (1, 4, 8)]
-            print(f"{c:7.2f}  {r[0][1]:12.3f}  {r[0][0]:10.4f}  {r[1][0]:11.4f}  {r[2][0]:11.4f}")
+            r = [selective(base, (probs[:k].mean(0) + p2[:k].mean(0)) / 2, y, c) for k in ks]
+            print(f"{c:7.2f}  {r[0][1]:12.3f}" + "".join(f"  {x[0]:14.4f}" for x in r))
 
 
 if __name__ == "__main__":
