@@ -125,3 +125,42 @@ def test_ema_weights_are_validated_saved_and_resumed(synthetic_dataset, tmp_path
     train(_cfg(synthetic_dataset, part, epochs=2, ema=0.9))
     r = train(_cfg(synthetic_dataset, part, epochs=3, ema=0.9, resume=True))
     assert r["history"][-1]["val_loss"] == pytest.approx(full["history"][-1]["val_loss"], rel=1e-4)
+
+
+def test_subclass_labels_from_file_name_prefixes(tmp_path):
+    from PIL import Image
+
+    from bloodcell.data import scan, subclass_labels
+    img = np.full((16, 16, 3), 200, np.uint8)
+    names = {"neutrophil": ["BNE_1", "BNE_2", "SNE_3", "SNE_4", "SNE_5", "NEUTROPHIL_6"],
+             "ig": ["MMY_1", "MMY_2", "MY_3", "MY_4"]}
+    for cls, stems in names.items():
+        (tmp_path / cls).mkdir()
+        for s in stems:
+            Image.fromarray(img).save(tmp_path / cls / f"{s}.png")
+    ds = scan(tmp_path)
+    groups, y = subclass_labels(ds, min_count=2)
+    # the single NEUTROPHIL_ file is too rare for a group of its own
+    assert groups == ["ig/MMY", "ig/MY", "neutrophil/*", "neutrophil/BNE", "neutrophil/SNE"]
+    got = {smp.path.split("/")[-1]: groups[g] for smp, g in zip(ds.samples, y)}
+    assert got["BNE_2.png"] == "neutrophil/BNE" and got["NEUTROPHIL_6.png"] == "neutrophil/*"
+    assert got["MY_3.png"] == "ig/MY"
+
+
+def test_subclass_aux_head_trains_but_is_not_saved(synthetic_dataset, tmp_path):
+    from safetensors.torch import load_file
+    plain = train(_cfg(synthetic_dataset, tmp_path / "plain", model="lite0-recipe", epochs=1,
+                       max_steps_per_epoch=2))
+    run = tmp_path / "aux"
+    s = train(_cfg(synthetic_dataset, run, model="lite0-recipe", epochs=1, max_steps_per_epoch=2,
+                   subclass_aux=0.5))
+    assert s["finished"]
+    # the auxiliary head changes the training (the loss has an extra term) ...
+    assert s["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
+    # ... but the saved model is the plain 8-class network
+    assert load_file(str(run / "model.safetensors")).keys() == \
+        load_file(str(tmp_path / "plain" / "model.safetensors")).keys()
+    assert "aux.weight" in load_file(str(run / "checkpoint" / "last.safetensors"))
+    meta = json.loads((run / "model.json").read_text())
+    # 12 synthetic images per class: too few for file-name groups, one group per class
+    assert meta["auxiliary_subclasses"] == [f"{c}/*" for c in sorted(meta["classes"])]

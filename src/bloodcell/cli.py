@@ -36,6 +36,8 @@ def _add_train_args(p, model_required=True):
     p.add_argument("--optimizer", choices=["adam", "adamw"])
     p.add_argument("--ema", type=float, help="keep an exponential moving average of the weights "
                    "with this decay per step (e.g. 0.998) and validate/save it; 0 = off")
+    p.add_argument("--subclass-aux", type=float, help="weight of an auxiliary loss on file-name "
+                   "sub-types (PBC: BNE/SNE neutrophils, PMY/MY/MMY ig), training only; 0 = off")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--split-seed", type=int, default=DEFAULT_SEED)
     p.add_argument("--split-file", help="reuse a split manifest (split.csv of another run)")
@@ -70,7 +72,8 @@ def cmd_train(args):
         model=args.model, data=data_or_default(args.data), out=args.out, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, image_size=args.image_size, patience=args.patience,
         weight_decay=args.weight_decay, label_smoothing=args.label_smoothing, schedule=args.schedule,
-        optimizer=args.optimizer, ema=args.ema, seed=args.seed, split_seed=args.split_seed,
+        optimizer=args.optimizer, ema=args.ema, subclass_aux=args.subclass_aux, seed=args.seed,
+        split_seed=args.split_seed,
         split_file=args.split_file, precision=args.precision, pretrained=pretrained,
         cache_dir=args.cache_dir, resume=args.resume,
         max_steps_per_epoch=args.max_steps_per_epoch, progress=not args.no_progress)

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -113,6 +114,26 @@ class Dataset:
     def class_counts(self) -> dict[str, int]:
         counts = np.bincount(self.labels, minlength=len(self.classes))
         return {c: int(n) for c, n in zip(self.classes, counts)}
+
+
+def subclass_labels(ds: Dataset, min_count: int = 20) -> tuple[list[str], np.ndarray]:
+    """Finer labels from the file-name prefix inside each class folder, as
+    "class/PREFIX". PBC names its files by sub-type (neutrophil: BNE_ band, SNE_
+    segmented; ig: PMY_/MY_/MMY_ pro-/myelo-/metamyelocyte), and the band vs
+    metamyelocyte boundary is where most errors are. Prefixes shared by fewer
+    than ``min_count`` images fall back to "class/*", so arbitrary file names
+    give one group per class. Used only as an auxiliary training target."""
+    keys = []
+    for smp in ds.samples:
+        m = re.match(r"[A-Za-z]+", Path(smp.path).stem)
+        keys.append(f"{ds.classes[smp.label]}/{m.group(0).upper() if m else '*'}")
+    counts: dict[str, int] = {}
+    for k in keys:
+        counts[k] = counts.get(k, 0) + 1
+    keys = [k if counts[k] >= min_count else k.split("/")[0] + "/*" for k in keys]
+    names = sorted(set(keys))
+    index = {n: i for i, n in enumerate(names)}
+    return names, np.array([index[k] for k in keys], dtype=np.int64)
 
 
 def file_digest(p: Path, algorithm: str = "sha1") -> str:

@@ -36,7 +36,7 @@ REGISTRY: dict[str, ModelSpec] = {}
 
 STUDY_DEFAULTS = dict(epochs=30, batch_size=32, lr=1e-3, image_size=224, patience=3,
                       optimizer="adam", weight_decay=0.0, label_smoothing=0.0, schedule="constant",
-                      ema=0.0)
+                      ema=0.0, subclass_aux=0.0)
 
 
 def register(name: str, description: str, generation: int | None = None, **defaults):

@@ -47,6 +47,7 @@ class TrainConfig:
     schedule: str | None = None          # constant | onecycle
     optimizer: str | None = None         # adam | adamw
     ema: float | None = None             # decay of a weight EMA that is validated and saved; 0 = off
+    subclass_aux: float | None = None    # weight of an auxiliary file-name sub-type head; 0 = off
     seed: int = D.DEFAULT_SEED
     split_seed: int = D.DEFAULT_SEED
     split_file: str | None = None
@@ -64,7 +65,7 @@ class TrainConfig:
         d = get_spec(self.model).defaults
         out = TrainConfig(**asdict(self))
         for k in ("epochs", "batch_size", "lr", "image_size", "patience", "weight_decay",
-                  "label_smoothing", "schedule", "optimizer", "ema"):
+                  "label_smoothing", "schedule", "optimizer", "ema", "subclass_aux"):
             if getattr(out, k) is None:
                 setattr(out, k, d[k])
         return out
@@ -167,12 +168,14 @@ def recalibrate_bn(model, images: np.ndarray, idx: np.ndarray, batch_size: int =
     return True
 
 
-def _save_training_state(run: Path, model, opt, epoch, history, best, ema=None):
-    """Last completed epoch: model (+ EMA) + optimizer tensors in safetensors, the rest in JSON."""
+def _save_training_state(run: Path, model, opt, epoch, history, best, extra=None):
+    """Last completed epoch: model (+ ``extra`` modules: EMA, auxiliary head) + optimizer
+    tensors in safetensors, the rest in JSON."""
     from safetensors.torch import save as st_save
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if ema is not None:
-        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
+    tensors = {}
+    for prefix, module in {"model": model, **(extra or {})}.items():
+        tensors.update({f"{prefix}.{k}": v.detach().cpu().contiguous()
+                        for k, v in module.state_dict().items()})
     osd = opt.state_dict()
     for pid, st in osd["state"].items():
         for k, v in st.items():
@@ -189,16 +192,16 @@ def _np_rng_to_json():
     return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
 
 
-def _load_training_state(run: Path, model, opt, ema=None):
+def _load_training_state(run: Path, model, opt, extra=None):
     from safetensors.torch import load_file
     meta = json.loads((run / "checkpoint" / "last.json").read_text())
     t = load_file(str(run / "checkpoint" / "last.safetensors"))
-    model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
-    if ema is not None:
-        ema_sd = {k[4:]: v for k, v in t.items() if k.startswith("ema.")}
-        if not ema_sd:
-            raise ValueError(f"{run}: the checkpoint has no EMA weights; resume without --ema")
-        ema.load_state_dict(ema_sd)
+    for prefix, module in {"model": model, **(extra or {})}.items():
+        sd = {k[len(prefix) + 1:]: v for k, v in t.items() if k.startswith(prefix + ".")}
+        if not sd:
+            raise ValueError(f"{run}: the checkpoint has no {prefix!r} weights; resume with the "
+                             "settings the run started with")
+        module.load_state_dict(sd)
     state: dict = {}
     for k, v in t.items():
         if k.startswith("opt."):
@@ -252,6 +255,19 @@ def train(cfg: TrainConfig) -> dict:
     model = create_model(cfg.model, len(ds.classes), cfg.image_size, pretrained=cfg.pretrained,
                          **cfg.extra).to(device).to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
+    # Auxiliary sub-type head (band vs segmented neutrophil, pro-/myelo-/metamyelocyte):
+    # a finer target on the pooled features during training only; the saved model
+    # keeps its 8-class head, so prediction and export do not change.
+    aux, feats = None, {}
+    if cfg.subclass_aux:
+        if not hasattr(model, "head") or not hasattr(model, "dropout"):
+            raise ValueError(f"--subclass-aux needs a Classifier model, not {cfg.model}")
+        sub_names, sub_y = D.subclass_labels(ds)
+        sub_y = torch.from_numpy(sub_y)
+        aux = torch.nn.Linear(model.head.in_features, len(sub_names)).to(device)
+        model.dropout.register_forward_hook(lambda m, i, o: feats.__setitem__("x", o))
+        params += list(aux.parameters())
+        log.info("auxiliary sub-types (weight %g): %s", cfg.subclass_aux, ", ".join(sub_names))
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Polyak/EMA weights: an average over the last ~1/(1-decay) steps is a cheap
@@ -260,6 +276,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.ema:
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=False)
+    extra = {k: v for k, v in (("ema", ema), ("aux", aux)) if v is not None}
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -269,7 +286,7 @@ def train(cfg: TrainConfig) -> dict:
     best = {"val_accuracy": -1.0, "epoch": 0}
     start_epoch = 1
     if cfg.resume and (run / "checkpoint" / "last.json").exists():
-        state = _load_training_state(run, model, opt, ema)
+        state = _load_training_state(run, model, opt, extra)
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
         log.info("resumed from epoch %d (best val acc %.4f at epoch %d)", state["epoch"],
                  best["val_accuracy"], best["epoch"])
@@ -284,6 +301,8 @@ def train(cfg: TrainConfig) -> dict:
                  "split_counts": {s: int(len(D.split_indices(splits, s))) for s in D.SPLITS}},
         "split_manifest_sha1": manifest_hash, "library_versions": library_versions(),
     }
+    if aux is not None:
+        meta["auxiliary_subclasses"] = sub_names
 
     # Ctrl-C / SIGTERM finish the current step, then save: --resume continues from there
     stop = {"flag": False}
@@ -316,6 +335,10 @@ def train(cfg: TrainConfig) -> dict:
                 with autocast(device, precision):
                     logits = model(x)
                     loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+                    if aux is not None:
+                        loss = loss + cfg.subclass_aux * F.cross_entropy(
+                            aux(feats["x"]).float(), sub_y[idx].to(device),
+                            label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -354,7 +377,7 @@ def train(cfg: TrainConfig) -> dict:
                 save_model(keep, {**meta, "history": history, "best": best}, run)
             else:
                 bad_epochs += 1
-            _save_training_state(run, model, opt, epoch, history, best, ema)
+            _save_training_state(run, model, opt, epoch, history, best, extra)
             if stop["flag"]:
                 break
     finally:
