@@ -56,6 +56,17 @@ def val_view_probs(run: str, data: str, n_views: int = 8):
     return probs, y, sha
 
 
+def errors_by_subtype(run: str, data: str, probs: np.ndarray, y: np.ndarray) -> str:
+    """Wrong answers per file-name sub-type (PBC: BNE/SNE neutrophils, PMY/MY/MMY ig)."""
+    ds = D.scan(data, classes=load_model(run)[1]["classes"])
+    splits = D.apply_manifest(ds, D.read_manifest(Path(run) / "split.csv"))
+    names, sub = D.subclass_labels(ds)
+    sub = sub[D.split_indices(splits, "val")]
+    wrong = probs.argmax(1) != y
+    return ", ".join(f"{names[g]} {int(wrong[sub == g].sum())}" for g in np.unique(sub)
+                     if wrong[sub == g].any())
+
+
 def selective(base: np.ndarray, better: np.ndarray, y: np.ndarray, cut: float):
     """Use `better` where the base's top probability is below `cut`."""
     unsure = base.max(1) < cut
@@ -78,6 +89,7 @@ def main():
     for name, p in zip(VIEWS, probs):
         print(f"{name:<15} val accuracy {acc(p):.4f}")
     base, tta4, tta8 = probs[0], probs[:4].mean(0), probs.mean(0)
+    print(f"errors by sub-type: {errors_by_subtype(a.run, a.data, base, y)}")
     print(f"mean of 4 views  val accuracy {acc(tta4):.4f}\nmean of 8 views  val accuracy {acc(tta8):.4f}")
     print("\nselective TTA (extra views only below the cut-off; raw softmax of the first model)")
     print("cut-off  share re-run  acc 4 views  acc 8 views")
@@ -90,10 +102,11 @@ def main():
         if sha2 != sha or not np.array_equal(y, y2):
             raise SystemExit(f"{a.second} was trained on another split than {a.run}")
         ks = [k for k in (1, 4, 8) if k <= len(p2)]
-        print(f"\nsecond model {a.second}: alone {acc(p2[0]):.4f}, {len(p2)} views {acc(p2.mean(0)):.4f}")
+        print(f"\nsecond model {a.second}: alone {acc(p2[0]):.4f}, {len(p2)} view(s) {acc(p2.mean(0)):.4f}")
+        print(f"errors by sub-type: {errors_by_subtype(a.second, a.data, p2[0], y)}")
         print(f"ensemble (mean of both, 1 view each) {acc((base + p2[0]) / 2):.4f}; "
               f"both with {len(p2)} view(s) {acc((probs[:len(p2)].mean(0) + p2.mean(0)) / 2):.4f}")
-        print(f"cascade: the first model, then both ({' / '.join(map(str, ks))} views each) below the cut-off")
+        print(f"cascade: the first model, then both ({' / '.join(map(str, ks))} view(s) each) below the cut-off")
         print("cut-off  share re-run" + "".join(f"  acc {k} view(s)" for k in ks))
         for c in cuts:
             r = [selective(base, (probs[:k].mean(0) + p2[:k].mean(0)) / 2, y, c) for k in ks]
