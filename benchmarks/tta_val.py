@@ -11,13 +11,14 @@ images that pay the extra cost. Probabilities are cached next to each run
 (val_views.npz), so a re-run with another --second is quick.
 """
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bloodcell import data as D
-from bloodcell.models import load_model
+from bloodcell.models import load_model, resolve_model_path
 from bloodcell.transforms import to_tensor
 
 VIEWS = ["identity", "h-flip", "v-flip", "rot180", "rot90", "rot270", "transpose", "anti-transpose"]
@@ -58,7 +59,8 @@ def val_view_probs(run: str, data: str, n_views: int = 8):
 
 def errors_by_subtype(run: str, data: str, probs: np.ndarray, y: np.ndarray) -> str:
     """Wrong answers per file-name sub-type (PBC: BNE/SNE neutrophils, PMY/MY/MMY ig)."""
-    ds = D.scan(data, classes=load_model(run)[1]["classes"])
+    classes = json.loads(resolve_model_path(run)[1].read_text())["classes"]  # no weights needed
+    ds = D.scan(data, classes=classes)
     splits = D.apply_manifest(ds, D.read_manifest(Path(run) / "split.csv"))
     names, sub = D.subclass_labels(ds)
     sub = sub[D.split_indices(splits, "val")]
