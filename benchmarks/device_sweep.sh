@@ -4,6 +4,7 @@
 # split, 224 px WebP). Runs "SIZE EPOCHS SEED [extra flags]" configs in order
 # while time is left; each run's history comes back in $OUT. Decisions on val only.
 #   device run:  bash benchmarks/device_sweep.sh   (carry .gpu)
+#   ENSEMBLE=1 bash benchmarks/device_sweep.sh "224 8 42" "224 8 43" "224 8 44"   # + their mean
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/sweep-out}; mkdir -p "$OUT"
@@ -26,4 +27,9 @@ for c in "${configs[@]}"; do
   grep -E 'epoch [0-9]+: ' "$OUT/$name.log" | sed -E 's/.*epoch ([0-9]+): .*"val_accuracy": ([0-9.]+).*"seconds": ([0-9.]+).*/  \1 \2 \3/'
   tail -2 "$OUT/$name.log" | grep -i error
 done
+if [ "${ENSEMBLE:-0}" = 1 ]; then  # val accuracy of the mean of all finished runs
+  runs=(/tmp/runs/*/model.json); runs=("${runs[@]%/model.json}")
+  BLOODCELL_CACHE=/tmp/bc-cache python3 benchmarks/tta_val.py "${runs[0]}" --data "$DATA" \
+    --ensemble "${runs[@]:1}" 2>&1 | grep -v " done$" | tee "$OUT/ensemble.txt"
+fi
 echo "total ${SECONDS}s"

@@ -2,6 +2,7 @@
 averaging the softmax over flipped/rotated views, or over a second model, help?
 
     BLOODCELL_CACHE=... .venv/bin/python benchmarks/tta_val.py [RUN_DIR] [--second RUN_DIR]
+    ... tta_val.py RUN_DIR --ensemble RUN_DIR [RUN_DIR ...]   # n-model average, 1 view
 
 Prints the val accuracy of each of the 8 dihedral views alone, the mean over 4
 views (identity, h-flip, v-flip, 180 deg) and over all 8, and the *selective*
@@ -80,14 +81,31 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("run", nargs="?", default="runs/recipe-s42")
     ap.add_argument("--second", help="a second run (same split) for ensembles and cascades")
+    ap.add_argument("--ensemble", nargs="+", metavar="RUN",
+                    help="more runs (same split): each alone and the mean of all, one view each")
     ap.add_argument("--data", default=str(D.default_data_dir() or "../shared/data/pbc"))
     ap.add_argument("--cuts", default="0.6,0.7,0.8,0.9,0.95")
     ap.add_argument("--second-views", type=int, default=8, choices=[1, 4, 8],
                     help="dihedral views to compute for the second model (1 = plain ensemble only)")
     a = ap.parse_args()
     cuts = [float(c) for c in a.cuts.split(",")]
-    probs, y, sha = val_view_probs(a.run, a.data)
     acc = lambda p: (p.argmax(1) == y).mean()  # noqa: E731
+    if a.ensemble:
+        probs, y, sha = val_view_probs(a.run, a.data, 1)
+        members = [probs[0]]
+        for run in a.ensemble:
+            p, y2, sha2 = val_view_probs(run, a.data, 1)
+            if sha2 != sha or not np.array_equal(y, y2):
+                raise SystemExit(f"{run} was trained on another split than {a.run}")
+            members.append(p[0])
+        for run, p in zip([a.run, *a.ensemble], members):
+            print(f"{run}: val accuracy {acc(p):.4f} ({int((p.argmax(1) != y).sum())} wrong)")
+        m = np.mean(members, 0)
+        print(f"mean of {len(members)} models: val accuracy {acc(m):.4f} "
+              f"({int((m.argmax(1) != y).sum())} wrong of {len(y)})")
+        print(f"errors by sub-type: {errors_by_subtype(a.run, a.data, m, y)}")
+        return
+    probs, y, sha = val_view_probs(a.run, a.data)
     for name, p in zip(VIEWS, probs):
         print(f"{name:<15} val accuracy {acc(p):.4f}")
     base, tta4, tta8 = probs[0], probs[:4].mean(0), probs.mean(0)
