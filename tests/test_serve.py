@@ -184,6 +184,52 @@ def test_samples_cells_and_differential(client):
     assert client.get("/api/samples/nope/export.csv").status_code == 404
 
 
+def test_input_warnings_reach_the_page_and_the_export(client):
+    gray = io.BytesIO()
+    Image.fromarray(np.full((96, 96), 140, np.uint8)).save(gray, "PNG")
+    r = post(client, ("cell.png", png(2), "image/png"), ("gray.png", gray.getvalue(), "image/png"),
+             ("wide.png", _wide_png(), "image/png"), sample="checks")
+    res = {x["file"]: x for x in r.json()["results"]}
+    assert res["cell.png"]["input_warnings"] == []
+    assert any("no colour" in w for w in res["gray.png"]["input_warnings"])
+    assert res["gray.png"]["needs_review"]
+    assert any("not square (192x64 px)" in w for w in res["wide.png"]["input_warnings"])
+    s = client.get(f"/api/samples/{r.json()['sample_id']}").json()
+    cells = {c["file_name"]: c for c in s["cells"]}
+    assert cells["gray.png"]["input_warnings"] == res["gray.png"]["input_warnings"]
+    assert s["differential"]["n_input_warnings"] == 2
+    rows = list(csv.DictReader(io.StringIO(
+        client.get(f"/api/samples/{r.json()['sample_id']}/export.csv").text)))
+    assert {row["file_name"]: bool(row["input_warnings"]) for row in rows} == {
+        "cell.png": False, "gray.png": True, "wide.png": True}
+
+
+def _wide_png() -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(np.concatenate([synthetic_cell(k, 64, seed=k) for k in (1, 2, 3)], 1)).save(b, "PNG")
+    return b.getvalue()
+
+
+def test_database_from_before_the_input_checks_is_upgraded(model_dir, tmp_path):
+    import sqlite3
+
+    from bloodcell.serve import SCHEMA
+    db = tmp_path / "old.sqlite3"
+    con = sqlite3.connect(db)
+    con.executescript(SCHEMA.replace(", input_warnings TEXT", ""))  # the schema of earlier versions
+    con.execute("INSERT INTO samples VALUES ('s1', 'old smear', '2026-01-01')")
+    con.execute("INSERT INTO cells (id, sample_id, file_name, image, created, predicted_class, probability, "
+                "probabilities, top3, needs_review) VALUES ('c1', 's1', 'a.png', x'00', '2026-01-01', "
+                "'ig', 0.9, '{}', '[]', 0)")
+    con.commit()
+    con.close()
+    with TestClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
+        s = c.get("/api/samples/s1").json()
+        assert s["cells"][0]["input_warnings"] == [] and s["differential"]["total"] == 1
+        assert post(c, ("b.png", png(1), "image/png"), sample="old smear").status_code == 200
+        assert len(c.get("/api/samples/s1").json()["cells"]) == 2
+
+
 def test_cell_image_and_tiff_reencoded(client):
     data = png(2)
     cid = post(client, ("a.png", data, "image/png")).json()["results"][0]["cell_id"]

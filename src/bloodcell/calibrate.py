@@ -7,7 +7,8 @@ only how confident the probabilities are. The review threshold is chosen on
 validation too, as the lowest calibrated confidence at which the images kept
 (not flagged) still reach the target accuracy; the test split only reports.
 Both go into the model's model.json (atomically), where ``Classifier`` and
-``evaluate`` apply them.
+``evaluate`` apply them, with the colour statistics of the training images that
+the input checks compare new images to (bloodcell.inputcheck).
 """
 from __future__ import annotations
 
@@ -88,7 +89,9 @@ def review_stats(probs: np.ndarray, y: np.ndarray, threshold: float) -> dict:
 def split_logits(model_path, data, split_file=None, cache_dir=None, batch_size: int = 128,
                  progress: bool = True, backend: str = "onnx") -> dict:
     """Raw logits and labels of the val and test splits (decoded-image cache; ONNX Runtime
-    by default, which gives PyTorch's logits to ~1e-5 at several times the speed)."""
+    by default, which gives PyTorch's logits to ~1e-5 at several times the speed), and
+    the input check fitted on the train split with its flag rates on val and test."""
+    from .inputcheck import InputCheck, fit_input_check
     from .evaluate import resolve_split
     from .predict import Classifier
     clf = Classifier.load(model_path, backend=backend, screen=None)
@@ -97,6 +100,9 @@ def split_logits(model_path, data, split_file=None, cache_dir=None, batch_size: 
     mf, derive = resolve_split(clf.meta, Path(model_path), split_file)
     splits = D.apply_manifest(ds, D.read_manifest(mf)) if mf else D.make_split(ds, *derive)
     out = {"classes": clf.classes}
+    train = D.split_indices(splits, "train")
+    stats = fit_input_check(images, train) if len(train) else None
+    check = InputCheck(stats, clf.image_size)
     for name in ("val", "test"):
         idx = D.split_indices(splits, name)
         if len(idx) == 0:
@@ -104,6 +110,9 @@ def split_logits(model_path, data, split_file=None, cache_dir=None, batch_size: 
         logits = np.concatenate([clf.predict_logits_arrays(np.asarray(images[idx[i:i + batch_size]]))
                                  for i in range(0, len(idx), batch_size)])
         out[name] = (logits, ds.labels[idx])
+        if stats is not None:
+            stats[f"share_flagged_{name}"] = float((check.distance(images[idx]) > stats["threshold"]).mean())
+    out["input_check"] = stats
     return out
 
 
@@ -125,13 +134,17 @@ def calibrate_logits(val: tuple, test: tuple, target: float = DEFAULT_TARGET_ACC
     return rep
 
 
-def store_calibration(model_path, temperature: float, review_threshold: float, report: dict | None = None):
-    """Write temperature + review_threshold (and a short calibration record) into model.json."""
+def store_calibration(model_path, temperature: float, review_threshold: float, report: dict | None = None,
+                      input_check: dict | None = None):
+    """Write temperature + review_threshold (and a short calibration record, and the
+    input check's statistics) into model.json."""
     from .models import resolve_model_path
     _, j = resolve_model_path(model_path)
     meta = json.loads(j.read_text())
     meta["temperature"] = float(temperature)
     meta["review_threshold"] = float(review_threshold)
+    if input_check is not None:
+        meta["input_check"] = input_check
     if report is not None:
         meta["calibration"] = {k: report[k] for k in ("target_accuracy_unflagged", "ece_bins")
                                if k in report}
@@ -148,8 +161,13 @@ def calibrate(model_path, data, out=None, split_file=None, cache_dir=None,
     rep = calibrate_logits(lg["val"], lg["test"], target)
     rep["model"] = str(model_path)
     rep["data"] = str(data)
+    ic = lg["input_check"]
+    if ic is not None:
+        rep["input_check"] = {k: ic[k] for k in ("quantile", "threshold", "n_images",
+                                                 "share_flagged_val", "share_flagged_test")}
     if store:
-        rep["stored_in"] = str(store_calibration(model_path, rep["temperature"], rep["review_threshold"], rep))
+        rep["stored_in"] = str(store_calibration(model_path, rep["temperature"], rep["review_threshold"],
+                                                 rep, input_check=ic))
     if out:
         D.atomic_write_json(Path(out), rep)
     return rep
@@ -167,6 +185,11 @@ def format_report(r: dict) -> str:
                      f"NLL {v['nll_before']:.4f} -> {v['nll_after']:.4f}; "
                      f"flagged {100 * rv['share_flagged']:.1f}% ({rv['n_flagged']}), "
                      f"accuracy on unflagged {100 * rv['accuracy_unflagged']:.2f}%")
+    ic = r.get("input_check")
+    if ic:
+        lines.append(f"input check: colour statistics of {ic['n_images']} train images, threshold "
+                     f"{ic['threshold']:.2f} ({100 * ic['quantile']:.1f}% of them under it); flags "
+                     f"{100 * ic['share_flagged_val']:.2f}% of val, {100 * ic['share_flagged_test']:.2f}% of test")
     return "\n".join(lines)
 
 
@@ -177,7 +200,7 @@ def cmd_calibrate(args):
                   store=not args.dry_run, backend=args.backend)
     print(format_report(r))
     if r.get("stored_in"):
-        print(f"stored temperature and review_threshold in {r['stored_in']}")
+        print(f"stored temperature, review_threshold and input_check in {r['stored_in']}")
     if args.out:
         print(f"wrote {args.out}")
 

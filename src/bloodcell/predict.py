@@ -23,14 +23,15 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .transforms import ImageError, ImageSource, preprocess, to_tensor
+from .inputcheck import InputCheck
+from .transforms import ImageError, ImageSource, preprocess, preprocess_with_size, to_tensor
 
 log = logging.getLogger("bloodcell")
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 DEFAULT_REVIEW_THRESHOLD = 0.9
 BACKENDS = ("torch", "onnx", "onnx-int8")  # onnx-int8: a quantised file made by `bloodcell export`
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2  # 2: records carry input_warnings
 
 
 def bundled_model_path() -> Path:
@@ -80,6 +81,7 @@ class Classifier:
         self.backend = backend
         self.weights_path = Path(weights_path) if weights_path else None
         self.screen = screen
+        self.input_check = InputCheck.from_meta(meta)
         self.threads = threads
         self.onnx_path = None
         self._session = None
@@ -125,7 +127,8 @@ class Classifier:
         return {"weights_sha1": weights_sha1(self.weights_path) if self.weights_path else None,
                 "temperature": self.temperature, "review_threshold": self.review_threshold,
                 "screen": type(self.screen).__name__ if self.screen is not None else None,
-                "screen_size": getattr(self.screen, "image_size", None)}
+                "screen_size": getattr(self.screen, "image_size", None),
+                "input_check": self.input_check.fingerprint()}
 
     # -- arrays in, probabilities out
     def predict_logits_arrays(self, batch: np.ndarray) -> np.ndarray:
@@ -149,17 +152,29 @@ class Classifier:
         """scikit-learn style: probabilities for inputs that must all be valid images."""
         return self.predict_proba_arrays(np.stack([self.preprocess(x) for x in inputs]))
 
-    def record(self, name: str, probs: np.ndarray, screen: dict | None = None) -> dict:
+    def record(self, name: str, probs: np.ndarray, screen: dict | None = None,
+               input_warnings: Sequence[str] = ()) -> dict:
+        """One result; an image with input warnings (see ``check_inputs``) always needs review."""
         order = np.argsort(-probs)
         p = float(probs[order[0]])
         rec = {"path": name, "status": "ok", "class": self.classes[order[0]], "probability": p,
                "top3": [{"class": self.classes[i], "probability": float(probs[i])} for i in order[:3]],
                "probabilities": {c: float(v) for c, v in zip(self.classes, probs)},
-               "needs_review": p < self.review_threshold}
+               "needs_review": p < self.review_threshold or bool(input_warnings),
+               "input_warnings": list(input_warnings)}
         if screen is not None:
             rec["multi_cell"] = bool(screen["multi_cell"])
             rec["multi_cell_score"] = float(screen["score"])
         return rec
+
+    def check_inputs(self, images: np.ndarray, original_sizes=None) -> list[list[str]]:
+        """Input warnings for preprocessed images [N, S, S, 3] (bloodcell.inputcheck): no
+        colour, blank, colours unlike the training images, small or far from square."""
+        try:
+            return self.input_check.warnings_batch(images, original_sizes)
+        except Exception as e:  # a check failing must not lose the classification
+            log.warning("input check failed (%s: %s); images not checked", type(e).__name__, e)
+            return [[] for _ in range(len(images))]
 
     # -- decoding (runs in worker threads)
     def _decode(self, src) -> dict:
@@ -172,14 +187,15 @@ class Classifier:
             if p.is_file() and p.stat().st_size > 0:
                 src = p.read_bytes()
         try:
-            return {s: preprocess(src, s) for s in sizes}
+            arrays = {s: preprocess_with_size(src, s) for s in sizes}
+            return {"original_size": arrays[self.image_size][1], **{s: a for s, (a, _) in arrays.items()}}
         except ImageError:
             raise
         except Exception as e:  # one odd file must never end a batch job
             raise ImageError(str(src), f"could not decode ({type(e).__name__}: {e})") from None
 
     def _decode_safe(self, src):
-        """-> ({size: array, "screen": dict | None}, None) or (None, skip reason).
+        """-> ({size: array, "original_size": (w, h), "screen": dict | None}, None) or (None, skip reason).
         The screen scores here, in the worker, so it overlaps with the model too."""
         try:
             arrays = self._decode(src)
@@ -211,9 +227,11 @@ class Classifier:
 
         def flush():
             if pending:
-                probs = self.predict_proba_arrays(np.stack([a[self.image_size] for _, _, a in pending]))
-                for (i, name, a), pr in zip(pending, probs):
-                    done.append((i, self.record(name, pr, a["screen"])))
+                batch = np.stack([a[self.image_size] for _, _, a in pending])
+                probs = self.predict_proba_arrays(batch)
+                warns = self.check_inputs(batch, [a["original_size"] for _, _, a in pending])
+                for (i, name, a), pr, w in zip(pending, probs, warns):
+                    done.append((i, self.record(name, pr, a["screen"], w)))
                 pending.clear()
 
         def take():
@@ -252,8 +270,8 @@ class Classifier:
 
     def predict(self, inputs: ImageSource | Iterable[ImageSource], batch_size: int = 64,
                 workers: int | None = None) -> list[dict]:
-        """Records with class, probability, top-3, needs_review (and multi_cell,
-        multi_cell_score when a screen is loaded); bad inputs get
+        """Records with class, probability, top-3, needs_review, input_warnings (and
+        multi_cell, multi_cell_score when a screen is loaded); bad inputs get
         ``status: 'skipped: <reason>'`` instead of raising."""
         if isinstance(inputs, np.ndarray) and inputs.ndim == 4:
             inputs = list(inputs)  # a batch of images [N, H, W, C]
@@ -390,16 +408,18 @@ class Journal:
 def differential_count(records: Sequence[dict], classes: Sequence[str],
                        include_flagged: bool = False) -> dict:
     """Count and % per class over the ``ok`` records, as a lab report gives it.
-    Images the multi-cell screen flagged are left out unless ``include_flagged``."""
+    Images the multi-cell screen flagged, and images with input warnings (not like
+    the training images), are left out unless ``include_flagged``."""
     ok = [r for r in records if r.get("status") == "ok"]
     flagged = [r for r in ok if r.get("multi_cell")]
-    counted = ok if include_flagged else [r for r in ok if not r.get("multi_cell")]
+    unusual = [r for r in ok if r.get("input_warnings")]
+    counted = ok if include_flagged else [r for r in ok if not (r.get("multi_cell") or r.get("input_warnings"))]
     counts = {c: 0 for c in classes}
     for r in counted:
         counts[r["class"]] = counts.get(r["class"], 0) + 1
     n = len(counted)
     return {"n_counted": n, "n_ok": len(ok), "n_multi_cell": len(flagged),
-            "multi_cell_included": include_flagged,
+            "n_input_warnings": len(unusual), "flagged_included": include_flagged,
             "n_needs_review": sum(bool(r.get("needs_review")) for r in counted),
             "counts": counts,
             "percent": {c: (100.0 * k / n if n else 0.0) for c, k in counts.items()}}
@@ -407,11 +427,11 @@ def differential_count(records: Sequence[dict], classes: Sequence[str],
 
 def format_summary(s: dict) -> str:
     d = s["differential"]
-    lines = [f"differential count over {d['n_counted']} image(s)"
-             + ("" if not d["n_multi_cell"] else
-                (f" (incl. {d['n_multi_cell']} multi-cell)" if d["multi_cell_included"]
-                 else f" ({d['n_multi_cell']} multi-cell image(s) left out; --include-flagged counts them)"))
-             + ":",
+    flagged = [f"{k} {what}" for k, what in ((d["n_multi_cell"], "multi-cell"),
+                                             (d.get("n_input_warnings", 0), "with input warnings")) if k]
+    note = "" if not flagged else (f" (incl. {', '.join(flagged)})" if d["flagged_included"] else
+                                   f" ({', '.join(flagged)} left out; --include-flagged counts them)")
+    lines = [f"differential count over {d['n_counted']} image(s){note}:",
              f"  {'class':<14}{'count':>7}{'%':>8}"]
     for c, k in d["counts"].items():
         lines.append(f"  {c:<14}{k:>7}{d['percent'][c]:>7.1f}%")
@@ -442,7 +462,7 @@ def write_results(out: Path, records: list[dict], classes: list[str], summary: d
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "status", "class", "probability", "top3", "needs_review", "multi_cell",
-                "multi_cell_score"] + [f"p_{c}" for c in classes])
+                "multi_cell_score", "input_warnings"] + [f"p_{c}" for c in classes])
     for r in records:
         ok = r.get("status") == "ok"
         w.writerow([r["path"], r["status"], r.get("class", ""),
@@ -450,7 +470,8 @@ def write_results(out: Path, records: list[dict], classes: list[str], summary: d
                     "; ".join(f"{t['class']} {t['probability']:.4f}" for t in r.get("top3", [])),
                     r.get("needs_review", "") if ok else "",
                     r.get("multi_cell", ""),
-                    f"{r['multi_cell_score']:.6f}" if r.get("multi_cell_score") is not None else ""]
+                    f"{r['multi_cell_score']:.6f}" if r.get("multi_cell_score") is not None else "",
+                    "; ".join(r.get("input_warnings", []))]
                    + ([f"{r['probabilities'][c]:.6f}" for c in classes] if ok else [""] * len(classes)))
     atomic_write_text(out, buf.getvalue())
 
@@ -548,7 +569,8 @@ def _print_records(records: list[dict]) -> None:
             print(f"{r['path']}\t{r['status']}")
             continue
         top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top3"])
-        flags = (["needs review"] if r["needs_review"] else []) + (["multi-cell"] if r.get("multi_cell") else [])
+        flags = ((["needs review"] if r["needs_review"] else []) + (["multi-cell"] if r.get("multi_cell") else [])
+                 + r.get("input_warnings", []))
         print(f"{r['path']}\t{r['class']}\t{r['probability']:.3f}\t[{top}]"
               + (f"\t{', '.join(flags)}" if flags else ""))
 
@@ -591,7 +613,8 @@ def add_cli(sub):
     p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")
     p.add_argument("--no-screen", action="store_true", help="do not run the multi-cell screen")
     p.add_argument("--include-flagged", action="store_true",
-                   help="count multi-cell images in the differential count too")
+                   help="count multi-cell images and images with input warnings in the "
+                        "differential count too")
     p.add_argument("--restart", action="store_true", help="ignore the journal of an interrupted run")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .transforms import ImageError, open_image, preprocess
+from .transforms import ImageError, open_image, preprocess, preprocess_with_size
 
 log = logging.getLogger("bloodcell")
 
@@ -72,7 +72,7 @@ CREATE TABLE IF NOT EXISTS cells (
   model_version TEXT, predicted_class TEXT NOT NULL, probability REAL NOT NULL,
   probabilities TEXT NOT NULL, top3 TEXT NOT NULL, needs_review INTEGER NOT NULL,
   multi_cell INTEGER, multi_cell_score REAL, n_regions INTEGER,
-  true_class TEXT, corrected_at TEXT);
+  true_class TEXT, corrected_at TEXT, input_warnings TEXT);
 CREATE INDEX IF NOT EXISTS cells_sample ON cells(sample_id);
 CREATE TABLE IF NOT EXISTS corrections (
   id INTEGER PRIMARY KEY AUTOINCREMENT, cell_id TEXT NOT NULL REFERENCES cells(id),
@@ -81,7 +81,7 @@ CREATE TABLE IF NOT EXISTS corrections (
 """
 _CELL_COLS = ("id, sample_id, file_name, created, model_version, predicted_class, probability, "
               "probabilities, top3, needs_review, multi_cell, multi_cell_score, n_regions, "
-              "true_class, corrected_at")
+              "true_class, corrected_at, input_warnings")
 
 
 class Store:
@@ -100,6 +100,9 @@ class Store:
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.executescript(SCHEMA)
+            # databases made before the input checks: add their column (NULL = not checked)
+            if "input_warnings" not in {r[1] for r in self.conn.execute("PRAGMA table_info(cells)")}:
+                self.conn.execute("ALTER TABLE cells ADD COLUMN input_warnings TEXT")
 
     def close(self):
         with self.lock:
@@ -143,9 +146,10 @@ class Store:
                 self.conn.executemany(
                     "INSERT INTO cells (id, sample_id, file_name, media_type, image, created, model_version, "
                     "predicted_class, probability, probabilities, top3, needs_review, multi_cell, "
-                    "multi_cell_score, n_regions) VALUES (:id, :sample_id, :file_name, :media_type, :image, "
-                    ":created, :model_version, :predicted_class, :probability, :probabilities, :top3, "
-                    ":needs_review, :multi_cell, :multi_cell_score, :n_regions)", rows)
+                    "multi_cell_score, n_regions, input_warnings) VALUES (:id, :sample_id, :file_name, "
+                    ":media_type, :image, :created, :model_version, :predicted_class, :probability, "
+                    ":probabilities, :top3, :needs_review, :multi_cell, :multi_cell_score, :n_regions, "
+                    ":input_warnings)", rows)
                 self.conn.execute("COMMIT")
             except BaseException:
                 self.conn.execute("ROLLBACK")
@@ -191,6 +195,7 @@ def _cell_json(r: sqlite3.Row) -> dict:
     d["probabilities"] = json.loads(d["probabilities"])
     d["top3"] = json.loads(d["top3"])
     d["needs_review"] = bool(d["needs_review"])
+    d["input_warnings"] = json.loads(d["input_warnings"]) if d.get("input_warnings") else []
     if d["multi_cell"] is None:
         for k in ("multi_cell", "multi_cell_score", "n_regions"):
             d.pop(k)
@@ -210,7 +215,8 @@ def differential(cells: list[dict], classes: list[str]) -> dict:
             "percent": {c: (100.0 * v / n if n else 0.0) for c, v in counts.items()},
             "n_corrected": sum(c["corrected"] for c in cells),
             "n_needs_review": sum(c["needs_review"] and not c["corrected"] for c in cells),
-            "n_multi_cell": sum(bool(c.get("multi_cell")) for c in cells)}
+            "n_multi_cell": sum(bool(c.get("multi_cell")) for c in cells),
+            "n_input_warnings": sum(bool(c.get("input_warnings")) for c in cells)}
 
 
 # ------------------------------------------------------------------ model worker
@@ -381,7 +387,8 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
         out = []
         for data, name in zip(datas, names):
             try:
-                arr = preprocess(data, clf.image_size)
+                arr, size0 = preprocess_with_size(data, clf.image_size)
+                warnings = clf.check_inputs(arr[None], [size0])[0]
                 score = None
                 if scr is not None:  # numpy/scipy: scored here, in parallel, not on the model thread
                     size = int(getattr(scr, "image_size", clf.image_size))
@@ -392,9 +399,9 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
                         log.warning("%s: multi-cell screen failed (%s); flag omitted", name, e)
                 from PIL import Image
                 fmt = Image.open(io.BytesIO(data)).format
-                out.append((arr, score, _MEDIA.get(fmt), None))
+                out.append((arr, score, _MEDIA.get(fmt), None, warnings))
             except ImageError as e:
-                out.append((None, None, None, e.reason))
+                out.append((None, None, None, e.reason, None))
         # a sample is created only when something will be stored in it
         if any(o[0] is not None for o in out) and not any(o[3] and "decompression bomb" in o[3] for o in out):
             return out, store.sample_for_name(sample_name)
@@ -420,7 +427,7 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
                 raise HTTPException(413, f"{name}: over the {max_upload_mb:g} MB per-file limit")
         sample_name = (sample or "").strip()[:200] or "default"
         prepared, sample_row = await run_in_threadpool(_prepare, datas, names, sample_name)
-        for (arr, _, _, err), name in zip(prepared, names):
+        for (arr, _, _, err, _), name in zip(prepared, names):
             if err and "decompression bomb" in err:
                 raise HTTPException(422, f"{name}: {err}")
         ok = [i for i, p in enumerate(prepared) if p[0] is not None]
@@ -431,7 +438,7 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
         rows = []
         ts = _now()
         for j, i in enumerate(ok):
-            rec = clf.record(names[i], probs[j])
+            rec = clf.record(names[i], probs[j], input_warnings=prepared[i][4])
             cid = secrets.token_hex(8)
             sc = prepared[i][1]
             row = {"id": cid, "sample_id": sample_row["id"], "file_name": names[i],
@@ -441,11 +448,13 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
                    "top3": json.dumps(rec["top3"]), "needs_review": int(rec["needs_review"]),
                    "multi_cell": None if sc is None else int(bool(sc["multi_cell"])),
                    "multi_cell_score": None if sc is None else float(sc["score"]),
-                   "n_regions": None if sc is None else int(sc.get("n_regions", 0))}
+                   "n_regions": None if sc is None else int(sc.get("n_regions", 0)),
+                   "input_warnings": json.dumps(rec["input_warnings"])}
             rows.append(row)
             res = {"file": names[i], "status": "ok", "cell_id": cid, "class": rec["class"],
                    "probability": rec["probability"], "probabilities": rec["probabilities"],
-                   "top3": rec["top3"], "needs_review": rec["needs_review"]}
+                   "top3": rec["top3"], "needs_review": rec["needs_review"],
+                   "input_warnings": rec["input_warnings"]}
             if sc is not None:
                 res.update(multi_cell=bool(sc["multi_cell"]), multi_cell_score=float(sc["score"]),
                            n_regions=row["n_regions"])
@@ -487,14 +496,14 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["cell_id", "file_name", "predicted_class", "probability", "needs_review",
-                    "multi_cell", "multi_cell_score", "true_class", "label", "corrected_at",
-                    "created", "image_path"])
+                    "multi_cell", "multi_cell_score", "input_warnings", "true_class", "label",
+                    "corrected_at", "created", "image_path"])
         for c in store.cells(sample_id):
             w.writerow([c["id"], _csv_safe(c["file_name"]), c["predicted_class"],
                         f"{c['probability']:.4f}", int(c["needs_review"]),
                         "" if c.get("multi_cell") is None else int(c["multi_cell"]),
                         "" if c.get("multi_cell_score") is None else f"{c['multi_cell_score']:.4f}",
-                        c["true_class"] or "", c["class"], c["corrected_at"] or "", c["created"],
+                        _csv_safe("; ".join(c["input_warnings"])), c["true_class"] or "", c["class"], c["corrected_at"] or "", c["created"],
                         f"{c['class']}/{c['id']}"])
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", s["name"])[:60] or s["id"]
         return Response(buf.getvalue(), media_type="text/csv",

@@ -65,7 +65,13 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 
 def open_image(src: ImageSource, draft_size: int | None = None) -> Image.Image:
     """Decode ``src`` to an RGB PIL image, or raise ImageError saying why not."""
+    return _open_image(src, draft_size)[0]
+
+
+def _open_image(src: ImageSource, draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """open_image, and the input's (width, height) before draft-mode decoding shrank it."""
     name = _describe(src)
+    size0 = None
     try:
         if isinstance(src, Image.Image):
             im = src
@@ -103,6 +109,7 @@ def open_image(src: ImageSource, draft_size: int | None = None) -> Image.Image:
                     f"image too large ({im.width}x{im.height} pixels, limit {MAX_PIXELS:,}): "
                     "refusing a possible decompression bomb",
                 )
+            size0 = im.size  # before draft mode shrinks it
             if draft_size and im.format == "JPEG":
                 # Decode at reduced scale straight from the DCT: 2-4x faster and,
                 # since training uses the very same call, no skew.
@@ -112,9 +119,13 @@ def open_image(src: ImageSource, draft_size: int | None = None) -> Image.Image:
             raise ImageError(name, f"image too large ({im.width}x{im.height} pixels, limit {MAX_PIXELS:,})")
         if im.width < 8 or im.height < 8:
             raise ImageError(name, f"image too small ({im.width}x{im.height} pixels, need at least 8x8)")
-        if im.getexif().get(0x0112, 1) != 1:  # rotated by the camera (exif_transpose copies always)
+        size0 = size0 or im.size
+        orientation = im.getexif().get(0x0112, 1)
+        if orientation != 1:  # rotated by the camera (exif_transpose copies always)
             im = ImageOps.exif_transpose(im)
-        return _to_rgb(im)
+            if orientation in (5, 6, 7, 8):
+                size0 = size0[::-1]
+        return _to_rgb(im), tuple(size0)
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -127,7 +138,12 @@ def open_image(src: ImageSource, draft_size: int | None = None) -> Image.Image:
 
 def preprocess(src: ImageSource, size: int) -> np.ndarray:
     """The preprocessing: any input -> uint8 array (size, size, 3)."""
-    im = open_image(src, draft_size=size)
+    return preprocess_with_size(src, size)[0]
+
+
+def preprocess_with_size(src: ImageSource, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """:func:`preprocess`, and the input's own (width, height) for the input checks."""
+    im, size0 = _open_image(src, draft_size=size)
     w, h = im.size
     s = min(w, h)
     if w != h:  # CellaVision crops centre the cell: keep the centre square
@@ -135,7 +151,7 @@ def preprocess(src: ImageSource, size: int) -> np.ndarray:
         im = im.crop((left, top, left + s, top + s))
     if s != size:
         im = im.resize((size, size), Image.BILINEAR)
-    return np.asarray(im, dtype=np.uint8)
+    return np.asarray(im, dtype=np.uint8), size0
 
 
 def to_tensor(batch: np.ndarray) -> torch.Tensor:

@@ -175,7 +175,7 @@ function resultToCell(r, sampleId) {
   return { id: r.cell_id, sample_id: sampleId, file_name: r.file, predicted_class: r.class,
     probability: r.probability, probabilities: r.probabilities, top3: r.top3,
     needs_review: r.needs_review, multi_cell: r.multi_cell, multi_cell_score: r.multi_cell_score,
-    true_class: null, class: r.class, corrected: false };
+    input_warnings: r.input_warnings || [], true_class: null, class: r.class, corrected: false };
 }
 
 function addError(msg) {
@@ -218,6 +218,7 @@ function cardFor(c) {
   }
   card.classList.toggle("review", c.needs_review && !c.corrected);
   card.classList.toggle("multi", !!c.multi_cell);
+  card.classList.toggle("unusual", hasWarnings(c));
   card.classList.toggle("corrected", !!c.corrected);
   const meta = card.querySelector(".meta");
   meta.textContent = "";
@@ -225,6 +226,7 @@ function cardFor(c) {
   if (c.corrected) flags.append(el("span", { class: "tag corrected", text: c.true_class === c.predicted_class ? "✓ confirmed" : "✓ corrected" }));
   else if (c.needs_review) flags.append(el("span", { class: "tag review", text: "review" }));
   if (c.multi_cell) flags.append(el("span", { class: "tag multi", text: "multi-cell" }));
+  if (hasWarnings(c)) flags.append(el("span", { class: "tag unusual", text: "unusual input", title: c.input_warnings.join("\n") }));
   meta.append(...[
     el("div", { class: "card-row" },
       el("span", { class: "card-class" }, dot(c.class), el("span", { class: "card-class-name", text: c.class })),
@@ -235,11 +237,16 @@ function cardFor(c) {
   return card;
 }
 
+function hasWarnings(c) {
+  return Array.isArray(c.input_warnings) && c.input_warnings.length > 0;
+}
+
 function matches(c) {
   const f = S.filter;
   if (f.cls && c.class !== f.cls) return false;
   if (f.flag === "review") return c.needs_review && !c.corrected;
   if (f.flag === "multi") return !!c.multi_cell;
+  if (f.flag === "unusual") return hasWarnings(c);
   if (f.flag === "corrected") return c.corrected;
   return true;
 }
@@ -256,6 +263,7 @@ function applyFilter() {
   $("#n-all").textContent = S.cells.length;
   $("#n-review").textContent = n((c) => c.needs_review && !c.corrected);
   $("#n-multi").textContent = n((c) => !!c.multi_cell);
+  $("#n-unusual").textContent = n(hasWarnings);
   $("#n-corrected").textContent = n((c) => c.corrected);
   const empty = $("#empty");
   empty.hidden = shown > 0;
@@ -347,8 +355,9 @@ function renderViewer() {
   flags.textContent = "";
   if (c.corrected && c.true_class !== c.predicted_class) flags.append(el("span", { class: "tag corrected", text: `corrected · model said ${c.predicted_class} (${pct(c.probability)})` }));
   else if (c.corrected) flags.append(el("span", { class: "tag corrected", text: "✓ prediction confirmed" }));
-  else if (c.needs_review) flags.append(el("span", { class: "tag review", text: "needs review: low confidence" }));
+  else if (c.needs_review && !hasWarnings(c)) flags.append(el("span", { class: "tag review", text: "needs review: low confidence" }));
   if (c.multi_cell) flags.append(el("span", { class: "tag multi", text: `multi-cell image (score ${Number(c.multi_cell_score).toFixed(2)})` }));
+  if (hasWarnings(c)) for (const w of c.input_warnings) flags.append(el("span", { class: "tag unusual", text: `unusual input: ${w}` }));
   const ol = $("#v-top3");
   ol.textContent = "";
   for (const t of c.top3) {
