@@ -148,19 +148,25 @@ def test_page_upload_correct_reload(tmp_path):
     images = write_cells(tmp_path / "imgs", [0, 3, 6])
     junk = tmp_path / "imgs" / "notes.txt"
     junk.write_text("not an image")
+    gray = tmp_path / "imgs" / "gray.png"  # classified, but flagged by the input checks
+    from PIL import Image
+    Image.fromarray(np.full((96, 96, 3), 150, np.uint8)).save(gray)
     db = tmp_path / "lab.sqlite3"
     app = create_app(model=str(model_dir), db_path=db, screen=None)
     with live_server(app) as url, chrome() as driver:
         driver.get(url + "/")
         _wait(driver, lambda d: d.find_element(By.ID, "sample-select"), msg="page did not load")
-        _upload(driver, images + [junk])
-        _wait(driver, lambda d: len(_cards(d)) == 3, msg="grid did not show 3 cells")
+        _upload(driver, images + [junk, gray])
+        _wait(driver, lambda d: len(_cards(d)) == 4, msg="grid did not show 4 cells")
         _wait(driver, lambda d: "notes.txt" in d.find_element(By.ID, "errors").text,
               msg="the non-image got no error message")
         names = [c.find_element(By.CSS_SELECTOR, ".card-class-name").text for c in _cards(driver)]
         assert all(n in CLASSES for n in names), names
         before = _diff_counts(driver)
-        assert sum(before.values()) == 3
+        assert sum(before.values()) == 4
+        assert driver.find_element(By.ID, "n-unusual").text == "1"
+        flagged = [c for c in _cards(driver) if "unusual input" in c.text]
+        assert len(flagged) == 1 and "gray.png" in flagged[0].text
 
         # open the first cell, correct it by key press to a class it was not predicted as
         first = _cards(driver)[0]
@@ -185,7 +191,7 @@ def test_page_upload_correct_reload(tmp_path):
         r = httpx.get(f"{url}/api/cells/{cell_id}")
         assert r.json()["true_class"] == target
         driver.refresh()
-        _wait(driver, lambda d: len(_cards(d)) == 3, msg="cells not shown after reload")
+        _wait(driver, lambda d: len(_cards(d)) == 4, msg="cells not shown after reload")
         card = driver.find_element(By.CSS_SELECTOR, f'#grid .card[data-cell-id="{cell_id}"]')
         assert card.find_element(By.CSS_SELECTOR, ".card-class-name").text == target
         assert "corrected" in card.text
@@ -196,8 +202,10 @@ def test_page_upload_correct_reload(tmp_path):
         visible = "return [...document.querySelectorAll('#grid .card')].filter(c => !c.hidden).length"
         driver.find_element(By.CSS_SELECTOR, '#flag-filters [data-flag="corrected"]').click()
         assert driver.execute_script(visible) == 1
+        driver.find_element(By.CSS_SELECTOR, '#flag-filters [data-flag="unusual"]').click()
+        assert driver.execute_script(visible) == 1
         driver.find_element(By.CSS_SELECTOR, '#flag-filters [data-flag="all"]').click()
-        assert driver.execute_script(visible) == 3
+        assert driver.execute_script(visible) == 4
         Select(driver.find_element(By.ID, "class-filter")).select_by_value(target)
         assert driver.execute_script(visible) == after[target]
         driver.save_screenshot(str(tmp_path / "page.png"))
