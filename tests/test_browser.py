@@ -165,6 +165,11 @@ def test_page_upload_correct_reload(tmp_path):
         before = _diff_counts(driver)
         assert sum(before.values()) == 4
         assert driver.find_element(By.ID, "n-unusual").text == "1"
+        # the 95 % interval column: the same Wilson interval as `bloodcell predict` prints
+        from bloodcell.predict import proportion_ci
+        cls = next(c for c, k in before.items() if k)
+        ci = driver.find_element(By.CSS_SELECTOR, f'#diff-table tr[data-class="{cls}"] td.ci').text
+        assert ci == "–".join(f"{100 * v:.1f}" for v in proportion_ci(before[cls], 4))
         flagged = [c for c in _cards(driver) if "unusual input" in c.text]
         assert len(flagged) == 1 and "gray.png" in flagged[0].text
 

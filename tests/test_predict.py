@@ -170,9 +170,26 @@ def test_differential_count():
     assert d["counts"]["neutrophil"] == 6 and d["counts"]["lymphocyte"] == 2
     assert d["percent"]["neutrophil"] == pytest.approx(75.0) and d["percent"]["platelet"] == 0
     assert d["n_needs_review"] == 2
+    lo, hi = d["ci95_percent"]["neutrophil"]
+    assert lo < 75.0 < hi and d["ci95_percent"]["platelet"][0] == 0.0
+    assert "95% CI" in P.format_summary({"differential": d, "review_threshold": 0.9, "n_inputs": 11,
+                                          "n_ok": 10, "n_skipped": 1, "n_resumed": 0, "n_computed": 10,
+                                          "seconds": 1.0, "images_per_s": 10.0, "backend": "onnx",
+                                          "batch_size": 64, "workers": 2, "skipped": []})
     d2 = P.differential_count(recs, CLASSES, include_flagged=True)
     assert d2["n_counted"] == 10 and d2["counts"]["neutrophil"] == 8
     assert sum(d2["percent"].values()) == pytest.approx(100.0)
+
+
+def test_proportion_ci_wilson():
+    # textbook values: 50/100 -> 40.4-59.6 %; 5 % of a 100-cell differential -> 2.2-11.2 %
+    np.testing.assert_allclose(P.proportion_ci(50, 100), (0.40383, 0.59617), atol=1e-5)
+    np.testing.assert_allclose(P.proportion_ci(5, 100), (0.02154, 0.11175), atol=1e-5)
+    assert P.proportion_ci(0, 10)[0] == 0.0 and P.proportion_ci(10, 10)[1] == pytest.approx(1.0)
+    assert P.proportion_ci(0, 0) == (0.0, 0.0)
+    # more cells, narrower interval around the same share
+    w = [np.subtract(*P.proportion_ci(n // 5, n)[::-1]) for n in (50, 200, 1000)]
+    assert w[0] > w[1] > w[2]
 
 
 class FakeScreen:

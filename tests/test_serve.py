@@ -180,6 +180,9 @@ def test_samples_cells_and_differential(client):
     assert sum(d["percent"].values()) == pytest.approx(100.0)
     expected = {c: sum(x["predicted_class"] == c for x in s["cells"]) for c in CLASSES}
     assert d["counts"] == expected
+    from bloodcell.predict import proportion_ci
+    assert all(d["ci95_percent"][c] == pytest.approx([100 * v for v in proportion_ci(k, 4)])
+               for c, k in expected.items())
     assert client.get("/api/samples/nope").status_code == 404
     assert client.get("/api/samples/nope/export.csv").status_code == 404
 

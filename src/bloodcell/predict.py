@@ -405,6 +405,19 @@ class Journal:
 
 # ----------------------------------------------------------------------------- summary
 
+def proportion_ci(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95 % Wilson score interval of the proportion k/n. A differential count is a
+    sample: on 100 cells a 5 % class may truly be anywhere in 2.2-11.2 % (Ruemke's
+    table makes the same point); the interval says how much to trust each %."""
+    if n <= 0:
+        return 0.0, 0.0
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def differential_count(records: Sequence[dict], classes: Sequence[str],
                        include_flagged: bool = False) -> dict:
     """Count and % per class over the ``ok`` records, as a lab report gives it.
@@ -422,7 +435,8 @@ def differential_count(records: Sequence[dict], classes: Sequence[str],
             "n_input_warnings": len(unusual), "flagged_included": include_flagged,
             "n_needs_review": sum(bool(r.get("needs_review")) for r in counted),
             "counts": counts,
-            "percent": {c: (100.0 * k / n if n else 0.0) for c, k in counts.items()}}
+            "percent": {c: (100.0 * k / n if n else 0.0) for c, k in counts.items()},
+            "ci95_percent": {c: [100.0 * v for v in proportion_ci(k, n)] for c, k in counts.items()}}
 
 
 def format_summary(s: dict) -> str:
@@ -432,9 +446,10 @@ def format_summary(s: dict) -> str:
     note = "" if not flagged else (f" (incl. {', '.join(flagged)})" if d["flagged_included"] else
                                    f" ({', '.join(flagged)} left out; --include-flagged counts them)")
     lines = [f"differential count over {d['n_counted']} image(s){note}:",
-             f"  {'class':<14}{'count':>7}{'%':>8}"]
+             f"  {'class':<14}{'count':>7}{'%':>8}   95% CI"]
     for c, k in d["counts"].items():
-        lines.append(f"  {c:<14}{k:>7}{d['percent'][c]:>7.1f}%")
+        lo, hi = d["ci95_percent"][c]
+        lines.append(f"  {c:<14}{k:>7}{d['percent'][c]:>7.1f}%   {lo:4.1f}-{hi:.1f}%")
     if d["n_counted"]:
         lines.append(f"needs review (confidence < {s['review_threshold']:.3g}): {d['n_needs_review']} "
                      f"({100.0 * d['n_needs_review'] / d['n_counted']:.1f}%)")

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .predict import proportion_ci
 from .transforms import ImageError, open_image, preprocess, preprocess_with_size
 
 log = logging.getLogger("bloodcell")
@@ -213,6 +214,7 @@ def differential(cells: list[dict], classes: list[str]) -> dict:
     n = len(cells)
     return {"total": n, "counts": counts,
             "percent": {c: (100.0 * v / n if n else 0.0) for c, v in counts.items()},
+            "ci95_percent": {c: [100.0 * x for x in proportion_ci(v, n)] for c, v in counts.items()},
             "n_corrected": sum(c["corrected"] for c in cells),
             "n_needs_review": sum(c["needs_review"] and not c["corrected"] for c in cells),
             "n_multi_cell": sum(bool(c.get("multi_cell")) for c in cells),

@@ -271,6 +271,15 @@ function applyFilter() {
 }
 
 // ------------------------------------------------------------------ differential
+// 95 % Wilson score interval of k/n, as predict.proportion_ci computes it
+function proportionCI(k, n, z = 1.959964) {
+  if (n <= 0) return [0, 0];
+  const p = k / n, denom = 1 + z * z / n;
+  const centre = (p + z * z / (2 * n)) / denom;
+  const half = z * Math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom;
+  return [Math.max(0, centre - half), Math.min(1, centre + half)];
+}
+
 function renderDiff() {
   const counts = Object.fromEntries(S.classes.map((c) => [c, 0]));
   for (const c of S.cells) counts[c.class] = (counts[c.class] || 0) + 1;
@@ -282,7 +291,8 @@ function renderDiff() {
     const tr = el("tr", { class: n ? "" : "zero", "data-class": cls },
       el("td", { class: "cls" }, dot(cls), cls),
       el("td", { class: "num diff-n", text: String(n) }),
-      el("td", { class: "num", text: total ? (100 * n / total).toFixed(1) : "0.0" }));
+      el("td", { class: "num", text: total ? (100 * n / total).toFixed(1) : "0.0" }),
+      el("td", { class: "num ci", text: total ? proportionCI(n, total).map((v) => (100 * v).toFixed(1)).join("–") : "" }));
     tb.append(tr);
   }
   $("#diff-total").textContent = total;
