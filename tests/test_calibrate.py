@@ -91,3 +91,11 @@ def test_dry_run_leaves_model_alone(tmp_path, synthetic_dataset):
     before = (d / "model.json").read_text()
     r = C.calibrate(d, synthetic_dataset, store=False, progress=False)
     assert (d / "model.json").read_text() == before and "stored_in" not in r
+
+
+def test_target_must_be_an_accuracy(tmp_path, synthetic_dataset, capsys):
+    from bloodcell.cli import main
+    d = make_model(tmp_path / "m")
+    assert main(["calibrate", "--model", str(d), "--data", str(synthetic_dataset), "--target", "1.5"]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err
+    assert C.DEFAULT_TARGET_ACCURACY == 0.995  # the bundled model's setting (README, model card)

@@ -89,3 +89,30 @@ def test_atomic_write_leaves_no_partial(tmp_path):
     D.atomic_write_json(p, {"a": 1})
     assert p.read_text().strip().startswith("{")
     assert [f.name for f in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_scan_names_folders_that_are_not_classes(synthetic_dataset, caplog):
+    (synthetic_dataset / "weird").mkdir()
+    ds = D.scan(synthetic_dataset, classes=["basophil", "ig"])
+    assert set(ds.classes) == {"basophil", "ig"}
+    assert "weird" in caplog.text and "left out" in caplog.text
+
+
+def test_manifest_without_rows(tmp_path):
+    p = tmp_path / "split.csv"
+    p.write_text("path,class,split\n")
+    with pytest.raises(ValueError, match="lists no files"):
+        D.read_manifest(p)
+    p.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a split manifest"):
+        D.read_manifest(p)
+
+
+def test_macro_f1_counts_only_the_classes_present():
+    from bloodcell.evaluate import compute_metrics
+    classes = ["a", "b", "c", "d"]
+    y = np.array([0, 0, 1, 1])
+    m = compute_metrics(y, np.eye(4)[[0, 0, 1, 1]], classes)
+    assert m["accuracy"] == 1.0 and m["macro_f1"] == 1.0 and m["macro_f1_classes"] == ["a", "b"]
+    m = compute_metrics(y, np.eye(4)[[0, 2, 1, 1]], classes)  # one image called an absent class
+    assert m["accuracy"] == 0.75 and m["macro_f1"] < 1.0

@@ -157,7 +157,7 @@ def test_expand_inputs_folders_globs_missing(image_dir, tmp_path):
     assert len(ok) == 10
     why = {os.path.basename(p): w for p, w in items if w}
     assert "extension" in why["notes.txt"] and "hidden" in why[".hidden.png"]
-    assert why["nope.jpg"] == "no such file" and "matched nothing" in why["zz*.png"]
+    assert why["nope.jpg"] == "no such file or folder" and "matched nothing" in why["zz*.png"]
 
 
 def test_differential_count():
@@ -175,7 +175,9 @@ def test_differential_count():
     assert "95% CI" in P.format_summary({"differential": d, "review_threshold": 0.9, "n_inputs": 11,
                                           "n_ok": 10, "n_skipped": 1, "n_resumed": 0, "n_computed": 10,
                                           "seconds": 1.0, "images_per_s": 10.0, "backend": "onnx",
-                                          "batch_size": 64, "workers": 2, "skipped": []})
+                                          "batch_size": 64, "workers": 2, "skipped": [],
+                                          "review": {"n_needs_review": 2, "n_low_confidence": 2,
+                                                     "n_input_warnings": 0}})
     d2 = P.differential_count(recs, CLASSES, include_flagged=True)
     assert d2["n_counted"] == 10 and d2["counts"]["neutrophil"] == 8
     assert sum(d2["percent"].values()) == pytest.approx(100.0)
@@ -307,3 +309,77 @@ def test_bundled_screen_adds_flags(model_dir, image_dir):
     assert all(isinstance(r["multi_cell"], bool) and isinstance(r["multi_cell_score"], float) for r in recs)
     assert "multi_cell" not in P.Classifier.load(model_dir, backend="torch", screen=None).predict(
         synthetic_cell(0))[0]
+
+
+# ----------------------------------------------------------------------------- QA findings
+
+def test_links_broken_followed_and_deduplicated(clf, image_dir, tmp_path):
+    d = tmp_path / "linked"
+    d.mkdir()
+    (d / "broken.png").symlink_to(tmp_path / "gone.png")
+    (d / "sub_link").symlink_to(image_dir / "sub", target_is_directory=True)  # a linked folder
+    (d / "loop").symlink_to(d, target_is_directory=True)                      # a link loop
+    (d / "again.png").symlink_to(image_dir / "sub" / "c00.png")               # the same cell twice
+    recs, s = P.predict_paths(clf, [str(d), str(image_dir)], progress=False)
+    why = {os.path.basename(r["path"]): r["status"] for r in recs}
+    assert "broken link" in why["broken.png"]
+    assert s["n_ok"] == 10 and len(recs) == 11  # each real file once, the broken link reported
+
+
+def test_arrays_of_other_types(clf):
+    base = synthetic_cell(4, seed=1)
+    ref = clf.predict([base])[0]
+    as16 = base.astype(np.uint16) * 257  # 16-bit 0..65535
+    asfloat = base / 255.0
+    got = clf.predict([as16, asfloat, np.full((64, 64, 3), np.nan), np.ones((64, 64, 3), bool)])
+    for r in got[:2]:
+        assert r["status"] == "ok" and r["class"] == ref["class"]
+        assert r["probability"] == pytest.approx(ref["probability"], abs=2e-3)
+    assert "NaN" in got[2]["status"] and "dtype bool" in got[3]["status"]
+
+
+def test_cli_checks_arguments_before_working(model_dir, image_dir, tmp_path, capsys):
+    from bloodcell.cli import main
+    base = ["predict", str(image_dir), "--model", str(model_dir), "--backend", "torch", "--no-progress"]
+    for bad in (["--batch-size", "0"], ["--workers", "-1"], ["--threads", "0"], ["--review-threshold", "2"]):
+        with pytest.raises(SystemExit) as e:
+            main(base + bad)
+        assert e.value.code == 2
+    assert "not a positive integer" in capsys.readouterr().err
+    (tmp_path / "res.csv").mkdir()
+    assert main(base + ["--out", str(tmp_path / "res.csv")]) == 2
+    assert main(base + ["--onnx", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder" in err and "needs --backend onnx" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", str(empty), "--model", str(model_dir), "--backend", "torch"]) == 1
+    assert "no image files found in" in capsys.readouterr().err
+
+
+def test_summary_says_why_images_need_review(clf, image_dir):
+    gray = image_dir / "gray.png"
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(gray)
+    clf.review_threshold = 0.999999  # every image is below it
+    recs, s = P.predict_paths(clf, [str(image_dir)], progress=False)
+    text = P.format_summary(s)
+    assert s["review"] == {"n_needs_review": 11, "n_low_confidence": 11, "n_input_warnings": 1}
+    assert "needs review: 11 of 11 classified" in text and "1 with input warnings" in text
+
+
+def test_damaged_model_files_are_named(model_dir, tmp_path):
+    import shutil
+    from bloodcell.models import load_model
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    (bad / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        load_model(bad)
+    shutil.copy(model_dir / "model.safetensors", bad / "model.safetensors")
+    meta = json.loads((bad / "model.json").read_text())
+    (bad / "model.json").write_text(json.dumps({**meta, "architecture": "cnn"}))
+    with pytest.raises(ValueError, match="do not fit the architecture 'cnn'"):
+        load_model(bad)
+    (bad / "model.json").write_text("{not json")
+    with pytest.raises(ValueError, match="model.json: not valid JSON"):
+        load_model(bad)

@@ -146,16 +146,33 @@ def file_digest(p: Path, algorithm: str = "sha1") -> str:
 
 
 def iter_image_files(root: Path):
-    """Yield (path, reason_or_None) under ``root`` recursively, hidden junk flagged."""
-    for dirpath, dirnames, filenames in os.walk(root):
+    """Yield (path, reason_or_None) under ``root`` recursively, hidden junk flagged.
+    Linked folders are followed (once each: a link loop cannot recur); a broken
+    link or unreadable entry is reported, never fatal."""
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in sorted(filenames):
             p = Path(dirpath) / fn
             if fn.startswith("."):
                 yield p, "hidden file (e.g. macOS metadata), not an image"
+                continue
+            try:
+                size = p.stat().st_size
+            except OSError as e:
+                yield p, ("broken link (its target does not exist)" if p.is_symlink()
+                          else f"unreadable ({e.strerror or e})")
+                continue
+            if not p.is_file():
+                yield p, "not a regular file"
             elif p.suffix.lower() not in IMAGE_EXTENSIONS:
                 yield p, f"not an image file extension ({p.suffix or 'none'})"
-            elif p.stat().st_size == 0:
+            elif size == 0:
                 yield p, "empty file (0 bytes)"
             else:
                 yield p, None
@@ -174,6 +191,10 @@ def scan(root: str | os.PathLike, classes: list[str] | None = None) -> Dataset:
         classes = found
     if not classes:
         raise ValueError(f"{root}: no class sub-folders found (expected ROOT/<class>/<image files>)")
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        log.warning("%s: folder(s) %s are not among the classes %s: their images are left out",
+                    root, ", ".join(extra), ", ".join(classes))
     samples, skipped = [], []
     for label, cls in enumerate(classes):
         cdir = root / cls
@@ -239,9 +260,12 @@ def write_manifest(path: Path, ds: Dataset, splits: list[str]) -> str:
 def read_manifest(path: Path) -> dict[str, tuple[str, str]]:
     """relative path -> (class, split)."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or not {"path", "class", "split"} <= set(rows[0]):
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    if not {"path", "class", "split"} <= set(reader.fieldnames or []):
         raise ValueError(f"{path}: not a split manifest (need columns path,class,split)")
+    if not rows:
+        raise ValueError(f"{path}: the split manifest lists no files")
     return {r["path"]: (r["class"], r["split"]) for r in rows}
 
 

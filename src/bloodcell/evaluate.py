@@ -35,10 +35,13 @@ def compute_metrics(y_true, probs: np.ndarray, classes: list[str]) -> dict:
     y_pred = probs.argmax(1) if len(probs) else np.zeros(0, dtype=int)
     labels = list(range(len(classes)))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    # macro F1 over the classes the data holds: an absent class would count as F1 0
+    present = [k for k in labels if s[k] > 0] or labels
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)) if len(y_true) else float("nan"),
         "accuracy_ci95": bootstrap_ci(y_true == y_pred),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "macro_f1_classes": [classes[k] for k in present],
         "n_images": int(len(y_true)),
         "classes": list(classes),
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),

@@ -356,13 +356,26 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
 
     from safetensors.torch import load_file
     w, j = resolve_model_path(path)
-    meta = json.loads(j.read_text())
+    try:
+        meta = json.loads(j.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{j}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{j}: not a bloodcell model description (not a JSON object)")
     for key in ("architecture", "classes", "image_size"):
         if key not in meta:
             raise ValueError(f"{j}: not a bloodcell model description (missing {key!r})")
     model = create_model(meta["architecture"], len(meta["classes"]), meta["image_size"],
                          pretrained=False)
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(w)).items()}
-    model.load_state_dict(sd)
+    try:
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(w)).items()}
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise ValueError(f"{w}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"{w}: these weights do not fit the architecture {meta['architecture']!r} "
+                         f"named in {j.name} ({first})") from None
     model.eval()
     return model, meta

@@ -10,6 +10,7 @@ small CPU the two overlap instead of taking turns.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import logging
@@ -309,7 +310,7 @@ def expand_inputs(specs: Sequence[str]) -> list[tuple[str, str | None]]:
     seen: set[str] = set()
 
     def add(p, why=None):
-        key = os.path.abspath(p)
+        key = os.path.realpath(p)  # a link and its target are the same cell: classify it once
         if key not in seen:
             seen.add(key)
             out.append((str(p), why))
@@ -331,8 +332,10 @@ def expand_inputs(specs: Sequence[str]) -> list[tuple[str, str | None]]:
                 add(spec, "no such file (the pattern matched nothing)")
             for h in hits:
                 add_path(Path(h))
+        elif os.path.islink(spec):
+            add(spec, "broken link (its target does not exist)")
         else:
-            add(spec, "no such file")
+            add(spec, "no such file or folder")
     return out
 
 
@@ -439,6 +442,14 @@ def differential_count(records: Sequence[dict], classes: Sequence[str],
             "ci95_percent": {c: [100.0 * v for v in proportion_ci(k, n)] for c, k in counts.items()}}
 
 
+def review_counts(records: Sequence[dict], threshold: float) -> dict:
+    """Why the classified images need review (an image can have both reasons)."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    return {"n_needs_review": sum(bool(r.get("needs_review")) for r in ok),
+            "n_low_confidence": sum(r["probability"] < threshold for r in ok),
+            "n_input_warnings": sum(bool(r.get("input_warnings")) for r in ok)}
+
+
 def format_summary(s: dict) -> str:
     d = s["differential"]
     flagged = [f"{k} {what}" for k, what in ((d["n_multi_cell"], "multi-cell"),
@@ -450,9 +461,11 @@ def format_summary(s: dict) -> str:
     for c, k in d["counts"].items():
         lo, hi = d["ci95_percent"][c]
         lines.append(f"  {c:<14}{k:>7}{d['percent'][c]:>7.1f}%   {lo:4.1f}-{hi:.1f}%")
-    if d["n_counted"]:
-        lines.append(f"needs review (confidence < {s['review_threshold']:.3g}): {d['n_needs_review']} "
-                     f"({100.0 * d['n_needs_review'] / d['n_counted']:.1f}%)")
+    if s["n_ok"]:
+        r = s["review"]
+        lines.append(f"needs review: {r['n_needs_review']} of {s['n_ok']} classified "
+                     f"({100.0 * r['n_needs_review'] / s['n_ok']:.1f}%): {r['n_low_confidence']} with "
+                     f"confidence < {s['review_threshold']:.3g}, {r['n_input_warnings']} with input warnings")
     lines.append(f"{s['n_inputs']} input(s): {s['n_ok']} classified, {s['n_skipped']} skipped"
                  + (f", {s['n_resumed']} taken from the interrupted run" if s["n_resumed"] else ""))
     lines.append(f"{s['n_computed']} image(s) in {s['seconds']:.1f} s: {s['images_per_s']:.1f} images/s "
@@ -497,6 +510,15 @@ def check_out_path(out) -> Path | None:
     out = Path(out)
     if out.suffix.lower() not in (".csv", ".json"):
         raise ValueError(f"--out {out}: use a .csv or .json file name")
+    if out.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a file name")
+    # fail now, not after classifying a big folder: the results and the journal go here
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create its folder ({e.strerror or e})") from None
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"--out {out}: its folder {out.parent} is not writable")
     return out
 
 
@@ -568,6 +590,7 @@ def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: i
         "n_skipped": len(skipped), "n_resumed": n_resumed, "n_computed": n_computed,
         "seconds": round(seconds, 3), "images_per_s": n_computed / seconds if seconds > 0 else 0.0,
         "differential": differential_count(records, clf.classes, include_flagged),
+        "review": review_counts(records, clf.review_threshold),
         "skipped": skipped,
     }
     if out is not None:
@@ -592,6 +615,8 @@ def _print_records(records: list[dict]) -> None:
 
 def cmd_predict(args):
     check_out_path(args.out)
+    if args.onnx and args.backend != "onnx":
+        raise ValueError(f"--onnx {args.onnx} needs --backend onnx (not {args.backend})")
     screen = None if args.no_screen else (args.screen or "auto")
     clf = Classifier.load(args.model, backend=args.backend, onnx_path=args.onnx, screen=screen,
                           review_threshold=args.review_threshold, threads=args.threads)
@@ -603,6 +628,9 @@ def cmd_predict(args):
             _print_records(records)
         else:
             print(f"({len(records)} results not listed: pass --out results.csv or .json to keep them)")
+    if summary["n_inputs"] == 0:
+        print(f"no image files found in: {' '.join(args.paths)}", file=sys.stderr)
+        return 1
     print(format_summary(summary))
     if args.out:
         print(f"wrote {args.out}")
@@ -610,19 +638,37 @@ def cmd_predict(args):
         return 1
 
 
+def _checked(kind: str, ok):
+    def parse(text: str):
+        try:
+            v = (float if kind == "probability" else int)(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{text} is not a {kind}")
+        return v
+    parse.__name__ = kind  # argparse names the type in its messages
+    return parse
+
+
+positive_int = _checked("positive integer", lambda v: v >= 1)
+non_negative_int = _checked("non-negative integer", lambda v: v >= 0)
+probability = _checked("probability", lambda v: 0.0 <= v <= 1.0)
+
+
 def add_cli(sub):
     p = sub.add_parser("predict", help="classify image files, folders (recursive) or globs")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("--model", help="run folder or model file (default: the bundled model)")
     p.add_argument("--out", help="results file: .csv (one row per image) or .json (with the summary)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=non_negative_int, default=None,
                    help=f"decode threads running ahead of the model (default {default_workers()}; 0 = inline)")
     p.add_argument("--backend", choices=BACKENDS, default="onnx",
                    help="onnx (ONNX Runtime; exported once and cached next to the model) or torch")
     p.add_argument("--onnx", help="use this exported .onnx file (with --backend onnx)")
-    p.add_argument("--threads", type=int, help="model compute threads (default: all cores)")
-    p.add_argument("--review-threshold", type=float,
+    p.add_argument("--threads", type=positive_int, help="model compute threads (default: all cores)")
+    p.add_argument("--review-threshold", type=probability,
                    help="flag images whose calibrated confidence is below this "
                         "(default: the model's calibrated value)")
     p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")

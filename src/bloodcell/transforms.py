@@ -52,8 +52,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
         im = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if im.mode == "F":
-        a = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "L")
+        im = Image.fromarray(_float_to_uint8(np.asarray(im, dtype=np.float64)), "L")
     if im.mode == "P":
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa"):
@@ -61,6 +60,16 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         bg = Image.new("RGBA", im.size, (255, 255, 255, 255))  # slides are bright: white, not black
         im = Image.alpha_composite(bg, im)
     return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def _float_to_uint8(a: np.ndarray, name: str = "<image>") -> np.ndarray:
+    """Float pixels -> uint8: 0..1 when nothing exceeds 1 (the scikit-image and
+    matplotlib convention), else 0..255. NaN or infinite pixels are refused."""
+    if a.size and not np.isfinite(a).all():
+        raise ImageError(name, "array has NaN or infinite values")
+    if a.size and float(a.max()) <= 1.0:
+        a = a * 255.0
+    return np.clip(a + 0.5, 0, 255).astype(np.uint8)
 
 
 def open_image(src: ImageSource, draft_size: int | None = None) -> Image.Image:
@@ -81,10 +90,15 @@ def _open_image(src: ImageSource, draft_size: int | None = None) -> tuple[Image.
                 a = a[:, :, 0]
             if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
                 raise ImageError(name, f"array of shape {a.shape} is not HxW, HxWx3 or HxWx4")
+            if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.number):
+                raise ImageError(name, f"array of dtype {a.dtype} is not an image")
             if a.dtype != np.uint8:
-                if np.issubdtype(a.dtype, np.floating) and a.size and float(np.nanmax(a)) <= 1.0:
-                    a = a * 255.0
-                a = np.clip(np.nan_to_num(a), 0, 255).astype(np.uint8)
+                if np.issubdtype(a.dtype, np.floating):
+                    a = _float_to_uint8(a, name)
+                elif a.dtype.itemsize == 2 and a.size and int(a.max()) > 255:
+                    a = (a.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)  # 16-bit 0..65535
+                else:
+                    a = np.clip(a, 0, 255).astype(np.uint8)
             im = Image.fromarray(a)
         else:
             if isinstance(src, (bytes, bytearray)):
