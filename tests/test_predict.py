@@ -383,3 +383,10 @@ def test_damaged_model_files_are_named(model_dir, tmp_path):
     (bad / "model.json").write_text("{not json")
     with pytest.raises(ValueError, match="model.json: not valid JSON"):
         load_model(bad)
+
+
+def test_damaged_onnx_file_is_named(model_dir, tmp_path):
+    bogus = tmp_path / "bogus.onnx"
+    bogus.write_text('{"not": "onnx"}')
+    with pytest.raises(ValueError, match="bogus.onnx: not a usable ONNX model"):
+        P.Classifier.load(model_dir, backend="onnx", onnx_path=bogus, screen=None)

@@ -339,6 +339,8 @@ def export(model_path=None, fmt: str = "onnx", out=None, opset: int = ONNX_OPSET
 
 
 def cmd_export(args):
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: is a folder; give a file name such as model.onnx")
     import numpy as np
 
     if args.format == "onnx-int8":

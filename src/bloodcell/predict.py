@@ -96,7 +96,11 @@ class Classifier:
                 self.onnx_path = find_int8(self.weights_path)
             else:
                 self.onnx_path = ensure_onnx(self.weights_path, self.model, meta, onnx_path)
-            self._session = self._ort_session(self.onnx_path, threads)
+            try:
+                self._session = self._ort_session(self.onnx_path, threads)
+            except Exception as e:  # onnxruntime's own error types for a damaged or foreign file
+                raise ValueError(f"{self.onnx_path}: not a usable ONNX model ({type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else e})") from None
 
     @staticmethod
     def _ort_session(path, threads):
