@@ -163,20 +163,28 @@ def test_page_upload_correct_reload(tmp_path):
         names = [c.find_element(By.CSS_SELECTOR, ".card-class-name").text for c in _cards(driver)]
         assert all(n in CLASSES for n in names), names
         before = _diff_counts(driver)
-        assert sum(before.values()) == 4
+        # as `bloodcell predict`: the unusual input is not counted until it is reviewed
+        assert sum(before.values()) == 3
+        assert driver.find_element(By.ID, "diff-total").text == "3"
+        assert "1 flagged not counted until reviewed" in driver.find_element(By.ID, "diff-summary").text
         assert driver.find_element(By.ID, "n-unusual").text == "1"
+        # the page and the server count alike
+        sid = httpx.get(f"{url}/api/samples").json()["samples"][0]["id"]
+        server = httpx.get(f"{url}/api/samples/{sid}").json()["differential"]
+        assert server["counts"] == before and server["n_left_out"] == 1
         # the 95 % interval column: the same Wilson interval as `bloodcell predict` prints
         from bloodcell.predict import proportion_ci
         cls = next(c for c, k in before.items() if k)
         ci = driver.find_element(By.CSS_SELECTOR, f'#diff-table tr[data-class="{cls}"] td.ci').text
-        assert ci == "–".join(f"{100 * v:.1f}" for v in proportion_ci(before[cls], 4))
+        assert ci == "–".join(f"{100 * v:.1f}" for v in proportion_ci(before[cls], 3))
         flagged = [c for c in _cards(driver) if "unusual input" in c.text]
         assert len(flagged) == 1 and "gray.png" in flagged[0].text
 
-        # open the first cell, correct it by key press to a class it was not predicted as
-        first = _cards(driver)[0]
+        # open the first counted cell, correct it by key press to a class it was not predicted as
+        i = next(i for i, c in enumerate(_cards(driver)) if "unusual input" not in c.text)
+        first = _cards(driver)[i]
         cell_id = first.get_attribute("data-cell-id")
-        predicted = names[0]
+        predicted = names[i]
         target = next(c for c in CLASSES if c != predicted)
         first.click()
         _wait(driver, lambda d: d.find_element(By.ID, "viewer").get_attribute("open") is not None,
@@ -192,6 +200,20 @@ def test_page_upload_correct_reload(tmp_path):
         driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
         driver.save_screenshot(str(tmp_path / "after_correction.png"))
 
+        # confirming the flagged cell (Enter) puts it in the count under its class
+        gray_pred = flagged[0].find_element(By.CSS_SELECTOR, ".card-class-name").text
+        counts = _diff_counts(driver)
+        flagged[0].click()
+        _wait(driver, lambda d: d.find_element(By.ID, "viewer").get_attribute("open") is not None,
+              msg="viewer did not open")
+        driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ENTER)
+        _wait(driver, lambda d: sum(_diff_counts(d).values()) == 4, msg="the reviewed cell was not counted")
+        assert _diff_counts(driver)[gray_pred] == counts[gray_pred] + 1
+        assert "flagged" not in driver.find_element(By.ID, "diff-summary").text
+        driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE)
+        server = httpx.get(f"{url}/api/samples/{sid}").json()["differential"]
+        assert server["counts"] == _diff_counts(driver) and server["n_left_out"] == 0
+
         # the correction is in the database, and survives a page reload
         r = httpx.get(f"{url}/api/cells/{cell_id}")
         assert r.json()["true_class"] == target
@@ -201,12 +223,14 @@ def test_page_upload_correct_reload(tmp_path):
         assert card.find_element(By.CSS_SELECTOR, ".card-class-name").text == target
         assert "corrected" in card.text
         after = _diff_counts(driver)
-        assert after[target] == before[target] + 1 and after[predicted] == before[predicted] - 1
+        assert after == server["counts"]
+        assert after[target] - (gray_pred == target) == before[target] + 1
+        assert after[predicted] - (gray_pred == predicted) == before[predicted] - 1
 
         # filters: by flag, then by class
         visible = "return [...document.querySelectorAll('#grid .card')].filter(c => !c.hidden).length"
         driver.find_element(By.CSS_SELECTOR, '#flag-filters [data-flag="corrected"]').click()
-        assert driver.execute_script(visible) == 1
+        assert driver.execute_script(visible) == 2  # corrected + confirmed
         driver.find_element(By.CSS_SELECTOR, '#flag-filters [data-flag="unusual"]').click()
         assert driver.execute_script(visible) == 1
         driver.find_element(By.CSS_SELECTOR, '#flag-filters [data-flag="all"]').click()

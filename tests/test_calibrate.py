@@ -96,6 +96,7 @@ def test_dry_run_leaves_model_alone(tmp_path, synthetic_dataset):
 def test_target_must_be_an_accuracy(tmp_path, synthetic_dataset, capsys):
     from bloodcell.cli import main
     d = make_model(tmp_path / "m")
-    assert main(["calibrate", "--model", str(d), "--data", str(synthetic_dataset), "--target", "1.5"]) == 2
-    assert "between 0 and 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["calibrate", "--model", str(d), "--data", str(synthetic_dataset), "--target", "1.5"])
+    assert e.value.code == 2 and "1.5 is out of range (must be over 0 and at most 1)" in capsys.readouterr().err
     assert C.DEFAULT_TARGET_ACCURACY == 0.995  # the bundled model's setting (README, model card)

@@ -345,7 +345,7 @@ def test_cli_checks_arguments_before_working(model_dir, image_dir, tmp_path, cap
         with pytest.raises(SystemExit) as e:
             main(base + bad)
         assert e.value.code == 2
-    assert "not a positive integer" in capsys.readouterr().err
+    assert "out of range (must be 1 or more)" in capsys.readouterr().err
     (tmp_path / "res.csv").mkdir()
     assert main(base + ["--out", str(tmp_path / "res.csv")]) == 2
     assert main(base + ["--onnx", str(tmp_path / "m.onnx")]) == 2

@@ -9,6 +9,7 @@ import struct
 import warnings
 import zipfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -123,25 +124,45 @@ def test_predict_requires_files(client):
     assert client.post("/api/predict", data={"sample": "x"}).status_code == 422
 
 
-def test_oversize_upload_is_413(model_dir, tmp_path):
+def test_oversize_file_is_a_per_file_error(model_dir, tmp_path):
     with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "l.db", screen=None,
                                max_upload_mb=0.01)) as c:
         big = png(2, size=300, seed=3)
         assert len(big) > 0.01 * 2**20
         r = post(c, ("small.png", png(0, size=32), "image/png"), ("big.png", big, "image/png"))
-        assert r.status_code == 413 and "big.png" in r.json()["detail"]
-        assert c.get("/api/samples").json()["samples"] == []  # nothing stored
+        assert r.status_code == 200  # the good file is still classified
+        body = r.json()
+        assert body["n_ok"] == 1 and body["n_errors"] == 1
+        ok, bad = body["results"]
+        assert ok["status"] == "ok" and bad["status"] == "error" and "cell_id" not in bad
+        assert "big.png" in bad["error"] and "0.01 MB per-file limit" in bad["error"]
+        s = c.get(f"/api/samples/{body['sample_id']}").json()
+        assert [x["file_name"] for x in s["cells"]] == ["small.png"]  # nothing stored for big.png
+        r = post(c, ("big.png", big, "image/png"), sample="only big")
+        assert r.status_code == 200 and r.json()["n_ok"] == 0
+        assert [x["name"] for x in c.get("/api/samples").json()["samples"]] == ["default"]
     with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "l2.db", screen=None,
                                max_request_mb=0.05)) as c:  # whole request, refused from its header
         r = post(c, ("big.png", png(2, size=300, seed=3) * 4, "image/png"))
         assert r.status_code == 413
+    with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "l3.db", screen=None,
+                               max_files=2)) as c:
+        r = post(c, *[(f"{i}.png", png(i), "image/png") for i in range(3)])
+        assert r.status_code == 413 and "limit is 2" in r.json()["detail"]
+        assert c.get("/api/samples").json()["samples"] == []
 
 
-def test_decompression_bomb_is_422(client):
+def test_decompression_bomb_is_a_per_file_error(client):
     r = post(client, ("bomb.png", bomb_png(), "image/png"), ("ok.png", png(), "image/png"))
-    assert r.status_code == 422
-    assert "bomb.png" in r.json()["detail"] and "decompression bomb" in r.json()["detail"]
-    assert client.get("/api/samples").json()["samples"] == []
+    assert r.status_code == 200
+    bomb, ok = r.json()["results"]
+    assert ok["status"] == "ok" and bomb["status"] == "error" and "cell_id" not in bomb
+    assert "bomb.png" in bomb["error"] and "decompression bomb" in bomb["error"]
+    s = client.get(f"/api/samples/{r.json()['sample_id']}").json()
+    assert [x["file_name"] for x in s["cells"]] == ["ok.png"]  # nothing stored for the bomb
+    r = post(client, ("bomb.png", bomb_png(), "image/png"), sample="only a bomb")
+    assert r.status_code == 200 and r.json()["n_ok"] == 0
+    assert "only a bomb" not in {x["name"] for x in client.get("/api/samples").json()["samples"]}
 
 
 def test_file_names_never_become_paths(client, tmp_path):
@@ -311,6 +332,20 @@ def test_corrections_export_and_restart(model_dir, tmp_path):
         assert ds.classes == CLASSES and len(ds) == 3 and not ds.skipped
 
 
+def test_correction_body_requires_true_class(client):
+    cid = _upload_three(client)["results"][0]["cell_id"]
+    url = f"/api/cells/{cid}/correction"
+    assert client.put(url, json={"true_class": "ig"}).status_code == 200
+    # a missing or misspelled key must not clear the correction (it used to, with 200)
+    for body in ({}, {"trueclass": "ig"}, {"true_class": "ig", "note": "x"}):
+        for method in (client.put, client.post):
+            r = method(url, json=body)
+            assert r.status_code == 422, (body, r.text)
+    assert client.get(f"/api/cells/{cid}").json()["true_class"] == "ig"
+    assert [h["true_class"] for h in client.get(f"/api/cells/{cid}").json()["corrections"]] == ["ig"]
+    assert client.put(url, json={"true_class": None}).json()["cell"]["true_class"] is None  # explicit clear
+
+
 def test_csv_export_defuses_formulas(client):
     sid = post(client, ("=cmd|x.png", png(), "image/png")).json()["sample_id"]
     rows = list(csv.DictReader(io.StringIO(client.get(f"/api/samples/{sid}/export.csv").text)))
@@ -347,6 +382,36 @@ def test_multi_cell_flag_from_screen(model_dir, tmp_path):
         s = c.get(f"/api/samples/{r.json()['sample_id']}").json()
         assert s["differential"]["n_multi_cell"] == 1
         assert [x["multi_cell"] for x in s["cells"]] == [False, True]
+
+
+def test_flagged_cells_left_out_of_the_differential_until_reviewed(model_dir, tmp_path):
+    from bloodcell.predict import proportion_ci
+    with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "l.db", screen=FakeScreen())) as c:
+        r = post(c, ("a.png", png(0), "image/png"), ("b.png", png(3, seed=1), "image/png"),
+                 ("dark.png", png(7, seed=2), "image/png"),  # darker: "multi-cell" for FakeScreen
+                 ("wide.png", _wide_png(), "image/png"))
+        res = {x["file"]: x for x in r.json()["results"]}
+        flags = {f: (x["multi_cell"], bool(x["input_warnings"])) for f, x in res.items()}
+        assert flags == {"a.png": (False, False), "b.png": (False, False),
+                         "dark.png": (True, False), "wide.png": (False, True)}
+        sid = r.json()["sample_id"]
+        d = c.get(f"/api/samples/{sid}").json()["differential"]
+        # as `bloodcell predict`: the multi-cell and the unusual image are not counted
+        assert d["total"] == 2 and sum(d["counts"].values()) == 2 and d["n_left_out"] == 2
+        expected = {k: sum(res[f]["class"] == k for f in ("a.png", "b.png")) for k in CLASSES}
+        assert d["counts"] == expected
+        assert all(d["ci95_percent"][k] == pytest.approx([100 * v for v in proportion_ci(n, 2)])
+                   for k, n in expected.items())
+        assert d["n_multi_cell"] == 1 and d["n_input_warnings"] == 1
+        # a reviewer's class puts a flagged cell in the count, under that class
+        d = c.put(f"/api/cells/{res['dark.png']['cell_id']}/correction",
+                  json={"true_class": "platelet"}).json()["differential"]
+        assert d["total"] == 3 and d["n_left_out"] == 1
+        assert d["counts"]["platelet"] == expected["platelet"] + 1
+        assert d["percent"]["platelet"] == pytest.approx(100 * (expected["platelet"] + 1) / 3)
+        d = c.put(f"/api/cells/{res['dark.png']['cell_id']}/correction",
+                  json={"true_class": None}).json()["differential"]  # cleared: left out again
+        assert d["total"] == 2 and d["n_left_out"] == 2
 
 
 def test_missing_screen_is_tolerated(model_dir, tmp_path):
@@ -417,3 +482,36 @@ def test_cli_binds_loopback_by_default():
     from bloodcell.cli import build_parser
     args = build_parser().parse_args(["serve"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.max_upload_mb == 20
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--port", "99999"], "99999"), (["--port", "x"], "'x'"), (["--max-upload-mb", "0"], "0"),
+    (["--max-upload-mb", "nan"], "nan"), (["--threads", "0"], "0"), (["--threads", "99"], "99")])
+def test_cli_rejects_bad_values(argv, expect, capsys):
+    from bloodcell.cli import build_parser
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["serve", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert argv[0] in err and expect in err, err
+
+
+def test_cli_bad_model_and_db_fail_with_one_line(model_dir, tmp_path, capsys, caplog, monkeypatch):
+    import uvicorn
+
+    from bloodcell.cli import main
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("server started"))
+    missing = tmp_path / "nonexist"
+    assert main(["serve", "--model", str(missing), "--db", str(tmp_path / "a.db")]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and len(err.strip().splitlines()) == 1, err
+    assert "ONNX" not in caplog.text  # no misleading backend warning first
+    assert not (tmp_path / "a.db").exists()
+    notdb = tmp_path / "notes.sqlite3"
+    notdb.write_text("not a database " * 100)
+    for db in (tmp_path, notdb, "/proc/x.sqlite"):
+        if str(db).startswith("/proc") and not Path("/proc").is_dir():
+            continue
+        assert main(["serve", "--model", str(model_dir), "--db", str(db), "--no-screen"]) == 2
+        err = capsys.readouterr().err
+        assert str(db) in err and len(err.strip().splitlines()) == 1, err

@@ -195,8 +195,6 @@ def format_report(r: dict) -> str:
 
 def cmd_calibrate(args):
     from .cli import data_or_default
-    if not 0.0 < args.target <= 1.0:
-        raise ValueError(f"--target {args.target}: an accuracy between 0 and 1, e.g. 0.995")
     r = calibrate(args.model, data_or_default(args.data), out=args.out, split_file=args.split_file,
                   cache_dir=args.cache_dir, target=args.target, progress=not args.no_progress,
                   store=not args.dry_run, backend=args.backend)
@@ -208,13 +206,14 @@ def cmd_calibrate(args):
 
 
 def add_cli(sub):
+    from .cli import ranged
     from .predict import BACKENDS
     p = sub.add_parser("calibrate", help="fit temperature + review threshold on val; store in model.json")
     p.add_argument("--model", required=True, help="run folder or model file")
     p.add_argument("--data", help="dataset folder (default: ../shared/data/pbc)")
     p.add_argument("--split-file", help="split manifest (default: the run's split.csv)")
     p.add_argument("--out", help="report JSON file")
-    p.add_argument("--target", type=float, default=DEFAULT_TARGET_ACCURACY,
+    p.add_argument("--target", type=ranged(float, 0, 1, lo_open=True), default=DEFAULT_TARGET_ACCURACY,
                    help="accuracy wanted on the images not flagged for review (default 0.995)")
     p.add_argument("--cache-dir")
     p.add_argument("--backend", choices=BACKENDS, default="onnx")

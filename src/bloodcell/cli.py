@@ -100,6 +100,23 @@ def cmd_models(args):
         print(f"{name:<16}{gen}  {spec.description}")
 
 
+def ranged(kind, lo, hi=None, lo_open=False):
+    """argparse type: a finite number in lo..hi (over lo with lo_open); errors name the value."""
+    import math
+    want = (f"over {lo:g}" if lo_open else f"{lo:g} or more") if hi is None else (
+        f"over {lo:g} and at most {hi:g}" if lo_open else f"{lo:g} to {hi:g}")
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number (must be {want})") from None
+        if not math.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {want})")
+        return v
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bloodcell", description=__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=f"bloodcell {__version__}")

@@ -10,7 +10,6 @@ small CPU the two overlap instead of taking turns.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import logging
@@ -642,37 +641,20 @@ def cmd_predict(args):
         return 1
 
 
-def _checked(kind: str, ok):
-    def parse(text: str):
-        try:
-            v = (float if kind == "probability" else int)(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not ok(v):
-            raise argparse.ArgumentTypeError(f"{text} is not a {kind}")
-        return v
-    parse.__name__ = kind  # argparse names the type in its messages
-    return parse
-
-
-positive_int = _checked("positive integer", lambda v: v >= 1)
-non_negative_int = _checked("non-negative integer", lambda v: v >= 0)
-probability = _checked("probability", lambda v: 0.0 <= v <= 1.0)
-
-
 def add_cli(sub):
+    from .cli import ranged
     p = sub.add_parser("predict", help="classify image files, folders (recursive) or globs")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("--model", help="run folder or model file (default: the bundled model)")
     p.add_argument("--out", help="results file: .csv (one row per image) or .json (with the summary)")
-    p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--workers", type=non_negative_int, default=None,
+    p.add_argument("--batch-size", type=ranged(int, 1), default=64)
+    p.add_argument("--workers", type=ranged(int, 0), default=None,
                    help=f"decode threads running ahead of the model (default {default_workers()}; 0 = inline)")
     p.add_argument("--backend", choices=BACKENDS, default="onnx",
                    help="onnx (ONNX Runtime; exported once and cached next to the model) or torch")
     p.add_argument("--onnx", help="use this exported .onnx file (with --backend onnx)")
-    p.add_argument("--threads", type=positive_int, help="model compute threads (default: all cores)")
-    p.add_argument("--review-threshold", type=probability,
+    p.add_argument("--threads", type=ranged(int, 1), help="model compute threads (default: all cores)")
+    p.add_argument("--review-threshold", type=ranged(float, 0, 1),
                    help="flag images whose calibrated confidence is below this "
                         "(default: the model's calibrated value)")
     p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")

@@ -90,13 +90,17 @@ class Store:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.conn.row_factory = sqlite3.Row
         self.lock = threading.Lock()
         self._samples: dict[str, dict] = {}
-        with self.lock:
+        # OSError naming the path: `bloodcell serve --db` prints one line, not a sqlite3 traceback
+        if str(path) != ":memory:" and self.path.is_dir():
+            raise IsADirectoryError(f"database {path} is a folder; give a file path "
+                                    f"such as {self.path / 'lab.sqlite3'}")
+        try:
+            if str(path) != ":memory:":
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
@@ -104,6 +108,8 @@ class Store:
             # databases made before the input checks: add their column (NULL = not checked)
             if "input_warnings" not in {r[1] for r in self.conn.execute("PRAGMA table_info(cells)")}:
                 self.conn.execute("ALTER TABLE cells ADD COLUMN input_warnings TEXT")
+        except (sqlite3.Error, OSError) as e:
+            raise OSError(f"cannot use database {path}: {e}") from None
 
     def close(self):
         with self.lock:
@@ -207,12 +213,20 @@ def _cell_json(r: sqlite3.Row) -> dict:
     return d
 
 
+def flagged(c: dict) -> bool:
+    """Multi-cell, or unlike the training images: its predicted class is not a count."""
+    return bool(c.get("multi_cell")) or bool(c.get("input_warnings"))
+
+
 def differential(cells: list[dict], classes: list[str]) -> dict:
+    """Counts as ``bloodcell predict`` gives them: flagged cells are left out, unless
+    a reviewer set their class (then that class counts). app.js renderDiff agrees."""
+    counted = [c for c in cells if c["corrected"] or not flagged(c)]
     counts = {c: 0 for c in classes}
-    for c in cells:
+    for c in counted:
         counts[c["class"]] = counts.get(c["class"], 0) + 1
-    n = len(cells)
-    return {"total": n, "counts": counts,
+    n = len(counted)
+    return {"total": n, "n_cells": len(cells), "n_left_out": len(cells) - n, "counts": counts,
             "percent": {c: (100.0 * v / n if n else 0.0) for c, v in counts.items()},
             "ci95_percent": {c: [100.0 * x for x in proportion_ci(v, n)] for c, v in counts.items()},
             "n_corrected": sum(c["corrected"] for c in cells),
@@ -320,6 +334,18 @@ def _model_card(clf, model_path) -> dict:
             "data": {k: v for k, v in (meta.get("data") or {}).items() if k != "root"} or None}
 
 
+def _load_classifier(model, backend: str, threads: int | None):
+    from .predict import Classifier
+    try:  # ONNX Runtime: ~2x less CPU per image than torch; Grad-CAM still uses torch
+        return Classifier.load(model, backend=backend, screen=None, threads=threads)
+    except Exception as e:  # e.g. no writable cache for the export: torch still works
+        if backend == "torch":
+            raise
+        log.warning("ONNX backend unavailable (%s); serving with torch", e)
+        return Classifier.load(model, backend="torch", screen=None,
+                               threads=min(threads or 1, default_threads("torch")))
+
+
 # ------------------------------------------------------------------ app
 
 def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_mb: float = 20,
@@ -331,26 +357,30 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
     from fastapi import FastAPI, File, Form, HTTPException, UploadFile
     from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
-    from pydantic import BaseModel
+    from pydantic import BaseModel, ConfigDict
     from starlette.concurrency import run_in_threadpool
 
+    from .models import resolve_model_path
     from .predict import Classifier, bundled_model_path
-    if isinstance(model, Classifier):
-        clf = model
-    else:
-        try:  # ONNX Runtime: ~2x less CPU per image than torch; Grad-CAM still uses torch
-            clf = Classifier.load(model, backend=backend, screen=None, threads=threads)
-        except Exception as e:  # e.g. no writable cache for the export: torch still works
-            if backend == "torch":
+    if not isinstance(model, Classifier):
+        # a missing model is the error to report, not an ONNX fallback warning before it
+        try:
+            resolve_model_path(model if model is not None else bundled_model_path())
+        except FileNotFoundError as e:
+            if model is None or Path(model).exists():
                 raise
-            log.warning("ONNX backend unavailable (%s); serving with torch", e)
-            clf = Classifier.load(model, backend="torch", screen=None,
-                                  threads=min(threads or 1, default_threads("torch")))
+            raise FileNotFoundError(f"model {model} not found: no such file or folder (give a run "
+                                    "folder, a model.json or a .safetensors file)") from None
+    store = Store(db_path if db_path is not None else default_db_path())  # before the slow load
+    try:
+        clf = model if isinstance(model, Classifier) else _load_classifier(model, backend, threads)
+    except BaseException:
+        store.close()
+        raise
     model_path = model if isinstance(model, (str, os.PathLike)) else (
         bundled_model_path() if model is None else None)
     scr = _load_screen(screen)
     card = _model_card(clf, model_path)
-    store = Store(db_path if db_path is not None else default_db_path())
     worker = ModelWorker(clf)
     limit = int(max_upload_mb * 1024 * 1024)
     request_limit = int((max_request_mb or max(200.0, 2 * max_upload_mb)) * 1024 * 1024)
@@ -385,9 +415,12 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
         return card
 
     # ---- predict
-    def _prepare(datas: list[bytes], names: list[str], sample_name: str):
+    def _prepare(datas: list[bytes], names: list[str], refused: list[str | None], sample_name: str):
         out = []
-        for data, name in zip(datas, names):
+        for data, name, why in zip(datas, names, refused):
+            if why:  # over the size limit: never decoded
+                out.append((None, None, None, why, None))
+                continue
             try:
                 arr, size0 = preprocess_with_size(data, clf.image_size)
                 warnings = clf.check_inputs(arr[None], [size0])[0]
@@ -405,7 +438,7 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
             except ImageError as e:
                 out.append((None, None, None, e.reason, None))
         # a sample is created only when something will be stored in it
-        if any(o[0] is not None for o in out) and not any(o[3] and "decompression bomb" in o[3] for o in out):
+        if any(o[0] is not None for o in out):
             return out, store.sample_for_name(sample_name)
         return out, {"id": None, "name": sample_name}
 
@@ -413,25 +446,22 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
     async def predict(files: list[UploadFile] = File(..., description="one or more images"),
                       sample: str | None = Form(None, description="sample name (created if new); "
                                                 "default 'default'")):
-        """Classify images. Each file gets a result or an error entry; the rest of
-        the batch goes on. 413 when a file is over the size limit, 422 when one is a
-        decompression bomb (nothing is stored then)."""
+        """Classify images. Each file gets a result or an error entry (not an image,
+        corrupt, over the per-file size limit, a decompression bomb: nothing is stored
+        for it); the rest of the batch goes on. 413 only for too many files, or a
+        request over the total size limit."""
         if len(files) > max_files:
             raise HTTPException(413, f"{len(files)} files in one request; the limit is {max_files}")
         names = [_clean_name(f.filename, i) for i, f in enumerate(files)]
-        for f, name in zip(files, names):
-            if f.size is not None and f.size > limit:
-                raise HTTPException(413, f"{name}: {f.size / 2**20:.1f} MB is over the "
-                                         f"{max_upload_mb:g} MB per-file limit")
-        datas = [await f.read() for f in files]
-        for d, name in zip(datas, names):
-            if len(d) > limit:
-                raise HTTPException(413, f"{name}: over the {max_upload_mb:g} MB per-file limit")
+        too_big = f"over the {max_upload_mb:g} MB per-file limit"
+        refused = [f"{f.size / 2**20:.1f} MB is {too_big}" if f.size is not None and f.size > limit
+                   else None for f in files]
+        datas = [b"" if why else await f.read() for f, why in zip(files, refused)]
+        for i, d in enumerate(datas):
+            if len(d) > limit:  # size not declared: measured
+                refused[i], datas[i] = f"{len(d) / 2**20:.1f} MB is {too_big}", b""
         sample_name = (sample or "").strip()[:200] or "default"
-        prepared, sample_row = await run_in_threadpool(_prepare, datas, names, sample_name)
-        for (arr, _, _, err, _), name in zip(prepared, names):
-            if err and "decompression bomb" in err:
-                raise HTTPException(422, f"{name}: {err}")
+        prepared, sample_row = await run_in_threadpool(_prepare, datas, names, refused, sample_name)
         ok = [i for i, p in enumerate(prepared) if p[0] is not None]
         probs = np.zeros((0, len(clf.classes)))
         if ok:
@@ -547,7 +577,9 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
         return {**c, "corrections": store.corrections(cell_id)}
 
     class Correction(BaseModel):
-        true_class: str | None = None
+        # required (null clears): a missing or misspelled key must not clear a correction
+        model_config = ConfigDict(extra="forbid")
+        true_class: str | None
 
     def _correct(cell_id: str, body: Correction):
         _cell_or_404(cell_id)
@@ -703,14 +735,16 @@ def cmd_serve(args):
 
 
 def add_cli(sub):
+    from .cli import ranged
     from .predict import BACKENDS
     p = sub.add_parser("serve", help="local review page and HTTP API (http://127.0.0.1:8000/)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=ranged(int, 1, 65535), default=8000, help="TCP port, 1-65535 (default 8000)")
     p.add_argument("--model", help="run folder or model file (default: the bundled model)")
     p.add_argument("--db", help=f"SQLite database (default {default_db_path()}, or $BLOODCELL_DB)")
-    p.add_argument("--max-upload-mb", type=float, default=20, help="per-file upload limit (default 20)")
-    p.add_argument("--threads", type=int, help="inference threads (default: onnx every core, torch half the cores; 1 to 4)")
+    p.add_argument("--max-upload-mb", type=ranged(float, 0, lo_open=True), default=20,
+                   help="per-file upload limit (default 20)")
+    p.add_argument("--threads", type=ranged(int, 1, 4), help="inference threads (default: onnx every core, torch half the cores; 1 to 4)")
     p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")
     p.add_argument("--no-screen", action="store_true", help="no multi-cell flag")
     p.add_argument("--backend", default="onnx", choices=BACKENDS,

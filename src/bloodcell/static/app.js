@@ -280,10 +280,16 @@ function proportionCI(k, n, z = 1.959964) {
   return [Math.max(0, centre - half), Math.min(1, centre + half)];
 }
 
+// multi-cell or unusual input: left out of the count (as `bloodcell predict` does)
+// until a reviewer sets its class; serve.differential() counts the same way
+const isFlagged = (c) => !!c.multi_cell || hasWarnings(c);
+const isCounted = (c) => c.corrected || !isFlagged(c);
+
 function renderDiff() {
   const counts = Object.fromEntries(S.classes.map((c) => [c, 0]));
-  for (const c of S.cells) counts[c.class] = (counts[c.class] || 0) + 1;
-  const total = S.cells.length;
+  const counted = S.cells.filter(isCounted);
+  for (const c of counted) counts[c.class] = (counts[c.class] || 0) + 1;
+  const total = counted.length, leftOut = S.cells.length - total;
   const tb = $("#diff-table tbody");
   tb.textContent = "";
   for (const cls of S.classes) {
@@ -298,7 +304,8 @@ function renderDiff() {
   $("#diff-total").textContent = total;
   const corrected = S.cells.filter((c) => c.corrected).length;
   const review = S.cells.filter((c) => c.needs_review && !c.corrected).length;
-  $("#diff-summary").textContent = `${total} cells · ${corrected} reviewed · ${review} need review`;
+  $("#diff-summary").textContent = `${S.cells.length} cells · ${corrected} reviewed · ${review} need review` +
+    (leftOut ? ` · ${leftOut} flagged not counted until reviewed` : "");
   drawChart(counts, total);
 }
 
