@@ -317,6 +317,7 @@ def test_corrections_export_and_restart(model_dir, tmp_path):
         row = next(r for r in rows if r["cell_id"] == cell["cell_id"])
         assert row["file_name"] == "c3.png" and row["predicted_class"] == cell["class"]
         assert row["true_class"] == target and row["label"] == target
+        assert row["image_path"] == f"{target}/{cell['cell_id']}.png"  # as named in the ZIP
 
         z = zipfile.ZipFile(io.BytesIO(c.get(f"/api/samples/{sid}/export.zip").content))
         assert f"{target}/{cell['cell_id']}.png" in z.namelist() and "labels.csv" in z.namelist()
@@ -330,6 +331,12 @@ def test_corrections_export_and_restart(model_dir, tmp_path):
         z.extractall(tmp_path / "export")
         ds = scan(tmp_path / "export")
         assert ds.classes == CLASSES and len(ds) == 3 and not ds.skipped
+        # a TIFF (no browser media type) keeps a readable extension in the export
+        tif = io.BytesIO()
+        Image.fromarray(synthetic_cell(2, 80)).save(tif, "TIFF")
+        post(c, ("scan.tif", tif.getvalue(), "image/tiff"), sample="smear A")
+        zt = zipfile.ZipFile(io.BytesIO(c.get(f"/api/samples/{sid}/export.zip").content))
+        assert any(n.endswith(".tif") for n in zt.namelist())
 
 
 def test_correction_body_requires_true_class(client):

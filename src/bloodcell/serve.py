@@ -45,6 +45,19 @@ AUTO = "auto"  # screen=AUTO: use the multi-cell screen when one is installed
 _MEDIA = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
 
 
+def export_path(cell: dict) -> str:
+    """``<label>/<cell id>.<ext>`` in the ZIP export (and named so in the CSV export). The
+    extension is one `bloodcell train --data` reads: from the stored media type, else
+    the uploaded name's (TIFF, BMP), else png; images are opened by content anyway."""
+    from .data import IMAGE_EXTENSIONS
+    ext = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif",
+           "image/webp": "webp"}.get(cell.get("media_type") or "")
+    if ext is None:
+        suffix = Path(cell["file_name"]).suffix.lower()
+        ext = suffix[1:] if suffix in IMAGE_EXTENSIONS else "png"
+    return f"{cell['class']}/{cell['id']}.{ext}"
+
+
 def default_db_path() -> Path:
     if os.environ.get("BLOODCELL_DB"):
         return Path(os.environ["BLOODCELL_DB"])
@@ -80,7 +93,7 @@ CREATE TABLE IF NOT EXISTS corrections (
   created TEXT NOT NULL, previous_prediction TEXT NOT NULL, previous_true_class TEXT,
   true_class TEXT);
 """
-_CELL_COLS = ("id, sample_id, file_name, created, model_version, predicted_class, probability, "
+_CELL_COLS = ("id, sample_id, file_name, media_type, created, model_version, predicted_class, probability, "
               "probabilities, top3, needs_review, multi_cell, multi_cell_score, n_regions, "
               "true_class, corrected_at, input_warnings")
 
@@ -535,8 +548,8 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
                         f"{c['probability']:.4f}", int(c["needs_review"]),
                         "" if c.get("multi_cell") is None else int(c["multi_cell"]),
                         "" if c.get("multi_cell_score") is None else f"{c['multi_cell_score']:.4f}",
-                        _csv_safe("; ".join(c["input_warnings"])), c["true_class"] or "", c["class"], c["corrected_at"] or "", c["created"],
-                        f"{c['class']}/{c['id']}"])
+                        _csv_safe("; ".join(c["input_warnings"])), c["true_class"] or "", c["class"],
+                        c["corrected_at"] or "", c["created"], export_path(c)])
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", s["name"])[:60] or s["id"]
         return Response(buf.getvalue(), media_type="text/csv",
                         headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})
@@ -554,11 +567,8 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
             for c in store.cells(sample_id):
                 if corrected_only and not c["corrected"]:
                     continue
-                data, mt = store.cell_image(c["id"])
-                ext = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif",
-                       "image/webp": "webp"}.get(mt or "", "img")
-                path = f"{c['class']}/{c['id']}.{ext}"
-                z.writestr(path, data)
+                path = export_path(c)
+                z.writestr(path, store.cell_image(c["id"])[0])
                 fields = [c["id"], _csv_safe(c["file_name"]), c["predicted_class"],
                           c["true_class"] or "", c["class"], path]
                 lines.append(",".join('"' + str(v).replace('"', '""') + '"' for v in fields))
