@@ -240,7 +240,7 @@ def test_database_from_before_the_input_checks_is_upgraded(model_dir, tmp_path):
     from bloodcell.serve import SCHEMA
     db = tmp_path / "old.sqlite3"
     con = sqlite3.connect(db)
-    con.executescript(SCHEMA.replace(", input_warnings TEXT", ""))  # the schema of earlier versions
+    con.executescript(SCHEMA.replace(", input_warnings TEXT, image_sha1 TEXT", ""))  # an earlier schema
     con.execute("INSERT INTO samples VALUES ('s1', 'old smear', '2026-01-01')")
     con.execute("INSERT INTO cells (id, sample_id, file_name, image, created, predicted_class, probability, "
                 "probabilities, top3, needs_review) VALUES ('c1', 's1', 'a.png', x'00', '2026-01-01', "
@@ -250,8 +250,27 @@ def test_database_from_before_the_input_checks_is_upgraded(model_dir, tmp_path):
     with TestClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
         s = c.get("/api/samples/s1").json()
         assert s["cells"][0]["input_warnings"] == [] and s["differential"]["total"] == 1
+        con = sqlite3.connect(db)  # old cells get their image hash, so duplicates are found there too
+        assert con.execute("SELECT image_sha1 FROM cells WHERE id='c1'").fetchone()[0] == \
+            "5ba93c9db0cff93f52b521d7420e43f6eda2784f"  # sha1 of b"\x00"
+        con.close()
         assert post(c, ("b.png", png(1), "image/png"), sample="old smear").status_code == 200
         assert len(c.get("/api/samples/s1").json()["cells"]) == 2
+
+
+def test_same_image_twice_is_not_counted_twice(client):
+    a, b = png(1, seed=11), png(2, seed=12)
+    first = post(client, ("a.png", a, "image/png"), ("b.png", b, "image/png"), sample="dup").json()
+    again = post(client, ("a copy.png", a, "image/png"), ("c.png", png(3, seed=13), "image/png"),
+                 ("b again.png", b, "image/png"), ("b again 2.png", b, "image/png"), sample="dup").json()
+    st = [r["status"] for r in again["results"]]
+    assert st == ["duplicate", "ok", "duplicate", "duplicate"] and again["n_ok"] == 1
+    assert again["results"][0]["cell_id"] == first["results"][0]["cell_id"]
+    assert "already in sample 'dup' (as a.png)" in again["results"][0]["error"]
+    cells = client.get(f"/api/samples/{first['sample_id']}").json()["cells"]
+    assert sorted(c["file_name"] for c in cells) == ["a.png", "b.png", "c.png"]
+    other = post(client, ("a.png", a, "image/png"), sample="another smear").json()  # other sample: fine
+    assert other["results"][0]["status"] == "ok"
 
 
 def test_cell_image_and_tiff_reencoded(client):

@@ -86,7 +86,7 @@ CREATE TABLE IF NOT EXISTS cells (
   model_version TEXT, predicted_class TEXT NOT NULL, probability REAL NOT NULL,
   probabilities TEXT NOT NULL, top3 TEXT NOT NULL, needs_review INTEGER NOT NULL,
   multi_cell INTEGER, multi_cell_score REAL, n_regions INTEGER,
-  true_class TEXT, corrected_at TEXT, input_warnings TEXT);
+  true_class TEXT, corrected_at TEXT, input_warnings TEXT, image_sha1 TEXT);
 CREATE INDEX IF NOT EXISTS cells_sample ON cells(sample_id);
 CREATE TABLE IF NOT EXISTS corrections (
   id INTEGER PRIMARY KEY AUTOINCREMENT, cell_id TEXT NOT NULL REFERENCES cells(id),
@@ -118,11 +118,22 @@ class Store:
             self.conn.execute("PRAGMA synchronous=NORMAL")
             self.conn.execute("PRAGMA foreign_keys=ON")
             self.conn.executescript(SCHEMA)
-            # databases made before the input checks: add their column (NULL = not checked)
-            if "input_warnings" not in {r[1] for r in self.conn.execute("PRAGMA table_info(cells)")}:
-                self.conn.execute("ALTER TABLE cells ADD COLUMN input_warnings TEXT")
+            self._upgrade()
         except (sqlite3.Error, OSError) as e:
             raise OSError(f"cannot use database {path}: {e}") from None
+
+    def _upgrade(self):
+        """Databases of earlier versions: add the newer columns. input_warnings stays
+        NULL (not checked); image_sha1 is filled in, so duplicates are found there too."""
+        cols = {r[1] for r in self.conn.execute("PRAGMA table_info(cells)")}
+        if "input_warnings" not in cols:
+            self.conn.execute("ALTER TABLE cells ADD COLUMN input_warnings TEXT")
+        if "image_sha1" not in cols:
+            self.conn.execute("ALTER TABLE cells ADD COLUMN image_sha1 TEXT")
+            for cid, image in self.conn.execute("SELECT id, image FROM cells").fetchall():
+                self.conn.execute("UPDATE cells SET image_sha1=? WHERE id=?",
+                                  (hashlib.sha1(image).hexdigest(), cid))
+        self.conn.execute("CREATE INDEX IF NOT EXISTS cells_sample_sha ON cells(sample_id, image_sha1)")
 
     def close(self):
         with self.lock:
@@ -159,21 +170,32 @@ class Store:
         return [dict(r) for r in rows]
 
     # cells
-    def add_cells(self, rows: list[dict]) -> None:
+    def add_cells(self, rows: list[dict]) -> dict[int, dict]:
+        """Store new cells. An image already in the sample (same bytes) is not stored
+        again -- a folder dropped twice must not double the differential count: returns
+        {row index: the existing cell's id and file_name} for those."""
+        dupes = {}
         with self.lock:
             self.conn.execute("BEGIN")
             try:
-                self.conn.executemany(
-                    "INSERT INTO cells (id, sample_id, file_name, media_type, image, created, model_version, "
-                    "predicted_class, probability, probabilities, top3, needs_review, multi_cell, "
-                    "multi_cell_score, n_regions, input_warnings) VALUES (:id, :sample_id, :file_name, "
-                    ":media_type, :image, :created, :model_version, :predicted_class, :probability, "
-                    ":probabilities, :top3, :needs_review, :multi_cell, :multi_cell_score, :n_regions, "
-                    ":input_warnings)", rows)
+                for k, row in enumerate(rows):
+                    old = self.conn.execute("SELECT id, file_name FROM cells WHERE sample_id=? AND image_sha1=?",
+                                            (row["sample_id"], row["image_sha1"])).fetchone()
+                    if old is not None:
+                        dupes[k] = dict(old)
+                        continue
+                    self.conn.execute(
+                        "INSERT INTO cells (id, sample_id, file_name, media_type, image, created, model_version, "
+                        "predicted_class, probability, probabilities, top3, needs_review, multi_cell, "
+                        "multi_cell_score, n_regions, input_warnings, image_sha1) VALUES (:id, :sample_id, "
+                        ":file_name, :media_type, :image, :created, :model_version, :predicted_class, "
+                        ":probability, :probabilities, :top3, :needs_review, :multi_cell, :multi_cell_score, "
+                        ":n_regions, :input_warnings, :image_sha1)", row)
                 self.conn.execute("COMMIT")
             except BaseException:
                 self.conn.execute("ROLLBACK")
                 raise
+        return dupes
 
     def cells(self, sid: str) -> list[dict]:
         return [_cell_json(r) for r in
@@ -494,7 +516,8 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
                    "multi_cell": None if sc is None else int(bool(sc["multi_cell"])),
                    "multi_cell_score": None if sc is None else float(sc["score"]),
                    "n_regions": None if sc is None else int(sc.get("n_regions", 0)),
-                   "input_warnings": json.dumps(rec["input_warnings"])}
+                   "input_warnings": json.dumps(rec["input_warnings"]),
+                   "image_sha1": hashlib.sha1(datas[i]).hexdigest()}
             rows.append(row)
             res = {"file": names[i], "status": "ok", "cell_id": cid, "class": rec["class"],
                    "probability": rec["probability"], "probabilities": rec["probabilities"],
@@ -508,10 +531,16 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
             if p[0] is None:
                 results[i] = {"file": names[i], "status": "error", "error": f"{names[i]}: {p[3]}"}
         if rows:
-            await run_in_threadpool(store.add_cells, rows)
+            dupes = await run_in_threadpool(store.add_cells, rows)
+            for k, old in dupes.items():
+                i = ok[k]
+                results[i] = {"file": names[i], "status": "duplicate", "cell_id": old["id"],
+                              "error": f"{names[i]}: the same image is already in sample "
+                                       f"'{sample_row['name']}' (as {old['file_name']}); not added again"}
+        n_ok = sum(r["status"] == "ok" for r in results)
         # plain JSONResponse: these are JSON-ready already, skip FastAPI's re-encoding
         return JSONResponse({"sample_id": sample_row["id"], "sample": sample_row["name"],
-                             "n_ok": len(ok), "n_errors": len(files) - len(ok), "results": results})
+                             "n_ok": n_ok, "n_errors": len(files) - n_ok, "results": results})
 
     # ---- samples
     def _found(row, kind: str, key: str) -> dict:
