@@ -70,12 +70,16 @@ def run_load(port: int, images: list[bytes], clients: int, requests: int, timeou
     """Each client is a thread with one keep-alive connection (stdlib http.client:
     in this setting httpx's async pool, not the server, was the bottleneck)."""
     lat: list[float] = []
+    run = uuid.uuid4().hex[:8]  # the warm-up and the measured run upload different bytes
     errors: list[str] = []
     start = threading.Barrier(clients)
 
     def client(k: int):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-        bodies = [_multipart(images[(k * requests + j) % len(images)], f"c{k}_{j}.jpg") for j in range(requests)]
+        # bytes after the JPEG end marker make every upload unique: the server stores each
+        # one instead of answering "duplicate" (same image already in the sample)
+        bodies = [_multipart(images[(k * requests + j) % len(images)] + f"#{run}-{k}-{j}".encode(),
+                             f"c{k}_{j}.jpg") for j in range(requests)]
         start.wait()
         for body, ctype in bodies:
             t0 = time.perf_counter()
