@@ -237,6 +237,17 @@ def test_page_upload_correct_reload(tmp_path):
         assert driver.execute_script(visible) == 4
         Select(driver.find_element(By.ID, "class-filter")).select_by_value(target)
         assert driver.execute_script(visible) == after[target]
+        # the white-cell basis: as the server's (and `bloodcell predict`'s) leukocyte differential
+        driver.find_element(By.ID, "diff-wbc").click()
+        wbc = httpx.get(f"{url}/api/samples/{sid}").json()["differential"]["white_cells"]
+        pct = driver.execute_script(
+            "return Object.fromEntries([...document.querySelectorAll('#diff-table tbody tr')]"
+            ".map(tr => [tr.dataset.class, tr.children[2].textContent]))")
+        assert driver.find_element(By.ID, "diff-total").text == str(wbc["n_white"])
+        for c, v in wbc["percent"].items():
+            assert pct[c] == f"{v:.1f}"
+        assert pct["platelet"] == "–"
+        driver.find_element(By.ID, "diff-wbc").click()
         driver.save_screenshot(str(tmp_path / "page.png"))
         # the page itself logged no errors (CSP violations, JS exceptions, failed loads)
         severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]

@@ -390,3 +390,24 @@ def test_damaged_onnx_file_is_named(model_dir, tmp_path):
     bogus.write_text('{"not": "onnx"}')
     with pytest.raises(ValueError, match="bogus.onnx: not a usable ONNX model"):
         P.Classifier.load(model_dir, backend="onnx", onnx_path=bogus, screen=None)
+
+
+def test_white_cell_differential():
+    counts = {"basophil": 1, "eosinophil": 3, "erythroblast": 5, "ig": 0, "lymphocyte": 30,
+              "monocyte": 6, "neutrophil": 60, "platelet": 40}
+    w = P.leukocyte_differential(counts)
+    assert w["n_white"] == 100 and w["percent"]["neutrophil"] == pytest.approx(60.0)
+    assert sum(w["percent"].values()) == pytest.approx(100.0) and "platelet" not in w["percent"]
+    assert w["nrbc_per_100_wbc"] == pytest.approx(5.0) and w["n_platelet"] == 40
+    lo, hi = w["ci95_percent"]["monocyte"]
+    assert lo < 6.0 < hi
+    assert P.leukocyte_differential({"cat": 3, "dog": 4}) is None  # a model of other classes
+    recs = [{"status": "ok", "class": c, "needs_review": False} for c, k in counts.items() for _ in range(k)]
+    d = P.differential_count(recs, CLASSES)
+    assert d["white_cells"] == w
+    text = P.format_summary({"differential": d, "review_threshold": 0.9, "n_inputs": 145, "n_ok": 145,
+                             "n_skipped": 0, "n_resumed": 0, "n_computed": 145, "seconds": 1.0,
+                             "images_per_s": 145.0, "backend": "onnx", "batch_size": 64, "workers": 2,
+                             "skipped": [], "review": {"n_needs_review": 0, "n_low_confidence": 0,
+                                                       "n_input_warnings": 0}})
+    assert "5.0 per 100 white cells (NRBC)" in text and "white cells: 100; platelets (40)" in text

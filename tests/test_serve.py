@@ -204,6 +204,8 @@ def test_samples_cells_and_differential(client):
     from bloodcell.predict import proportion_ci
     assert all(d["ci95_percent"][c] == pytest.approx([100 * v for v in proportion_ci(k, 4)])
                for c, k in expected.items())
+    from bloodcell.predict import leukocyte_differential
+    assert d["white_cells"] == leukocyte_differential(d["counts"])
     assert client.get("/api/samples/nope").status_code == 404
     assert client.get("/api/samples/nope/export.csv").status_code == 404
 

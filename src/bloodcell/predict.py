@@ -424,6 +424,26 @@ def proportion_ci(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+WHITE_CELLS = ("basophil", "eosinophil", "ig", "lymphocyte", "monocyte", "neutrophil")
+
+
+def leukocyte_differential(counts: dict[str, int]) -> dict | None:
+    """The white-cell differential of a lab report: each leukocyte class as % of the
+    white cells, nucleated red cells (erythroblasts) per 100 white cells, platelets
+    apart. None for a model without those class names."""
+    white = [c for c in WHITE_CELLS if c in counts]
+    if not white:
+        return None
+    n = sum(counts[c] for c in white)
+    out = {"n_white": n, "percent": {c: (100.0 * counts[c] / n if n else 0.0) for c in white},
+           "ci95_percent": {c: [100.0 * v for v in proportion_ci(counts[c], n)] for c in white}}
+    if "erythroblast" in counts:
+        out["nrbc_per_100_wbc"] = 100.0 * counts["erythroblast"] / n if n else None
+    if "platelet" in counts:
+        out["n_platelet"] = counts["platelet"]
+    return out
+
+
 def differential_count(records: Sequence[dict], classes: Sequence[str],
                        include_flagged: bool = False) -> dict:
     """Count and % per class over the ``ok`` records, as a lab report gives it.
@@ -442,7 +462,8 @@ def differential_count(records: Sequence[dict], classes: Sequence[str],
             "n_needs_review": sum(bool(r.get("needs_review")) for r in counted),
             "counts": counts,
             "percent": {c: (100.0 * k / n if n else 0.0) for c, k in counts.items()},
-            "ci95_percent": {c: [100.0 * v for v in proportion_ci(k, n)] for c, k in counts.items()}}
+            "ci95_percent": {c: [100.0 * v for v in proportion_ci(k, n)] for c, k in counts.items()},
+            "white_cells": leukocyte_differential(counts)}
 
 
 def review_counts(records: Sequence[dict], threshold: float) -> dict:
@@ -459,11 +480,22 @@ def format_summary(s: dict) -> str:
                                              (d.get("n_input_warnings", 0), "with input warnings")) if k]
     note = "" if not flagged else (f" (incl. {', '.join(flagged)})" if d["flagged_included"] else
                                    f" ({', '.join(flagged)} left out; --include-flagged counts them)")
+    wbc = d.get("white_cells")
     lines = [f"differential count over {d['n_counted']} image(s){note}:",
-             f"  {'class':<14}{'count':>7}{'%':>8}   95% CI"]
+             f"  {'class':<14}{'count':>7}{'%':>8}   {'95% CI':<12}" + ("  % of white cells (95% CI)" if wbc else "")]
     for c, k in d["counts"].items():
         lo, hi = d["ci95_percent"][c]
-        lines.append(f"  {c:<14}{k:>7}{d['percent'][c]:>7.1f}%   {lo:4.1f}-{hi:.1f}%")
+        row = f"  {c:<14}{k:>7}{d['percent'][c]:>7.1f}%   {f'{lo:.1f}-{hi:.1f}%':<12}"
+        if wbc and c in wbc["percent"]:
+            wlo, whi = wbc["ci95_percent"][c]
+            row += f"  {wbc['percent'][c]:5.1f}% ({wlo:.1f}-{whi:.1f}%)"
+        elif wbc and c == "erythroblast" and wbc.get("nrbc_per_100_wbc") is not None:
+            row += f"  {wbc['nrbc_per_100_wbc']:.1f} per 100 white cells (NRBC)"
+        lines.append(row.rstrip())
+    if wbc:
+        lines.append(f"  white cells: {wbc['n_white']}"
+                     + (f"; platelets ({wbc['n_platelet']}) are not part of the white-cell differential"
+                        if wbc.get("n_platelet") is not None else ""))
     if s["n_ok"]:
         r = s["review"]
         lines.append(f"needs review: {r['n_needs_review']} of {s['n_ok']} classified "

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .predict import proportion_ci
+from .predict import leukocyte_differential, proportion_ci
 from .transforms import ImageError, open_image, preprocess, preprocess_with_size
 
 log = logging.getLogger("bloodcell")
@@ -267,7 +267,8 @@ def differential(cells: list[dict], classes: list[str]) -> dict:
             "n_corrected": sum(c["corrected"] for c in cells),
             "n_needs_review": sum(c["needs_review"] and not c["corrected"] for c in cells),
             "n_multi_cell": sum(bool(c.get("multi_cell")) for c in cells),
-            "n_input_warnings": sum(bool(c.get("input_warnings")) for c in cells)}
+            "n_input_warnings": sum(bool(c.get("input_warnings")) for c in cells),
+            "white_cells": leukocyte_differential(counts)}
 
 
 # ------------------------------------------------------------------ model worker

@@ -46,6 +46,7 @@ async function init() {
   S.classes.forEach((c, i) => { S.color[c] = PALETTE[i % PALETTE.length]; });
   S.multiAvailable = !!health.multi_cell_screen;
   $("#chip-multi").hidden = !S.multiAvailable;
+  $("#diff-wbc-label").hidden = !S.classes.some((c) => WHITE_CELLS.includes(c));
   renderModelCard(card);
   const sel = $("#class-filter");
   for (const c of S.classes) sel.append(el("option", { value: c, text: c }));
@@ -285,23 +286,35 @@ function proportionCI(k, n, z = 1.959964) {
 const isFlagged = (c) => !!c.multi_cell || hasWarnings(c);
 const isCounted = (c) => c.corrected || !isFlagged(c);
 
+// the white-cell differential of a lab report (predict.leukocyte_differential)
+const WHITE_CELLS = ["basophil", "eosinophil", "ig", "lymphocyte", "monocyte", "neutrophil"];
+
 function renderDiff() {
   const counts = Object.fromEntries(S.classes.map((c) => [c, 0]));
   const counted = S.cells.filter(isCounted);
   for (const c of counted) counts[c.class] = (counts[c.class] || 0) + 1;
   const total = counted.length, leftOut = S.cells.length - total;
+  const white = S.classes.filter((c) => WHITE_CELLS.includes(c));
+  const byWhite = $("#diff-wbc").checked && white.length > 0;
+  const base = byWhite ? white.reduce((a, c) => a + counts[c], 0) : total;
   const tb = $("#diff-table tbody");
   tb.textContent = "";
   for (const cls of S.classes) {
     const n = counts[cls];
+    let pctText = base ? (100 * n / base).toFixed(1) : "0.0";
+    let ciText = base ? proportionCI(n, base).map((v) => (100 * v).toFixed(1)).join("–") : "";
+    if (byWhite && !white.includes(cls)) {
+      ciText = cls === "erythroblast" ? "per 100 WBC" : "not a WBC";
+      if (cls !== "erythroblast") pctText = "–";
+    }
     const tr = el("tr", { class: n ? "" : "zero", "data-class": cls },
       el("td", { class: "cls" }, dot(cls), cls),
       el("td", { class: "num diff-n", text: String(n) }),
-      el("td", { class: "num", text: total ? (100 * n / total).toFixed(1) : "0.0" }),
-      el("td", { class: "num ci", text: total ? proportionCI(n, total).map((v) => (100 * v).toFixed(1)).join("–") : "" }));
+      el("td", { class: "num", text: pctText }),
+      el("td", { class: "num ci", text: ciText }));
     tb.append(tr);
   }
-  $("#diff-total").textContent = total;
+  $("#diff-total").textContent = base;
   const corrected = S.cells.filter((c) => c.corrected).length;
   const review = S.cells.filter((c) => c.needs_review && !c.corrected).length;
   $("#diff-summary").textContent = `${S.cells.length} cells · ${corrected} reviewed · ${review} need review` +
@@ -454,6 +467,7 @@ function wire() {
     });
   }
   $("#class-filter").addEventListener("change", (e) => { S.filter.cls = e.target.value; applyFilter(); });
+  $("#diff-wbc").addEventListener("change", renderDiff);
 
   $("#v-close").addEventListener("click", () => $("#viewer").close());
   $("#viewer").addEventListener("click", (e) => { if (e.target === e.currentTarget) e.currentTarget.close(); });
