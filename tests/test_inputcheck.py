@@ -14,7 +14,7 @@ from test_predict import make_model
 
 from bloodcell import predict as P
 from bloodcell.inputcheck import FEATURES, InputCheck, colour_features, fit_input_check
-from bloodcell.transforms import preprocess, preprocess_with_size
+from bloodcell.transforms import SourceInfo, preprocess, preprocess_with_info
 
 
 def stained(n, size=64, seed=0):
@@ -93,20 +93,28 @@ def test_fit_needs_enough_images_and_same_features():
         InputCheck({**stats, "features": ["hue"]}, 64)
 
 
-def test_preprocess_with_size_reports_the_original_size(tmp_path):
+def test_preprocess_with_info_reports_the_original_size(tmp_path):
     big = np.tile(synthetic_cell(2, 64), (10, 16, 1))  # 640 x 1024
     p = tmp_path / "wide.jpg"
     Image.fromarray(big).save(p, quality=90)
-    arr, size0 = preprocess_with_size(str(p), 64)  # JPEG draft mode decodes it at 1/4 scale
-    assert size0 == (1024, 640) and arr.shape == (64, 64, 3)
+    arr, info = preprocess_with_info(str(p), 64)  # JPEG draft mode decodes it at 1/4 scale
+    assert info == SourceInfo(1024, 640, 1) and arr.shape == (64, 64, 3)
     np.testing.assert_array_equal(arr, preprocess(str(p), 64))  # one preprocessing
     # a camera-rotated JPEG (EXIF orientation 6): the size as displayed
     b = io.BytesIO()
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.fromarray(big[:320]).save(b, "JPEG", exif=exif)
-    assert preprocess_with_size(b.getvalue(), 64)[1] == (320, 1024)
-    assert preprocess_with_size(big[:100, :90], 64)[1] == (90, 100)
+    assert preprocess_with_info(b.getvalue(), 64)[1][:2] == (320, 1024)
+    assert preprocess_with_info(big[:100, :90], 64)[1][:2] == (90, 100)
+    # a two-page TIFF: only the first page is used, and the check says so
+    tif = tmp_path / "stack.tif"
+    pages = [Image.fromarray(synthetic_cell(k, 64, seed=k)) for k in (1, 5)]
+    pages[0].save(tif, save_all=True, append_images=pages[1:])
+    arr, info = preprocess_with_info(str(tif), 64)
+    assert info.frames == 2
+    np.testing.assert_array_equal(arr, np.asarray(pages[0]))
+    assert any("2 frames or pages" in w for w in InputCheck(None, 64).warnings(arr, info))
 
 
 @pytest.fixture

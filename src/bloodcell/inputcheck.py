@@ -13,10 +13,10 @@ review and left out of the differential count instead of silently counted:
   ``bloodcell calibrate`` and stored in model.json as ``input_check``.
 - *no colour* (grayscale) and *blank* (nearly uniform) images, named as such;
 - *geometry*: images smaller than the model input (upscaled) and far from square
-  (only the centre square is classified).
+  (only the centre square is classified); multi-page files (only the first page).
 
 The checks look at the same preprocessed array the model sees
-(:func:`bloodcell.transforms.preprocess_with_size`), so they cannot drift from it.
+(:func:`bloodcell.transforms.preprocess_with_info`), so they cannot drift from it.
 """
 from __future__ import annotations
 
@@ -102,12 +102,13 @@ class InputCheck:
             raise ValueError("no colour statistics: fit them with `bloodcell calibrate`")
         return _mahalanobis(colour_features(images), self.mean, self.cov_inv)
 
-    def warnings(self, image: np.ndarray, original_size: tuple[int, int] | None = None) -> list[str]:
-        """[] for an ordinary image, else one short reason per problem found."""
-        return self.warnings_batch(np.asarray(image)[None], [original_size])[0]
+    def warnings(self, image: np.ndarray, source: tuple | None = None) -> list[str]:
+        """[] for an ordinary image, else one short reason per problem found. ``source``:
+        a transforms.SourceInfo, or (width, height), of the input before preprocessing."""
+        return self.warnings_batch(np.asarray(image)[None], [source])[0]
 
     def warnings_batch(self, images: np.ndarray,
-                       original_sizes: list[tuple[int, int] | None] | None = None) -> list[list[str]]:
+                       sources: list[tuple | None] | None = None) -> list[list[str]]:
         """:meth:`warnings` for a batch of preprocessed images [N, S, S, 3] (vectorised)."""
         feats, spread, grey_sd = _stats(images)
         far = np.zeros(len(feats), bool)
@@ -115,7 +116,7 @@ class InputCheck:
             dist = _mahalanobis(feats, self.mean, self.cov_inv)
             far = dist > self.threshold
         out = []
-        for i, size in enumerate(original_sizes or [None] * len(feats)):
+        for i, source in enumerate(sources or [None] * len(feats)):
             w = []
             if spread[i] < GRAY_SPREAD:
                 w.append("no colour (grayscale image); the model was trained on stained colour images")
@@ -124,8 +125,11 @@ class InputCheck:
             if not w and far[i]:
                 w.append(f"colours unlike the training images (distance {dist[i]:.1f} > {self.threshold:.1f}): "
                          "another stain or scanner, or not a blood-cell image?")
-            if size is not None:
-                iw, ih = size
+            if source is not None:
+                iw, ih = source[0], source[1]
+                frames = source[2] if len(source) > 2 else 1
+                if frames > 1:
+                    w.append(f"{frames} frames or pages: only the first was classified")
                 if min(iw, ih) < self.image_size:
                     w.append(f"small image ({iw}x{ih} px, upscaled to {self.image_size})")
                 if max(iw, ih) > MAX_ASPECT * min(iw, ih):

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .inputcheck import InputCheck
-from .transforms import ImageError, ImageSource, preprocess, preprocess_with_size, to_tensor
+from .transforms import ImageError, ImageSource, preprocess, preprocess_with_info, to_tensor
 
 log = logging.getLogger("bloodcell")
 
@@ -171,11 +171,11 @@ class Classifier:
             rec["multi_cell_score"] = float(screen["score"])
         return rec
 
-    def check_inputs(self, images: np.ndarray, original_sizes=None) -> list[list[str]]:
+    def check_inputs(self, images: np.ndarray, sources=None) -> list[list[str]]:
         """Input warnings for preprocessed images [N, S, S, 3] (bloodcell.inputcheck): no
         colour, blank, colours unlike the training images, small or far from square."""
         try:
-            return self.input_check.warnings_batch(images, original_sizes)
+            return self.input_check.warnings_batch(images, sources)
         except Exception as e:  # a check failing must not lose the classification
             log.warning("input check failed (%s: %s); images not checked", type(e).__name__, e)
             return [[] for _ in range(len(images))]
@@ -191,15 +191,15 @@ class Classifier:
             if p.is_file() and p.stat().st_size > 0:
                 src = p.read_bytes()
         try:
-            arrays = {s: preprocess_with_size(src, s) for s in sizes}
-            return {"original_size": arrays[self.image_size][1], **{s: a for s, (a, _) in arrays.items()}}
+            arrays = {s: preprocess_with_info(src, s) for s in sizes}
+            return {"source": arrays[self.image_size][1], **{s: a for s, (a, _) in arrays.items()}}
         except ImageError:
             raise
         except Exception as e:  # one odd file must never end a batch job
             raise ImageError(str(src), f"could not decode ({type(e).__name__}: {e})") from None
 
     def _decode_safe(self, src):
-        """-> ({size: array, "original_size": (w, h), "screen": dict | None}, None) or (None, skip reason).
+        """-> ({size: array, "source": SourceInfo, "screen": dict | None}, None) or (None, skip reason).
         The screen scores here, in the worker, so it overlaps with the model too."""
         try:
             arrays = self._decode(src)
@@ -233,7 +233,7 @@ class Classifier:
             if pending:
                 batch = np.stack([a[self.image_size] for _, _, a in pending])
                 probs = self.predict_proba_arrays(batch)
-                warns = self.check_inputs(batch, [a["original_size"] for _, _, a in pending])
+                warns = self.check_inputs(batch, [a["source"] for _, _, a in pending])
                 for (i, name, a), pr, w in zip(pending, probs, warns):
                     done.append((i, self.record(name, pr, a["screen"], w)))
                 pending.clear()

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import __version__
 from .predict import leukocyte_differential, proportion_ci
-from .transforms import ImageError, open_image, preprocess, preprocess_with_size
+from .transforms import ImageError, open_image, preprocess, preprocess_with_info
 
 log = logging.getLogger("bloodcell")
 
@@ -458,8 +458,8 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
                 out.append((None, None, None, why, None))
                 continue
             try:
-                arr, size0 = preprocess_with_size(data, clf.image_size)
-                warnings = clf.check_inputs(arr[None], [size0])[0]
+                arr, source = preprocess_with_info(data, clf.image_size)
+                warnings = clf.check_inputs(arr[None], [source])[0]
                 score = None
                 if scr is not None:  # numpy/scipy: scored here, in parallel, not on the model thread
                     size = int(getattr(scr, "image_size", clf.image_size))

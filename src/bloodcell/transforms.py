@@ -13,7 +13,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import NamedTuple, Union
 
 import numpy as np
 import torch
@@ -77,8 +77,15 @@ def open_image(src: ImageSource, draft_size: int | None = None) -> Image.Image:
     return _open_image(src, draft_size)[0]
 
 
-def _open_image(src: ImageSource, draft_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """open_image, and the input's (width, height) before draft-mode decoding shrank it."""
+class SourceInfo(NamedTuple):
+    """The input as it was before preprocessing (for the input checks)."""
+    width: int
+    height: int
+    frames: int = 1  # animated GIF, multi-page TIFF: only the first frame is used
+
+
+def _open_image(src: ImageSource, draft_size: int | None = None) -> tuple[Image.Image, SourceInfo]:
+    """open_image, and the input's size before draft-mode decoding shrank it."""
     name = _describe(src)
     size0 = None
     try:
@@ -139,7 +146,7 @@ def _open_image(src: ImageSource, draft_size: int | None = None) -> tuple[Image.
             im = ImageOps.exif_transpose(im)
             if orientation in (5, 6, 7, 8):
                 size0 = size0[::-1]
-        return _to_rgb(im), tuple(size0)
+        return _to_rgb(im), SourceInfo(*size0, frames=int(getattr(im, "n_frames", 1) or 1))
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -152,12 +159,12 @@ def _open_image(src: ImageSource, draft_size: int | None = None) -> tuple[Image.
 
 def preprocess(src: ImageSource, size: int) -> np.ndarray:
     """The preprocessing: any input -> uint8 array (size, size, 3)."""
-    return preprocess_with_size(src, size)[0]
+    return preprocess_with_info(src, size)[0]
 
 
-def preprocess_with_size(src: ImageSource, size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """:func:`preprocess`, and the input's own (width, height) for the input checks."""
-    im, size0 = _open_image(src, draft_size=size)
+def preprocess_with_info(src: ImageSource, size: int) -> tuple[np.ndarray, SourceInfo]:
+    """:func:`preprocess`, and what the input was (size, frames) for the input checks."""
+    im, info = _open_image(src, draft_size=size)
     w, h = im.size
     s = min(w, h)
     if w != h:  # CellaVision crops centre the cell: keep the centre square
@@ -165,7 +172,7 @@ def preprocess_with_size(src: ImageSource, size: int) -> tuple[np.ndarray, tuple
         im = im.crop((left, top, left + s, top + s))
     if s != size:
         im = im.resize((size, size), Image.BILINEAR)
-    return np.asarray(im, dtype=np.uint8), size0
+    return np.asarray(im, dtype=np.uint8), info
 
 
 def to_tensor(batch: np.ndarray) -> torch.Tensor:
