@@ -411,3 +411,9 @@ def test_white_cell_differential():
                              "skipped": [], "review": {"n_needs_review": 0, "n_low_confidence": 0,
                                                        "n_input_warnings": 0}})
     assert "5.0 per 100 white cells (NRBC)" in text and "white cells: 100; platelets (40)" in text
+
+
+def test_listing_escapes_control_characters(capsys):
+    P._print_records([{"path": "a\tb\nc.png", "status": "skipped: not an image"}])
+    out = capsys.readouterr().out
+    assert out == "a\\tb\\nc.png\tskipped: not an image\n"

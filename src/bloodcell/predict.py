@@ -636,16 +636,22 @@ def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: i
 
 # ----------------------------------------------------------------------------- CLI
 
+_CONTROL = {i: f"\\x{i:02x}" for i in range(32)} | {9: "\\t", 10: "\\n", 13: "\\r"}
+
+
 def _print_records(records: list[dict]) -> None:
+    """One tab-separated line per input; control characters in file names are escaped
+    so that a name cannot break the columns (the CSV output quotes them instead)."""
     for r in records:
+        path = r["path"].translate(_CONTROL)
         if r["status"] != "ok":
-            print(f"{r['path']}\t{r['status']}")
+            print(f"{path}\t{r['status']}")
             continue
         top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top3"])
         flags = ((["needs review"] if r["needs_review"] else []) + (["multi-cell"] if r.get("multi_cell") else [])
                  + r.get("input_warnings", []))
-        print(f"{r['path']}\t{r['class']}\t{r['probability']:.3f}\t[{top}]"
-              + (f"\t{', '.join(flags)}" if flags else ""))
+        print(f"{path}\t{r['class']}\t{r['probability']:.3f}\t[{top}]"
+              + (f"\t{'; '.join(flags)}" if flags else ""))
 
 
 def cmd_predict(args):
