@@ -444,6 +444,14 @@ def leukocyte_differential(counts: dict[str, int]) -> dict | None:
     return out
 
 
+def class_shares(counts: dict[str, int]) -> dict:
+    """Per class: % of all counted, its 95 % interval; and the white-cell differential."""
+    n = sum(counts.values())
+    return {"percent": {c: (100.0 * k / n if n else 0.0) for c, k in counts.items()},
+            "ci95_percent": {c: [100.0 * v for v in proportion_ci(k, n)] for c, k in counts.items()},
+            "white_cells": leukocyte_differential(counts)}
+
+
 def differential_count(records: Sequence[dict], classes: Sequence[str],
                        include_flagged: bool = False) -> dict:
     """Count and % per class over the ``ok`` records, as a lab report gives it.
@@ -460,10 +468,7 @@ def differential_count(records: Sequence[dict], classes: Sequence[str],
     return {"n_counted": n, "n_ok": len(ok), "n_multi_cell": len(flagged),
             "n_input_warnings": len(unusual), "flagged_included": include_flagged,
             "n_needs_review": sum(bool(r.get("needs_review")) for r in counted),
-            "counts": counts,
-            "percent": {c: (100.0 * k / n if n else 0.0) for c, k in counts.items()},
-            "ci95_percent": {c: [100.0 * v for v in proportion_ci(k, n)] for c, k in counts.items()},
-            "white_cells": leukocyte_differential(counts)}
+            "counts": counts, **class_shares(counts)}
 
 
 def review_counts(records: Sequence[dict], threshold: float) -> dict:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .predict import leukocyte_differential, proportion_ci
+from .predict import class_shares
 from .transforms import ImageError, open_image, preprocess, preprocess_with_info
 
 log = logging.getLogger("bloodcell")
@@ -262,13 +262,10 @@ def differential(cells: list[dict], classes: list[str]) -> dict:
         counts[c["class"]] = counts.get(c["class"], 0) + 1
     n = len(counted)
     return {"total": n, "n_cells": len(cells), "n_left_out": len(cells) - n, "counts": counts,
-            "percent": {c: (100.0 * v / n if n else 0.0) for c, v in counts.items()},
-            "ci95_percent": {c: [100.0 * x for x in proportion_ci(v, n)] for c, v in counts.items()},
-            "n_corrected": sum(c["corrected"] for c in cells),
+            **class_shares(counts), "n_corrected": sum(c["corrected"] for c in cells),
             "n_needs_review": sum(c["needs_review"] and not c["corrected"] for c in cells),
             "n_multi_cell": sum(bool(c.get("multi_cell")) for c in cells),
-            "n_input_warnings": sum(bool(c.get("input_warnings")) for c in cells),
-            "white_cells": leukocyte_differential(counts)}
+            "n_input_warnings": sum(bool(c.get("input_warnings")) for c in cells)}
 
 
 # ------------------------------------------------------------------ model worker
