@@ -173,7 +173,7 @@ class Classifier:
 
     def check_inputs(self, images: np.ndarray, sources=None) -> list[list[str]]:
         """Input warnings for preprocessed images [N, S, S, 3] (bloodcell.inputcheck): no
-        colour, blank, colours unlike the training images, small or far from square."""
+        colour, blank, colours unlike the training images, small, far from square, multi-page."""
         try:
             return self.input_check.warnings_batch(images, sources)
         except Exception as e:  # a check failing must not lose the classification
