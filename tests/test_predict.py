@@ -292,6 +292,11 @@ def test_cli_predict_json_and_csv(model_dir, image_dir, tmp_path, capsys):
     assert "broken.jpg" in text and "missing.png: no such file" in text
     res = json.loads(out.read_text())
     assert res["summary"]["n_skipped"] == 2 and res["summary"]["review_threshold"] == 0.5
+    from bloodcell import __version__
+    from bloodcell.export import weights_sha1
+    assert res["summary"]["bloodcell_version"] == __version__  # provenance of the results
+    assert res["summary"]["model_sha1"] == weights_sha1(model_dir / "model.safetensors")
+    assert res["summary"]["created"].endswith("+00:00")
     assert sum(res["summary"]["differential"]["counts"].values()) == 10
     assert len(res["results"]) == 12
     rc = main(["predict", str(image_dir / "sub" / "c01.png"), "--model", str(model_dir),

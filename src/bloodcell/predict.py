@@ -621,8 +621,15 @@ def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: i
     n_computed = sum(1 for i in todo if records[i].get("status") == "ok")
     skipped = [{"path": r["path"], "reason": r["status"].split(": ", 1)[1]}
                for r in records if r["status"] != "ok"]
+    from datetime import datetime, timezone
+
+    from . import __version__
     summary = {
+        # which software and which weights made these results, for a lab's records
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "bloodcell_version": __version__,
         "model": str(clf.weights_path) if clf.weights_path else None,
+        "model_sha1": clf.fingerprint()["weights_sha1"],
         "backend": clf.backend, "batch_size": batch_size, "workers": workers,
         "review_threshold": clf.review_threshold, "temperature": clf.temperature,
         "multi_cell_screen": clf.screen is not None,
