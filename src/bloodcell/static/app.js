@@ -319,24 +319,24 @@ function renderDiff() {
   const review = S.cells.filter((c) => c.needs_review && !c.corrected).length;
   $("#diff-summary").textContent = `${S.cells.length} cells · ${corrected} reviewed · ${review} need review` +
     (leftOut ? ` · ${leftOut} flagged not counted until reviewed` : "");
-  drawChart(counts, total);
+  drawChart(counts, base, byWhite ? white : S.classes);
 }
 
-function drawChart(counts, total) {
+function drawChart(counts, total, classes) {
   const NS = "http://www.w3.org/2000/svg";
   const svg = $("#diff-chart");
   const W = 294, row = 22, left = 86, right = 44;
-  const H = S.classes.length * row + 4;
+  const H = classes.length * row + 4;
   svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   svg.textContent = "";
-  const max = Math.max(1, ...Object.values(counts));
+  const max = Math.max(1, ...classes.map((c) => counts[c]));
   const mk = (tag, a, text) => {
     const e = document.createElementNS(NS, tag);
     for (const [k, v] of Object.entries(a)) e.setAttribute(k, v);
     if (text != null) e.textContent = text;
     svg.append(e); return e;
   };
-  S.classes.forEach((cls, i) => {
+  classes.forEach((cls, i) => {
     const y = i * row + 2, n = counts[cls];
     const w = (W - left - right) * n / max;
     mk("text", { x: left - 6, y: y + 14, "text-anchor": "end", class: "lbl" }, cls);
