@@ -58,6 +58,14 @@ def val_view_probs(run: str, data: str, n_views: int = 8):
     return probs, y, sha
 
 
+def other_run_probs(run: str, ref: str, data: str, sha: str, y: np.ndarray, n_views: int):
+    """val_view_probs of another run, refusing one trained on another split than ``ref``."""
+    p, y2, sha2 = val_view_probs(run, data, n_views)
+    if sha2 != sha or not np.array_equal(y, y2):
+        raise SystemExit(f"{run} was trained on another split than {ref}")
+    return p
+
+
 def errors_by_subtype(run: str, data: str, probs: np.ndarray, y: np.ndarray) -> str:
     """Wrong answers per file-name sub-type (PBC: BNE/SNE neutrophils, PMY/MY/MMY ig)."""
     classes = json.loads(resolve_model_path(run)[1].read_text())["classes"]  # no weights needed
@@ -93,11 +101,7 @@ def main():
     if a.ensemble:
         probs, y, sha = val_view_probs(a.run, a.data, 1)
         members = [probs[0]]
-        for run in a.ensemble:
-            p, y2, sha2 = val_view_probs(run, a.data, 1)
-            if sha2 != sha or not np.array_equal(y, y2):
-                raise SystemExit(f"{run} was trained on another split than {a.run}")
-            members.append(p[0])
+        members += [other_run_probs(run, a.run, a.data, sha, y, 1)[0] for run in a.ensemble]
         for run, p in zip([a.run, *a.ensemble], members):
             print(f"{run}: val accuracy {acc(p):.4f} ({int((p.argmax(1) != y).sum())} wrong)")
         m = np.mean(members, 0)
@@ -118,9 +122,7 @@ def main():
         a8, _ = selective(base, tta8, y, c)
         print(f"{c:7.2f}  {share:12.3f}  {a4:11.4f}  {a8:11.4f}")
     if a.second:
-        p2, y2, sha2 = val_view_probs(a.second, a.data, a.second_views)
-        if sha2 != sha or not np.array_equal(y, y2):
-            raise SystemExit(f"{a.second} was trained on another split than {a.run}")
+        p2 = other_run_probs(a.second, a.run, a.data, sha, y, a.second_views)
         ks = [k for k in (1, 4, 8) if k <= len(p2)]
         print(f"\nsecond model {a.second}: alone {acc(p2[0]):.4f}, {len(p2)} view(s) {acc(p2.mean(0)):.4f}")
         print(f"errors by sub-type: {errors_by_subtype(a.second, a.data, p2[0], y)}")

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -163,16 +164,16 @@ def iter_image_files(root: Path):
                 yield p, "hidden file (e.g. macOS metadata), not an image"
                 continue
             try:
-                size = p.stat().st_size
+                st = p.stat()
             except OSError as e:
                 yield p, ("broken link (its target does not exist)" if p.is_symlink()
                           else f"unreadable ({e.strerror or e})")
                 continue
-            if not p.is_file():
+            if not stat.S_ISREG(st.st_mode):
                 yield p, "not a regular file"
             elif p.suffix.lower() not in IMAGE_EXTENSIONS:
                 yield p, f"not an image file extension ({p.suffix or 'none'})"
-            elif size == 0:
+            elif st.st_size == 0:
                 yield p, "empty file (0 bytes)"
             else:
                 yield p, None

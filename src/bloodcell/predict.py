@@ -452,6 +452,11 @@ def class_shares(counts: dict[str, int]) -> dict:
             "white_cells": leukocyte_differential(counts)}
 
 
+def is_flagged(rec: dict) -> bool:
+    """Multi-cell, or unlike the training images: its class is not counted unasked."""
+    return bool(rec.get("multi_cell")) or bool(rec.get("input_warnings"))
+
+
 def differential_count(records: Sequence[dict], classes: Sequence[str],
                        include_flagged: bool = False) -> dict:
     """Count and % per class over the ``ok`` records, as a lab report gives it.
@@ -460,7 +465,7 @@ def differential_count(records: Sequence[dict], classes: Sequence[str],
     ok = [r for r in records if r.get("status") == "ok"]
     flagged = [r for r in ok if r.get("multi_cell")]
     unusual = [r for r in ok if r.get("input_warnings")]
-    counted = ok if include_flagged else [r for r in ok if not (r.get("multi_cell") or r.get("input_warnings"))]
+    counted = ok if include_flagged else [r for r in ok if not is_flagged(r)]
     counts = {c: 0 for c in classes}
     for r in counted:
         counts[r["class"]] = counts.get(r["class"], 0) + 1
@@ -582,8 +587,8 @@ def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: i
             records[i] = {"path": p, "status": f"skipped: {why}"}
     journal = None
     n_resumed = 0
+    fp = clf.fingerprint()  # hashes the weights: once per run (journal + provenance)
     if out is not None:
-        fp = clf.fingerprint()
         jp = journal_path(out)
         old = read_journal(jp, fp) if resume else {}
         for i, k in enumerate(keys):
@@ -629,7 +634,7 @@ def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: i
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "bloodcell_version": __version__,
         "model": str(clf.weights_path) if clf.weights_path else None,
-        "model_sha1": clf.fingerprint()["weights_sha1"],
+        "model_sha1": fp["weights_sha1"],
         "backend": clf.backend, "batch_size": batch_size, "workers": workers,
         "review_threshold": clf.review_threshold, "temperature": clf.temperature,
         "multi_cell_screen": clf.screen is not None,

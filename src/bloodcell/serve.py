@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .predict import class_shares
+from .predict import class_shares, is_flagged
 from .transforms import ImageError, open_image, preprocess, preprocess_with_info
 
 log = logging.getLogger("bloodcell")
@@ -248,15 +248,10 @@ def _cell_json(r: sqlite3.Row) -> dict:
     return d
 
 
-def flagged(c: dict) -> bool:
-    """Multi-cell, or unlike the training images: its predicted class is not a count."""
-    return bool(c.get("multi_cell")) or bool(c.get("input_warnings"))
-
-
 def differential(cells: list[dict], classes: list[str]) -> dict:
     """Counts as ``bloodcell predict`` gives them: flagged cells are left out, unless
     a reviewer set their class (then that class counts). app.js renderDiff agrees."""
-    counted = [c for c in cells if c["corrected"] or not flagged(c)]
+    counted = [c for c in cells if c["corrected"] or not is_flagged(c)]
     counts = {c: 0 for c in classes}
     for c in counted:
         counts[c["class"]] = counts.get(c["class"], 0) + 1
