@@ -255,6 +255,42 @@ def test_page_upload_correct_reload(tmp_path):
     assert (tmp_path / "page.png").stat().st_size > 10_000
 
 
+@needs_chromium
+def test_long_sample_name_does_not_widen_the_page(tmp_path):
+    """A 200-character sample name: shown cut short (full name on hover), the header and
+    its export buttons stay inside a 1280 px window (it used to widen the page to 2,775 px)."""
+    pytest.importorskip("selenium")
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    from bloodcell.serve import create_app
+    model_dir = tiny_model(tmp_path / "model")
+    (img,) = write_cells(tmp_path / "imgs", [2])
+    long_name = "Patient " + "0123456789" * 19 + "xy"
+    assert len(long_name) == 200
+    app = create_app(model=str(model_dir), db_path=tmp_path / "lab.sqlite3", screen=None)
+    fits = ("const w = window.innerWidth; return [document.documentElement.scrollWidth <= w,"
+            " ...['export-csv', 'export-zip', 'sample-select'].map("
+            "id => document.getElementById(id).getBoundingClientRect().right <= w)]")
+    with live_server(app) as url, chrome(1280, 800) as driver:
+        with open(img, "rb") as f:
+            r = httpx.post(f"{url}/api/predict", files=[("files", ("a.png", f, "image/png"))],
+                           data={"sample": long_name})
+        assert r.status_code == 200 and r.json()["sample"] == long_name
+        driver.get(url + "/")
+        _wait(driver, lambda d: len(_cards(d)) == 1, msg="the sample's cell was not shown")
+        sel = driver.find_element(By.ID, "sample-select")
+        assert driver.execute_script(fits) == [True, True, True, True]
+        assert sel.get_attribute("title") == long_name  # the full name on hover
+        opt = sel.find_element(By.CSS_SELECTOR, "option")
+        assert opt.get_attribute("title") == long_name and len(opt.text) < 60
+        # a long name typed as a new sample: the same
+        driver.find_element(By.ID, "new-sample-name").send_keys(long_name.replace("Patient", "Other") + "\n")
+        _wait(driver, lambda d: "(new)" in d.find_element(By.ID, "sample-select").text)
+        assert driver.execute_script(fits) == [True, True, True, True]
+        assert driver.find_element(By.ID, "sample-select").get_attribute("title").startswith("Other 0123")
+
+
 def make_screenshot(out: Path) -> None:
     """The README screenshots: synthetic cells only, two confirmed; then one cell
     open in the viewer with its saliency overlay (``<out>_viewer.png``)."""

@@ -422,3 +422,53 @@ def test_listing_escapes_control_characters(capsys):
     P._print_records([{"path": "a\tb\nc.png", "status": "skipped: not an image"}])
     out = capsys.readouterr().out
     assert out == "a\\tb\\nc.png\tskipped: not an image\n"
+
+
+# ----------------------------------------------------------------------------- issue 16
+
+def test_csv_output_defuses_formula_file_names(clf, tmp_path, monkeypatch):
+    """Files named like spreadsheet formulas are written as text (the lab page's CSV
+    export uses the same guard)."""
+    d = tmp_path / "formulas"
+    d.mkdir()
+    names = ['=HYPERLINK("http:x","click").jpg', "+cmd.jpg", "-2+3.jpg", "@SUM(A1).jpg", "ok.png"]
+    for k, n in enumerate(names):
+        Image.fromarray(synthetic_cell(k, seed=k)).save(d / n, "PNG")
+    monkeypatch.chdir(d)  # `bloodcell predict .` lists the names as they are
+    out = tmp_path / "r.csv"
+    recs, _ = P.predict_paths(clf, ["."], out=out, progress=False)
+    assert all(r["status"] == "ok" for r in recs) and {r["path"] for r in recs} == set(names)
+    import csv
+    rows = list(csv.DictReader(open(out, newline="")))
+    paths = {r["path"] for r in rows}
+    assert paths == {"'" + n for n in names[:4]} | {"ok.png"}
+    assert not any(r["path"][:1] in "=+-@" for r in rows)
+
+
+def test_unwritable_out_file_refused_before_work(clf, image_dir, tmp_path, monkeypatch, capsys):
+    """An existing --out file that cannot be replaced: a clear error before any image is
+    classified (it used to fail after the last image with a raw [Errno 1])."""
+    import shutil
+    import subprocess
+    out = tmp_path / "locked.csv"
+    out.write_text("old results\n")
+    if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(out)],
+                                                    capture_output=True).returncode:
+        out.chmod(0o444)
+        if os.access(out, os.W_OK):
+            pytest.skip("cannot make a file unwritable here (root without chattr +i)")
+    try:
+        calls = []
+        monkeypatch.setattr(P.Classifier, "predict_proba_arrays",
+                            lambda self, b: calls.append(len(b)) or np.full((len(b), 8), 1 / 8))
+        from bloodcell.cli import main
+        rc = main(["predict", str(image_dir), "--model", str(clf.weights_path.parent),
+                   "--backend", "torch", "--no-progress", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and calls == []  # refused before the model ran
+        assert str(out) in err and "cannot be replaced" in err and "Errno" not in err
+        assert len(err.strip().splitlines()) == 1
+        assert out.read_text() == "old results\n"
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], capture_output=True)
+        out.chmod(0o644)

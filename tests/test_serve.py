@@ -543,3 +543,40 @@ def test_cli_bad_model_and_db_fail_with_one_line(model_dir, tmp_path, capsys, ca
         assert main(["serve", "--model", str(model_dir), "--db", str(db), "--no-screen"]) == 2
         err = capsys.readouterr().err
         assert str(db) in err and len(err.strip().splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------ issue 16: hardening
+
+def test_json_bodies_are_limited_and_not_echoed(client):
+    cid = _upload_three(client)["results"][0]["cell_id"]
+    url = f"/api/cells/{cid}/correction"
+    big = json.dumps({"true_class": "x" * (2 * 2**20)})  # 2 MB: declared size over the limit
+    r = client.put(url, content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "64 KB limit" in r.json()["detail"]
+
+    def chunks():  # no declared size: counted while read
+        for _ in range(40):
+            yield b" " * 4096
+        yield b'{"true_class": "ig"}'
+    r = client.put(url, content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert client.get(f"/api/cells/{cid}").json()["true_class"] is None  # nothing applied
+    # an invalid value under the limit is named, not echoed back whole
+    for body in ({"true_class": "y" * 30000}, {"true_class": 5, "note": "z" * 30000},
+                 {"true_class": ["w" * 30000]}):
+        r = client.put(url, json=body)
+        assert r.status_code == 422 and len(r.content) < 2000, (len(r.content), r.text[:200])
+    assert "unknown class 'yyyy" in client.put(url, json={"true_class": "y" * 30000}).json()["detail"]
+    assert client.put(url, json={"true_class": "ig"}).status_code == 200  # small bodies still work
+
+
+def test_empty_database_file_warns(model_dir, tmp_path, caplog):
+    db = tmp_path / "lab.db"
+    db.write_bytes(b"")
+    with TestClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
+        assert c.get("/api/samples").json()["samples"] == []
+    assert str(db) in caplog.text and "empty (0-byte) file" in caplog.text
+    caplog.clear()
+    with TestClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:  # now a database
+        assert c.get("/api/samples").status_code == 200
+    assert "empty (0-byte)" not in caplog.text

@@ -72,6 +72,14 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def csv_safe(text: str) -> str:
+    """A CSV cell a spreadsheet shows as text instead of running it as a formula (a file
+    named ``=HYPERLINK(...).jpg``, ``+cmd.jpg``, ``-2+3.jpg`` or ``@SUM(A1).jpg``, or one
+    starting with a tab or carriage return): prefixed with ``'``, as OWASP advises. One
+    guard for ``bloodcell predict --out x.csv`` and the lab page's CSV export."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 

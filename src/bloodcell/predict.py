@@ -528,7 +528,7 @@ def write_results(out: Path, records: list[dict], classes: list[str], summary: d
     import csv
     import io
 
-    from .data import atomic_write_json, atomic_write_text
+    from .data import atomic_write_json, atomic_write_text, csv_safe
     if out.suffix.lower() == ".json":
         atomic_write_json(out, {"summary": summary, "results": records})
         return
@@ -538,13 +538,13 @@ def write_results(out: Path, records: list[dict], classes: list[str], summary: d
                 "multi_cell_score", "input_warnings"] + [f"p_{c}" for c in classes])
     for r in records:
         ok = r.get("status") == "ok"
-        w.writerow([r["path"], r["status"], r.get("class", ""),
+        w.writerow([csv_safe(r["path"]), csv_safe(r["status"]), r.get("class", ""),
                     f"{r['probability']:.6f}" if ok else "",
                     "; ".join(f"{t['class']} {t['probability']:.4f}" for t in r.get("top3", [])),
                     r.get("needs_review", "") if ok else "",
                     r.get("multi_cell", ""),
                     f"{r['multi_cell_score']:.6f}" if r.get("multi_cell_score") is not None else "",
-                    "; ".join(r.get("input_warnings", []))]
+                    csv_safe("; ".join(r.get("input_warnings", [])))]
                    + ([f"{r['probabilities'][c]:.6f}" for c in classes] if ok else [""] * len(classes)))
     atomic_write_text(out, buf.getvalue())
 
@@ -564,6 +564,17 @@ def check_out_path(out) -> Path | None:
         raise ValueError(f"--out {out}: cannot create its folder ({e.strerror or e})") from None
     if not os.access(out.parent, os.W_OK):
         raise ValueError(f"--out {out}: its folder {out.parent} is not writable")
+    if out.exists():
+        # an existing file that cannot be replaced (read-only, immutable): opening it for
+        # update, without changing it, fails now instead of after the last image
+        try:
+            if not os.access(out, os.W_OK):
+                raise PermissionError(13, "permission denied")
+            with open(out, "r+b"):
+                pass
+        except OSError as e:
+            raise ValueError(f"--out {out}: the existing file cannot be replaced "
+                             f"({e.strerror or e}); remove it or choose another name") from None
     return out
 
 
@@ -646,7 +657,12 @@ def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: i
         "skipped": skipped,
     }
     if out is not None:
-        write_results(out, records, clf.classes, summary)
+        try:
+            write_results(out, records, clf.classes, summary)
+        except OSError as e:  # changed since the check: the journal keeps the work for a rerun
+            raise OSError(f"--out {out}: cannot write the results ({e.strerror or e}); the finished "
+                          f"images are kept in {journal_path(out)}: fix the path and run the same "
+                          f"command again to resume") from None
         journal_path(out).unlink(missing_ok=True)
     return records, summary
 

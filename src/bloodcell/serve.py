@@ -36,6 +36,7 @@ import numpy as np
 
 from . import __version__
 from .predict import class_shares, is_flagged
+from .data import csv_safe
 from .transforms import ImageError, open_image, preprocess, preprocess_with_info
 
 log = logging.getLogger("bloodcell")
@@ -109,6 +110,10 @@ class Store:
         if str(path) != ":memory:" and self.path.is_dir():
             raise IsADirectoryError(f"database {path} is a folder; give a file path "
                                     f"such as {self.path / 'lab.sqlite3'}")
+        if str(path) != ":memory:" and self.path.is_file() and self.path.stat().st_size == 0:
+            # SQLite takes a 0-byte file as a new database; it may be one that lost its data
+            log.warning("database %s is an empty (0-byte) file: starting a new, empty lab there. "
+                        "If it held samples, stop the server and restore it from a backup", path)
         try:
             if str(path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -429,6 +434,8 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
     _add_docs(app)
 
     app.add_middleware(_Guard, request_limit=request_limit)
+    from fastapi.exceptions import RequestValidationError
+    app.add_exception_handler(RequestValidationError, _validation_error)
 
     # ---- model
     @app.get("/api/health", tags=["service"])
@@ -538,7 +545,7 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
     # ---- samples
     def _found(row, kind: str, key: str) -> dict:
         if row is None:
-            raise HTTPException(404, f"unknown {kind} {key!r}")
+            raise HTTPException(404, f"unknown {kind} {short(key)}")
         return row
 
     def _sample_or_404(sid: str) -> dict:
@@ -566,11 +573,11 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
                     "multi_cell", "multi_cell_score", "input_warnings", "true_class", "label",
                     "corrected_at", "created", "image_path"])
         for c in store.cells(sample_id):
-            w.writerow([c["id"], _csv_safe(c["file_name"]), c["predicted_class"],
+            w.writerow([c["id"], csv_safe(c["file_name"]), c["predicted_class"],
                         f"{c['probability']:.4f}", int(c["needs_review"]),
                         "" if c.get("multi_cell") is None else int(c["multi_cell"]),
                         "" if c.get("multi_cell_score") is None else f"{c['multi_cell_score']:.4f}",
-                        _csv_safe("; ".join(c["input_warnings"])), c["true_class"] or "", c["class"],
+                        csv_safe("; ".join(c["input_warnings"])), c["true_class"] or "", c["class"],
                         c["corrected_at"] or "", c["created"], export_path(c)])
         name = re.sub(r"[^A-Za-z0-9_.-]+", "_", s["name"])[:60] or s["id"]
         return Response(buf.getvalue(), media_type="text/csv",
@@ -591,7 +598,7 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
                     continue
                 path = export_path(c)
                 z.writestr(path, store.cell_image(c["id"])[0])
-                fields = [c["id"], _csv_safe(c["file_name"]), c["predicted_class"],
+                fields = [c["id"], csv_safe(c["file_name"]), c["predicted_class"],
                           c["true_class"] or "", c["class"], path]
                 lines.append(",".join('"' + str(v).replace('"', '""') + '"' for v in fields))
             z.writestr("labels.csv", "\n".join(lines) + "\n")
@@ -617,7 +624,7 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
         _cell_or_404(cell_id)
         tc = body.true_class
         if tc is not None and tc not in clf.classes:
-            raise HTTPException(422, f"unknown class {tc!r}; one of: {', '.join(clf.classes)}")
+            raise HTTPException(422, f"unknown class {short(tc)}; one of: {', '.join(clf.classes)}")
         c = store.correct(cell_id, tc)
         cells = store.cells(c["sample_id"])
         return {"cell": c, "differential": differential(cells, clf.classes)}
@@ -636,7 +643,7 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
     def cell_image(cell_id: str):
         got = store.cell_image(cell_id)
         if got is None:
-            raise HTTPException(404, f"unknown cell {cell_id!r}")
+            raise HTTPException(404, f"unknown cell {short(cell_id)}")
         data, mt = got
         if mt is None or len(data) > 4 * 2**20:  # not browser-viewable, or heavy: re-encode
             im = open_image(data)
@@ -651,9 +658,9 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
         """Grad-CAM overlay (PNG) for the predicted class, or ``class_name``."""
         got = await run_in_threadpool(store.cell_image, cell_id)
         if got is None:
-            raise HTTPException(404, f"unknown cell {cell_id!r}")
+            raise HTTPException(404, f"unknown cell {short(cell_id)}")
         if class_name is not None and class_name not in clf.classes:
-            raise HTTPException(422, f"unknown class {class_name!r}")
+            raise HTTPException(422, f"unknown class {short(class_name)}")
         key = (cell_id, class_name)
         if key not in saliency_cache:
             from .saliency import gradcam, overlay_png
@@ -679,24 +686,33 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
     return app
 
 
+JSON_LIMIT = 64 * 1024  # a correction is ~30 bytes; nothing but uploads needs more
+
+
 class _Guard:
     """Plain ASGI middleware (cheaper than BaseHTTPMiddleware under load): refuses a
-    body whose declared size is over the request limit before reading it, and marks
-    every response nosniff (uploaded bytes are served back as images)."""
+    body over its limit (uploads: the request limit; any other body, JSON: 64 KiB) from
+    its declared size before reading it, or, when no size is declared, while reading
+    it; and marks every response nosniff (uploaded bytes are served back as images)."""
 
-    def __init__(self, app, request_limit: int):
-        self.app, self.request_limit = app, request_limit
+    def __init__(self, app, request_limit: int, json_limit: int = JSON_LIMIT):
+        self.app, self.request_limit, self.json_limit = app, request_limit, json_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if scope["method"] == "POST":
-            for k, v in scope["headers"]:
-                if k == b"content-length" and v.isdigit() and int(v) > self.request_limit:
-                    from fastapi.responses import JSONResponse
-                    resp = JSONResponse({"detail": f"request of {int(v) / 2**20:.1f} MB is over the "
-                                                   f"{self.request_limit / 2**20:g} MB limit"}, 413)
-                    return await resp(scope, receive, send)
+        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            headers = dict(scope["headers"])
+            upload = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
+            limit = self.request_limit if upload else self.json_limit
+            size = headers.get(b"content-length", b"")
+            if size.isdigit() and int(size) > limit:
+                return await self._too_large(scope, receive, send, int(size), limit)
+            if not upload:  # small by definition: read it here, counting, and hand it on
+                body = await _read_body(receive, limit)
+                if body is None:
+                    return await self._too_large(scope, receive, send, None, limit)
+                receive = _replay(body)
 
         async def send_nosniff(msg):
             if msg["type"] == "http.response.start":
@@ -704,10 +720,55 @@ class _Guard:
             await send(msg)
         await self.app(scope, receive, send_nosniff)
 
+    @staticmethod
+    async def _too_large(scope, receive, send, size: int | None, limit: int):
+        from fastapi.responses import JSONResponse
+        what = f"request of {size / 2**20:.1f} MB" if size is not None else "request body"
+        lim = f"{limit / 2**20:g} MB" if limit >= 2**20 else f"{limit // 1024} KB"
+        resp = JSONResponse({"detail": f"{what} is over the {lim} limit"}, 413)
+        await resp(scope, receive, send)
 
-def _csv_safe(s: str) -> str:
-    """Spreadsheet formula injection: a name starting with = + - @ is shown, not run."""
-    return "'" + s if s[:1] in ("=", "+", "-", "@") else s
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it passes ``limit`` bytes."""
+    chunks, n = [], 0
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":  # the client went away
+            return b"".join(chunks)
+        chunks.append(msg.get("body", b""))
+        n += len(chunks[-1])
+        if n > limit:
+            return None
+        if not msg.get("more_body"):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+    return receive
+
+
+def short(value, n: int = 60) -> str:
+    """repr of a client's value for an error message, cut to ``n`` characters: a 30 MB
+    field is named, not echoed back whole."""
+    text = repr(value)
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
+
+
+async def _validation_error(request, exc):
+    """FastAPI's 422, with each offending input cut short instead of echoed whole."""
+    from fastapi.responses import JSONResponse
+    errors = [{k: (short(v) if k == "input" else v) for k, v in e.items() if k != "ctx"}
+              for e in exc.errors()]
+    return JSONResponse({"detail": errors}, 422)
 
 
 def _add_docs(app):

@@ -83,13 +83,17 @@ async function refreshSamples() {
   const sel = $("#sample-select");
   sel.textContent = "";
   for (const s of S.samples) {
-    sel.append(el("option", { value: s.id, text: `${s.name} (${s.n_cells})` }));
+    sel.append(el("option", { value: s.id, text: `${clip(s.name)} (${s.n_cells})`, title: s.name }));
   }
   if (S.sampleId === null && S.sampleName) {
-    sel.prepend(el("option", { value: "", text: `${S.sampleName} (new)` }));
+    sel.prepend(el("option", { value: "", text: `${clip(S.sampleName)} (new)`, title: S.sampleName }));
   }
   sel.value = S.sampleId || "";
+  sel.title = S.sampleName || "";  // the full name on hover
 }
+
+// a long sample name (up to 200 characters) must not widen the header past the export buttons
+const clip = (name, n = 40) => (name.length > n ? `${name.slice(0, n - 1)}…` : name);
 
 async function loadSample(id) {
   const s = await api(`/api/samples/${encodeURIComponent(id)}`);
@@ -98,6 +102,7 @@ async function loadSample(id) {
   S.cells = s.cells;
   resetGrid();
   $("#sample-select").value = s.id;
+  $("#sample-select").title = s.name;
   updateExports();
 }
 
