@@ -10,8 +10,9 @@ from PIL import Image
 
 from scipy import ndimage as ndi
 
-from bloodcell.screen import (FEATURE_NAMES, Screen, _disk, _stained_segments, find_regions,
-                              image_features, optical_density, red_optical_density)
+from bloodcell.screen import FEATURE_NAMES, Screen, image_features
+from bloodcell.segment import (_disk, _stained_segments, find_regions, optical_density,
+                               red_optical_density)
 
 SIZE = 128
 

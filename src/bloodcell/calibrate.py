@@ -96,7 +96,7 @@ def split_logits(model_path, data, split_file=None, cache_dir=None, batch_size: 
     from .predict import Classifier
     clf = Classifier.load(model_path, backend=backend, screen=None)
     ds = D.scan(data, classes=clf.classes)
-    images, _ = D.load_images(ds, clf.image_size, cache_dir, progress=progress)
+    images, _ = D.load_images(ds, clf.image_size, cache_dir, progress=progress, framing=clf.framing)
     mf, derive = resolve_split(clf.meta, Path(model_path), split_file)
     splits = D.apply_manifest(ds, D.read_manifest(mf)) if mf else D.make_split(ds, *derive)
     out = {"classes": clf.classes}

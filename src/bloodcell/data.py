@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .locate import Framing
 from .transforms import PREPROCESS_VERSION, ImageError, preprocess
 
 log = logging.getLogger("bloodcell")
@@ -303,22 +304,23 @@ def split_indices(splits: list[str], which: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- cache
 
 def _decode_one(args):
-    path, size = args
+    path, size, framing = args
     try:
-        return preprocess(path, size), None
+        return preprocess(path, size, framing), None
     except ImageError as e:
         return None, e.reason
     except Exception as e:  # never let one odd file kill a 12k-image build
         return None, f"could not decode ({type(e).__name__}: {e})"
 
 
-def decode_many(paths: list[Path], size: int, workers: int | None = None, progress: bool = True):
+def decode_many(paths: list[Path], size: int, workers: int | None = None, progress: bool = True,
+                framing: Framing | None = None):
     """Decode+preprocess many files in parallel -> (uint8 array [N,S,S,3], reasons list)."""
     from tqdm import tqdm
     workers = workers or min(os.cpu_count() or 1, 8)
     out = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
     reasons: list[str | None] = [None] * len(paths)
-    jobs = [(str(p), size) for p in paths]
+    jobs = [(str(p), size, framing) for p in paths]
     bar = tqdm(total=len(jobs), desc=f"decoding {size}px", unit="img", disable=not progress,
                mininterval=1.0)
     if workers > 1 and len(jobs) > 64:
@@ -339,7 +341,8 @@ def decode_many(paths: list[Path], size: int, workers: int | None = None, progre
     return out, reasons
 
 
-def load_images(ds: Dataset, size: int, cache_dir: Path | None = None, progress: bool = True):
+def load_images(ds: Dataset, size: int, cache_dir: Path | None = None, progress: bool = True,
+                framing: Framing | None = None):
     """Decoded uint8 images of ``ds`` at ``size``, from a memory-mapped cache.
 
     The cache is keyed by the files' content hashes, the size and the
@@ -348,7 +351,8 @@ def load_images(ds: Dataset, size: int, cache_dir: Path | None = None, progress:
     to decode are removed from ``ds`` (moved to ``ds.skipped``) in place.
     Returns (array [N,S,S,3] uint8, info dict with timings)."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    key_src = f"v{PREPROCESS_VERSION}|{size}|" + "|".join(s.sha1 for s in ds.samples)
+    frame_key = f"framing={json.dumps(framing.to_dict(), sort_keys=True)}|" if framing else ""
+    key_src = f"v{PREPROCESS_VERSION}|{size}|{frame_key}" + "|".join(s.sha1 for s in ds.samples)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:20]
     arr_path = cache_dir / f"images-{size}-{key}.npy"
     meta_path = cache_dir / f"images-{size}-{key}.json"
@@ -358,7 +362,7 @@ def load_images(ds: Dataset, size: int, cache_dir: Path | None = None, progress:
         images = np.load(arr_path, mmap_mode="r")
         built = False
     else:
-        images, reasons = decode_many(ds.paths(), size, progress=progress)
+        images, reasons = decode_many(ds.paths(), size, progress=progress, framing=framing)
         meta = {"bad": {s.path: r for s, r in zip(ds.samples, reasons) if r}, "size": size,
                 "n": len(ds), "preprocess_version": PREPROCESS_VERSION}
         cache_dir.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
+from .locate import Framing
 
 log = logging.getLogger("bloodcell")
 
@@ -89,7 +90,8 @@ def evaluate(model_path=None, data=None, split: str = "test", out=None, split_fi
     model, meta = load_model(model_path)
     model = model.to(memory_format=torch.channels_last)
     ds = D.scan(data, classes=meta["classes"])
-    images, _ = D.load_images(ds, meta["image_size"], cache_dir, progress=progress)
+    images, _ = D.load_images(ds, meta["image_size"], cache_dir, progress=progress,
+                              framing=Framing.of_model(meta))
     if split == "all":
         idx = np.arange(len(ds))
     else:

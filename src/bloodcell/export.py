@@ -313,11 +313,13 @@ def train_images(model_path, data, n: int = 300, seed: int = 0, cache_dir=None):
 
     from . import data as D
     from .evaluate import resolve_split
+    from .locate import Framing
     from .models import resolve_model_path
     _, j = resolve_model_path(model_path)
     meta = json.loads(j.read_text())
     ds = D.scan(data, classes=meta["classes"])
-    images, _ = D.load_images(ds, meta["image_size"], cache_dir, progress=False)
+    images, _ = D.load_images(ds, meta["image_size"], cache_dir, progress=False,
+                              framing=Framing.of_model(meta))
     mf, derive = resolve_split(meta, Path(model_path), None)
     splits = D.apply_manifest(ds, D.read_manifest(mf)) if mf else D.make_split(ds, *derive)
     idx = D.split_indices(splits, "train")

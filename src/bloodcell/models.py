@@ -36,7 +36,7 @@ REGISTRY: dict[str, ModelSpec] = {}
 
 STUDY_DEFAULTS = dict(epochs=30, batch_size=32, lr=1e-3, image_size=224, patience=3,
                       optimizer="adam", weight_decay=0.0, label_smoothing=0.0, schedule="constant",
-                      ema=0.0, subclass_aux=0.0)
+                      ema=0.0, subclass_aux=0.0, framing=False)
 
 
 def register(name: str, description: str, generation: int | None = None, **defaults):
@@ -277,6 +277,15 @@ def lite0_finetune(num_classes: int, image_size: int = 224, pretrained: bool | s
 def lite0_recipe(num_classes: int, image_size: int = 224, pretrained: bool | str = True, **_):
     aug = Augment(flip=True, rotation=0.5, scale=0.1, color=0.15)
     return _lite0(num_classes, pretrained, frozen=False, augment=aug, dropout=0.2)
+
+
+@register("lite0-robust", "Lite0 for other labs' cells too: cell-centred framing, stain/optics/"
+          "zoom domain augmentation (bloodcell.augment), the recipe's optimiser",
+          lr=2e-3, weight_decay=1e-4, label_smoothing=0.1, schedule="onecycle", epochs=10,
+          batch_size=48, image_size=128, patience=0, optimizer="adamw", framing=True)
+def lite0_robust(num_classes: int, image_size: int = 224, pretrained: bool | str = True, **_):
+    from .augment import DomainAugment
+    return _lite0(num_classes, pretrained, frozen=False, augment=DomainAugment(), dropout=0.2)
 
 
 @register("resnet50", "torchvision ResNet-50 (the study's backbone); ImageNet weights from a "

@@ -24,7 +24,9 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .inputcheck import InputCheck
-from .transforms import ImageError, ImageSource, preprocess, preprocess_with_info, to_tensor
+from .locate import Framing
+from .segment import DEFAULT_PARAMS
+from .transforms import ImageError, ImageSource, prepare, preprocess, to_tensor
 
 log = logging.getLogger("bloodcell")
 
@@ -82,6 +84,7 @@ class Classifier:
         self.weights_path = Path(weights_path) if weights_path else None
         self.screen = screen
         self.input_check = InputCheck.from_meta(meta)
+        self.framing = Framing.of_model(meta)
         self.threads = threads
         self.onnx_path = None
         self._session = None
@@ -150,14 +153,14 @@ class Classifier:
         return softmax(self.predict_logits_arrays(batch) / self.temperature)
 
     def preprocess(self, src: ImageSource) -> np.ndarray:
-        return preprocess(src, self.image_size)
+        return preprocess(src, self.image_size, self.framing)
 
     def predict_proba(self, inputs: Sequence[ImageSource]) -> np.ndarray:
         """scikit-learn style: probabilities for inputs that must all be valid images."""
         return self.predict_proba_arrays(np.stack([self.preprocess(x) for x in inputs]))
 
     def record(self, name: str, probs: np.ndarray, screen: dict | None = None,
-               input_warnings: Sequence[str] = ()) -> dict:
+               input_warnings: Sequence[str] = (), cell=None) -> dict:
         """One result; an image with input warnings (see ``check_inputs``) always needs review."""
         order = np.argsort(-probs)
         p = float(probs[order[0]])
@@ -166,6 +169,8 @@ class Classifier:
                "probabilities": {c: float(v) for c, v in zip(self.classes, probs)},
                "needs_review": p < self.review_threshold or bool(input_warnings),
                "input_warnings": list(input_warnings)}
+        if cell is not None:  # a framing model: was the cell found, or the whole image used?
+            rec["cell_located"] = bool(cell.found)
         if screen is not None:
             rec["multi_cell"] = bool(screen["multi_cell"])
             rec["multi_cell_score"] = float(screen["score"])
@@ -182,25 +187,34 @@ class Classifier:
 
     # -- decoding (runs in worker threads)
     def _decode(self, src) -> dict:
-        """src -> {size: uint8 array} for the model (and the screen, if its size differs)."""
-        sizes = [self.image_size]
-        if self.screen is not None and int(self.screen.image_size) != self.image_size:
-            sizes.append(int(self.screen.image_size))
-        if len(sizes) > 1 and isinstance(src, (str, os.PathLike)):
+        """src -> {"model": uint8 array, "source": SourceInfo, "cell": CellBox | None, and
+        "regions" (the framing's stain segmentation, reused by the screen) or "screen_input"}."""
+        screen_size = int(self.screen.image_size) if self.screen is not None else None
+        if self.framing is None and screen_size not in (None, self.image_size) \
+                and isinstance(src, (str, os.PathLike)):
             p = Path(src)  # read the file once; decode per size exactly as preprocess(path) would
             if p.is_file() and p.stat().st_size > 0:
                 src = p.read_bytes()
         try:
-            arrays = {s: preprocess_with_info(src, s) for s in sizes}
-            return {"source": arrays[self.image_size][1], **{s: a for s, (a, _) in arrays.items()}}
+            prep = prepare(src, self.image_size, self.framing)
+            out = {"model": prep.image, "source": prep.source, "cell": prep.cell}
+            if screen_size is None:
+                return out
+            if prep.regions is not None and screen_size == self.framing.work_size \
+                    and self.screen.params == DEFAULT_PARAMS:
+                out["regions"] = prep.regions  # one segmentation serves framing and screen
+            else:
+                out["screen_input"] = (prep.image if self.framing is None and screen_size == self.image_size
+                                       else preprocess(src, screen_size))
+            return out
         except ImageError:
             raise
         except Exception as e:  # one odd file must never end a batch job
             raise ImageError(str(src), f"could not decode ({type(e).__name__}: {e})") from None
 
     def _decode_safe(self, src):
-        """-> ({size: array, "source": SourceInfo, "screen": dict | None}, None) or (None, skip reason).
-        The screen scores here, in the worker, so it overlaps with the model too."""
+        """-> ({"model": array, "source": SourceInfo, "screen": dict | None, ...}, None) or
+        (None, skip reason). The screen scores here, in the worker, so it overlaps with the model too."""
         try:
             arrays = self._decode(src)
         except ImageError as e:
@@ -212,7 +226,9 @@ class Classifier:
         if self.screen is None:
             return None
         try:
-            return self.screen.score_arrays([arrays[int(self.screen.image_size)]])[0]
+            if "regions" in arrays:
+                return self.screen.score_regions(arrays["regions"])
+            return self.screen.score_arrays([arrays["screen_input"]])[0]
         except Exception as e:  # an add-on failing must not lose the classification
             log.warning("multi-cell screen failed (%s: %s); image not screened", type(e).__name__, e)
             return None
@@ -231,11 +247,11 @@ class Classifier:
 
         def flush():
             if pending:
-                batch = np.stack([a[self.image_size] for _, _, a in pending])
+                batch = np.stack([a["model"] for _, _, a in pending])
                 probs = self.predict_proba_arrays(batch)
                 warns = self.check_inputs(batch, [a["source"] for _, _, a in pending])
                 for (i, name, a), pr, w in zip(pending, probs, warns):
-                    done.append((i, self.record(name, pr, a["screen"], w)))
+                    done.append((i, self.record(name, pr, a["screen"], w, a["cell"])))
                 pending.clear()
 
         def take():

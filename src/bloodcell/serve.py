@@ -37,7 +37,7 @@ import numpy as np
 from . import __version__
 from .predict import class_shares, is_flagged
 from .data import csv_safe
-from .transforms import ImageError, open_image, preprocess, preprocess_with_info
+from .transforms import ImageError, open_image
 
 log = logging.getLogger("bloodcell")
 
@@ -413,6 +413,7 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
     model_path = model if isinstance(model, (str, os.PathLike)) else (
         bundled_model_path() if model is None else None)
     scr = _load_screen(screen)
+    clf.screen = scr  # cells are decoded, framed and screened by the Classifier's own path
     card = _model_card(clf, model_path)
     worker = ModelWorker(clf)
     limit = int(max_upload_mb * 1024 * 1024)
@@ -456,22 +457,15 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
             if why:  # over the size limit: never decoded
                 out.append((None, None, None, why, None))
                 continue
-            try:
-                arr, source = preprocess_with_info(data, clf.image_size)
-                warnings = clf.check_inputs(arr[None], [source])[0]
-                score = None
-                if scr is not None:  # numpy/scipy: scored here, in parallel, not on the model thread
-                    size = int(getattr(scr, "image_size", clf.image_size))
-                    sarr = arr if size == clf.image_size else preprocess(data, size)
-                    try:
-                        score = scr.score_arrays([sarr])[0]
-                    except Exception as e:  # noqa: BLE001 - an optional flag must not fail the prediction
-                        log.warning("%s: multi-cell screen failed (%s); flag omitted", name, e)
-                from PIL import Image
-                fmt = Image.open(io.BytesIO(data)).format
-                out.append((arr, score, _MEDIA.get(fmt), None, warnings))
-            except ImageError as e:
-                out.append((None, None, None, e.reason, None))
+            arrays, reason = clf._decode_safe(data)  # the one decode/frame/screen path of predict
+            if arrays is None:
+                out.append((None, None, None, reason, None))
+                continue
+            arr = arrays["model"]
+            warnings = clf.check_inputs(arr[None], [arrays["source"]])[0]
+            from PIL import Image
+            fmt = Image.open(io.BytesIO(data)).format
+            out.append((arr, arrays["screen"], _MEDIA.get(fmt), None, warnings))
         # a sample is created only when something will be stored in it
         if any(o[0] is not None for o in out):
             return out, store.sample_for_name(sample_name)
@@ -664,7 +658,7 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
         key = (cell_id, class_name)
         if key not in saliency_cache:
             from .saliency import gradcam, overlay_png
-            arr = await run_in_threadpool(preprocess, got[0], clf.image_size)
+            arr = await run_in_threadpool(clf.preprocess, got[0])
             idx = clf.classes.index(class_name) if class_name else None
             heat, _ = await asyncio.wrap_future(worker.submit("call", gradcam, clf.model, arr, idx))
             base = await run_in_threadpool(open_image, got[0])

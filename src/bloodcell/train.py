@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from . import data as D
 from .models import create_model, get_spec, library_versions, save_model
+from .locate import Framing
 from .transforms import PREPROCESS_DESCRIPTION, PREPROCESS_VERSION, to_tensor
 
 log = logging.getLogger("bloodcell")
@@ -48,6 +49,7 @@ class TrainConfig:
     optimizer: str | None = None         # adam | adamw
     ema: float | None = None             # decay of a weight EMA that is validated and saved; 0 = off
     subclass_aux: float | None = None    # weight of an auxiliary file-name sub-type head; 0 = off
+    framing: bool | None = None          # cell-centred framing (bloodcell.locate) in the preprocessing
     seed: int = D.DEFAULT_SEED
     split_seed: int = D.DEFAULT_SEED
     split_file: str | None = None
@@ -65,7 +67,7 @@ class TrainConfig:
         d = get_spec(self.model).defaults
         out = TrainConfig(**asdict(self))
         for k in ("epochs", "batch_size", "lr", "image_size", "patience", "weight_decay",
-                  "label_smoothing", "schedule", "optimizer", "ema", "subclass_aux"):
+                  "label_smoothing", "schedule", "optimizer", "ema", "subclass_aux", "framing"):
             if getattr(out, k) is None:
                 setattr(out, k, d[k])
         return out
@@ -217,7 +219,8 @@ def _load_training_state(run: Path, model, opt, extra=None):
 def prepare_data(cfg: TrainConfig, run: Path | None = None):
     """Scan, split (or reuse a manifest), load cached images. Shared with evaluate/study."""
     ds = D.scan(cfg.data)
-    images, cache_info = D.load_images(ds, cfg.image_size, cfg.cache_dir, progress=cfg.progress)
+    images, cache_info = D.load_images(ds, cfg.image_size, cfg.cache_dir, progress=cfg.progress,
+                                       framing=Framing() if cfg.framing else None)
     if cfg.split_file:
         splits = D.apply_manifest(ds, D.read_manifest(Path(cfg.split_file)))
     else:
@@ -293,7 +296,8 @@ def train(cfg: TrainConfig) -> dict:
 
     meta = {
         "architecture": cfg.model, "classes": ds.classes, "image_size": cfg.image_size,
-        "preprocess": {"version": PREPROCESS_VERSION, "description": PREPROCESS_DESCRIPTION},
+        "preprocess": {"version": PREPROCESS_VERSION, "description": PREPROCESS_DESCRIPTION,
+                       "framing": Framing().to_dict() if cfg.framing else None},
         "input": "float32 NCHW RGB 0..255 (normalisation inside the model)",
         "temperature": 1.0, "train_args": {**asdict(cfg), "precision": precision},
         "data": {"root": str(ds.root), "n_images": len(ds), "skipped": ds.skipped,

@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .locate import CellBox, Framing, locate
+from .segment import Regions, find_regions
+
 # Bump when the decoding/resizing below changes: caches and models record it.
 PREPROCESS_VERSION = 1
 PREPROCESS_DESCRIPTION = (
@@ -157,8 +160,11 @@ def _open_image(src: ImageSource, draft_size: int | None = None) -> tuple[Image.
         raise ImageError(name, f"corrupt or truncated image ({e})") from None
 
 
-def preprocess(src: ImageSource, size: int) -> np.ndarray:
-    """The preprocessing: any input -> uint8 array (size, size, 3)."""
+def preprocess(src: ImageSource, size: int, framing: Framing | None = None) -> np.ndarray:
+    """The preprocessing: any input -> uint8 array (size, size, 3); ``framing``
+    (a model's, from model.json) centres and scales the located cell."""
+    if framing is not None:
+        return prepare(src, size, framing).image
     return preprocess_with_info(src, size)[0]
 
 
@@ -173,6 +179,53 @@ def preprocess_with_info(src: ImageSource, size: int) -> tuple[np.ndarray, Sourc
     if s != size:
         im = im.resize((size, size), Image.BILINEAR)
     return np.asarray(im, dtype=np.uint8), info
+
+
+class Prepared(NamedTuple):
+    """One input, preprocessed for a model that frames cells (:func:`prepare`)."""
+    image: np.ndarray              # the model's input, uint8 (size, size, 3)
+    source: SourceInfo             # the input before preprocessing (input checks)
+    work: np.ndarray | None        # the centre square at framing.work_size: the screen's input
+    regions: Regions | None        # its stain segmentation (shared with the screen)
+    cell: CellBox | None           # where the cell was found (cell.found False: whole image used)
+
+
+def prepare(src: ImageSource, size: int, framing: Framing | None = None) -> Prepared:
+    """The preprocessing of a model: :func:`preprocess_with_info` for models without
+    framing; for framing models, locate the cell on the centre square at the
+    working size, then crop a square centred on it whose side puts the nucleus at
+    ``framing.target`` of the frame, padded with the slide's background colour."""
+    if framing is None:
+        img, info = preprocess_with_info(src, size)
+        return Prepared(img, info, None, None, None)
+    im, info = _open_image(src, draft_size=size)
+    w, h = im.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    ws = framing.work_size
+    work = np.asarray(im.resize((ws, ws), Image.BILINEAR, box=(left, top, left + s, top + s)),
+                      dtype=np.uint8)
+    regions = find_regions(work)
+    cell = locate(regions)
+    x0, y0, x1, y1 = framing.crop_box(cell)
+    box = (left + x0 * s, top + y0 * s, left + x1 * s, top + y1 * s)
+    return Prepared(_crop_resize(im, box, size, work), info, work, regions, cell)
+
+
+def _crop_resize(im: Image.Image, box, size: int, work: np.ndarray) -> np.ndarray:
+    """``box`` of ``im`` (may reach outside it) resized to size x size, antialiased;
+    outside the image: the background colour (the brightest pixels, as the
+    stain segmentation's optical density takes it)."""
+    x0, y0, x1, y1 = box
+    w, h = im.size
+    if x0 < 0 or y0 < 0 or x1 > w or y1 > h:
+        pl, pt = max(0, math.ceil(-x0)), max(0, math.ceil(-y0))
+        pr, pb = max(0, math.ceil(x1 - w)), max(0, math.ceil(y1 - h))
+        bg = tuple(int(v) for v in np.percentile(work.reshape(-1, 3), 99, axis=0))
+        canvas = Image.new("RGB", (w + pl + pr, h + pt + pb), bg)
+        canvas.paste(im, (pl, pt))
+        im, box = canvas, (x0 + pl, y0 + pt, x1 + pl, y1 + pt)
+    return np.asarray(im.resize((size, size), Image.BILINEAR, box=box), dtype=np.uint8)
 
 
 def to_tensor(batch: np.ndarray) -> torch.Tensor:
