@@ -164,3 +164,18 @@ def test_subclass_aux_head_trains_but_is_not_saved(synthetic_dataset, tmp_path):
     meta = json.loads((run / "model.json").read_text())
     # 12 synthetic images per class: too few for file-name groups, one group per class
     assert meta["auxiliary_subclasses"] == [f"{c}/*" for c in sorted(meta["classes"])]
+
+
+def test_precision_probe_picks_a_precision_and_leaves_the_model_untouched():
+    import torch
+
+    from bloodcell.train import probe_precision
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.rand(4, 3, 16, 16) * 255, torch.tensor([0, 1, 2, 0])
+    assert probe_precision(model, x, y, torch.device("cpu")) in ("fp32", "bf16")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN stats, weights unchanged
+    assert all(p.grad is None for p in model.parameters())
