@@ -175,7 +175,15 @@ def test_precision_probe_picks_a_precision_and_leaves_the_model_untouched():
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, y = torch.rand(4, 3, 16, 16) * 255, torch.tensor([0, 1, 2, 0])
-    assert probe_precision(model, x, y, torch.device("cpu")) in ("fp32", "bf16")
+    rng = torch.get_rng_state()
+    choice = probe_precision(model, x, y, torch.device("cpu"), key="tiny")
+    assert choice in ("fp32", "bf16")
+    assert torch.equal(torch.get_rng_state(), rng)  # the training's random stream is untouched
     after = model.state_dict()
+
+    class Boom(torch.nn.Module):  # a rerun must reuse the cached choice, not time again
+        def forward(self, x):
+            raise AssertionError("timed twice")
+    assert probe_precision(Boom(), x, y, torch.device("cpu"), key="tiny") == choice
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN stats, weights unchanged
     assert all(p.grad is None for p in model.parameters())

@@ -96,29 +96,47 @@ def choose_device_precision(precision: str = "auto"):
     return device, precision
 
 
-def probe_precision(model, x: torch.Tensor, y: torch.Tensor, device) -> str:
+def probe_precision(model, x: torch.Tensor, y: torch.Tensor, device, key: str | None = None) -> str:
     """"auto" on a CPU with native bf16: time a training step of THIS model in each
     precision on a real batch and keep the faster. Native bf16 (AMX) speeds up dense
     convolutions ~3x, but measured here EfficientNet-Lite0 at 128 px ran slower in bf16
     (1.4 vs 0.9 s per 48-image step on a 2-core Xeon with AMX): its depthwise layers
-    gain nothing and pay for the casts. A copy of the model is timed, so BatchNorm
-    statistics and weights of the real one are untouched."""
+    gain nothing and pay for the casts. A copy of the model is timed under a forked RNG,
+    so the real model and the random streams are untouched; the choice is cached per
+    CPU and ``key`` (model, size, batch) so that reruns (and --resume) choose the same."""
     import copy
+    cache = D.default_cache_dir() / "precision.json"
+    key = f"{_cpu_name()}|torch {torch.__version__}|{key or type(model).__name__}|{tuple(x.shape)}"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    if key in known:
+        return known[key]
     probe = copy.deepcopy(model).train()
     x, y = x.to(device), y.to(device)
     times = {}
-    for precision in ("fp32", "bf16"):
-        for i in range(2):  # the first step pays one-time costs (kernel selection)
-            t0 = time.perf_counter()
-            with autocast(device, precision):
-                loss = F.cross_entropy(probe(x), y)
-            loss.backward()
-            probe.zero_grad(set_to_none=True)
-        times[precision] = time.perf_counter() - t0
+    with torch.random.fork_rng(devices=[]):
+        for precision in ("fp32", "bf16"):
+            for _ in range(2):  # the first step pays one-time costs (kernel selection)
+                t0 = time.perf_counter()
+                with autocast(device, precision):
+                    loss = F.cross_entropy(probe(x), y)
+                loss.backward()
+                probe.zero_grad(set_to_none=True)
+            times[precision] = time.perf_counter() - t0
     best = min(times, key=times.get)
     log.info("precision auto: one step takes %.2fs in fp32, %.2fs in bf16: using %s",
              times["fp32"], times["bf16"], best)
+    D.atomic_write_json(cache, {**known, key: best})
     return best
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown cpu"
 
 
 def autocast(device, precision):
@@ -284,7 +302,8 @@ def train(cfg: TrainConfig) -> dict:
                          **cfg.extra).to(device).to(memory_format=torch.channels_last)
     if cfg.precision == "auto" and precision == "bf16" and device.type == "cpu":
         probe = tr[:cfg.batch_size]
-        precision = probe_precision(model, to_tensor(images[probe]), y[torch.as_tensor(probe)], device)
+        precision = probe_precision(model, to_tensor(images[probe]), y[torch.as_tensor(probe)], device,
+                                    key=f"{cfg.model}@{cfg.image_size}")
     params = [p for p in model.parameters() if p.requires_grad]
     # Auxiliary sub-type head (band vs segmented neutrophil, pro-/myelo-/metamyelocyte):
     # a finer target on the pooled features during training only; the saved model
