@@ -43,6 +43,23 @@ def bundled_model_path() -> Path:
     return p
 
 
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+EXAMPLES_NOTE = ("16 example cells from the PBC dataset (Acevedo et al., Data in Brief 2020, "
+                 "CC BY 4.0), two per class")
+
+
+def example_files() -> list[Path]:
+    """The example cells shipped in the package (``examples/<class>/<file>.jpg``: the
+    folder is the true class), sorted; they let `predict --examples`, `make demo` and
+    the lab page show real results before any data is downloaded."""
+    from .data import IMAGE_EXTENSIONS
+    files = sorted(p for p in EXAMPLES_DIR.glob("*/*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise FileNotFoundError(f"no example images in {EXAMPLES_DIR} (an installation without "
+                                "its package data?)")
+    return files
+
+
 def load_screen(screen="auto"):
     """The multi-cell screen: "auto" = the bundled one if present (else None, quietly),
     None/False = none, a path = that one (errors propagate: it was asked for)."""
