@@ -291,6 +291,37 @@ def test_long_sample_name_does_not_widen_the_page(tmp_path):
         assert driver.find_element(By.ID, "sample-select").get_attribute("title").startswith("Other 0123")
 
 
+@needs_chromium
+def test_empty_lab_loads_example_cells(tmp_path):
+    """A new user's first click: the bundled model classifies the 16 bundled cells."""
+    pytest.importorskip("selenium")
+    from selenium.webdriver.common.by import By
+
+    from bloodcell.serve import EXAMPLES_SAMPLE, create_app
+    app = create_app(db_path=tmp_path / "lab.sqlite3")  # the bundled model and screen
+    with live_server(app) as url, chrome() as driver:
+        driver.get(url + "/")
+        button = _wait(driver, lambda d: d.find_element(By.ID, "load-examples"))
+        _wait(driver, lambda d: button.is_displayed(), msg="no example button in the empty lab")
+        assert _cards(driver) == []
+        button.click()
+        _wait(driver, lambda d: len(_cards(d)) == 16, 120, msg="the 16 example cells were not shown")
+        _wait(driver, lambda d: "Classified 16 example cells" in d.find_element(By.ID, "status").text)
+        shown = [(c.find_element(By.CSS_SELECTOR, ".fname").text,
+                  c.find_element(By.CSS_SELECTOR, ".card-class-name").text) for c in _cards(driver)]
+        # file names are <true class>/<file>: the real model gets (nearly) all of them right
+        right = sum(name.split("/")[0] == cls for name, cls in shown)
+        assert right >= 15, shown
+        assert sum(_diff_counts(driver).values()) == int(driver.find_element(By.ID, "diff-total").text)
+        assert int(driver.find_element(By.ID, "diff-total").text) >= 14  # single cells: counted
+        assert EXAMPLES_SAMPLE in driver.find_element(By.ID, "sample-select").text
+        assert not driver.find_element(By.ID, "examples").is_displayed()  # only in an empty sample
+        driver.refresh()  # stored like any upload
+        _wait(driver, lambda d: len(_cards(d)) == 16, msg="the example sample did not persist")
+        severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe
+
+
 def make_screenshot(out: Path) -> None:
     """The README screenshots: synthetic cells only, two confirmed; then one cell
     open in the viewer with its saliency overlay (``<out>_viewer.png``)."""

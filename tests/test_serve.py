@@ -275,6 +275,28 @@ def test_same_image_twice_is_not_counted_twice(client):
     assert other["results"][0]["status"] == "ok"
 
 
+def test_example_cells_go_into_a_demo_sample_as_uploads_would(client):
+    from bloodcell.predict import example_files
+    from bloodcell.serve import EXAMPLES_SAMPLE
+    files = example_files()
+    r = client.post("/api/examples")
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["sample"] == EXAMPLES_SAMPLE and got["n_ok"] == 16 and got["n_errors"] == 0
+    assert [x["file"] for x in got["results"]] == [f"{f.parent.name}/{f.name}" for f in files]
+    detail = client.get(f"/api/samples/{got['sample_id']}").json()
+    assert len(detail["cells"]) == 16 and detail["differential"]["n_cells"] == 16
+    # the stored bytes are the shipped file's: the same path as an upload of that file
+    first = got["results"][0]
+    assert client.get(f"/api/cells/{first['cell_id']}/image").content == files[0].read_bytes()
+    up = post(client, (files[0].name, files[0].read_bytes(), "image/jpeg"), sample="upload").json()
+    assert up["results"][0]["probabilities"] == first["probabilities"]
+    again = client.post("/api/examples").json()  # a second click adds nothing
+    assert again["n_ok"] == 0 and {x["status"] for x in again["results"]} == {"duplicate"}
+    named = client.post("/api/examples", data={"sample": "training session"}).json()
+    assert named["sample"] == "training session" and named["n_ok"] == 16
+
+
 def test_cell_image_and_tiff_reencoded(client):
     data = png(2)
     cid = post(client, ("a.png", data, "image/png")).json()["results"][0]["cell_id"]

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .predict import class_shares, is_flagged
+from .predict import class_shares, example_files, is_flagged
 from .data import csv_safe
 from .transforms import ImageError, open_image
 
@@ -43,6 +43,7 @@ log = logging.getLogger("bloodcell")
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 AUTO = "auto"  # screen=AUTO: use the multi-cell screen when one is installed
+EXAMPLES_SAMPLE = "Example cells (PBC dataset)"
 _MEDIA = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
 
 
@@ -489,13 +490,18 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
         for i, d in enumerate(datas):
             if len(d) > limit:  # size not declared: measured
                 refused[i], datas[i] = f"{len(d) / 2**20:.1f} MB is {too_big}", b""
+        return JSONResponse(await _classify(datas, names, refused, sample))
+
+    async def _classify(datas: list[bytes], names: list[str], refused: list[str | None],
+                        sample: str | None) -> dict:
+        """Classify and store one batch of image bytes: /api/predict's uploads and the examples."""
         sample_name = (sample or "").strip()[:200] or "default"
         prepared, sample_row = await run_in_threadpool(_prepare, datas, names, refused, sample_name)
         ok = [i for i, p in enumerate(prepared) if p[0] is not None]
         probs = np.zeros((0, len(clf.classes)))
         if ok:
             probs = await asyncio.wrap_future(worker.submit("predict", [prepared[i][0] for i in ok]))
-        results: list[dict] = [{} for _ in files]
+        results: list[dict] = [{} for _ in datas]
         rows = []
         ts = _now()
         for j, i in enumerate(ok):
@@ -532,9 +538,21 @@ def create_app(model=None, db_path: str | os.PathLike | None = None, max_upload_
                               "error": f"{names[i]}: the same image is already in sample "
                                        f"'{sample_row['name']}' (as {old['file_name']}); not added again"}
         n_ok = sum(r["status"] == "ok" for r in results)
-        # plain JSONResponse: these are JSON-ready already, skip FastAPI's re-encoding
-        return JSONResponse({"sample_id": sample_row["id"], "sample": sample_row["name"],
-                             "n_ok": n_ok, "n_errors": len(files) - n_ok, "results": results})
+        # returned as a plain JSONResponse: JSON-ready already, skip FastAPI's re-encoding
+        return {"sample_id": sample_row["id"], "sample": sample_row["name"],
+                "n_ok": n_ok, "n_errors": len(datas) - n_ok, "results": results}
+
+    @app.post("/api/examples", tags=["predict"])
+    async def load_examples(sample: str | None = Form(None, description="sample name (default "
+                                                     f"'{EXAMPLES_SAMPLE}')")):
+        """Classify the example cells shipped with the package (16 PBC images, two
+        per class, CC BY 4.0) into a demo sample, as uploads of those files would be;
+        file names are ``<true class>/<original name>``. Already there: duplicates."""
+        files = await run_in_threadpool(example_files)
+        datas = await run_in_threadpool(lambda: [f.read_bytes() for f in files])
+        names = [f"{f.parent.name}/{f.name}" for f in files]
+        return JSONResponse(await _classify(datas, names, [None] * len(files),
+                                            sample or EXAMPLES_SAMPLE))
 
     # ---- samples
     def _found(row, kind: str, key: str) -> dict:

@@ -177,6 +177,25 @@ async function upload(pairs) {
   await refreshSamples();
 }
 
+// the example cells bundled with bloodcell, classified by the server into a demo sample
+async function loadExamples() {
+  const btn = $("#load-examples");
+  btn.disabled = true;
+  $("#status").textContent = "Classifying the example cells…";
+  try {
+    const res = await api("/api/examples", { method: "POST" });
+    for (const r of res.results) if (r.status === "error") addError(r.error);
+    await loadSample(res.sample_id);
+    await refreshSamples();
+    $("#status").textContent = res.n_ok ? `Classified ${res.n_ok} example cells into sample “${res.sample}”`
+      : `The example cells are already in sample “${res.sample}”`;
+  } catch (e) {
+    $("#status").textContent = `Could not load the example cells: ${e.message}`;
+  } finally {
+    btn.disabled = false;
+  }
+}
+
 function resultToCell(r, sampleId) {
   return { id: r.cell_id, sample_id: sampleId, file_name: r.file, predicted_class: r.class,
     probability: r.probability, probabilities: r.probabilities, top3: r.top3,
@@ -273,6 +292,7 @@ function applyFilter() {
   $("#n-corrected").textContent = n((c) => c.corrected);
   const empty = $("#empty");
   empty.hidden = shown > 0;
+  $("#examples").hidden = S.cells.length > 0;
   empty.textContent = S.cells.length ? "No cells match this filter." : "No cells in this sample yet. Drop images above to classify them.";
 }
 
@@ -454,6 +474,7 @@ function wire() {
   $("#file-input").addEventListener("change", (e) => { upload([...e.target.files].map((f) => [f, f.name])); e.target.value = ""; });
   $("#folder-input").addEventListener("change", (e) => { upload([...e.target.files].map((f) => [f, f.webkitRelativePath || f.name])); e.target.value = ""; });
 
+  $("#load-examples").addEventListener("click", loadExamples);
   $("#sample-select").addEventListener("change", (e) => { if (e.target.value) loadSample(e.target.value); });
   $("#new-sample").addEventListener("submit", (e) => {
     e.preventDefault();
