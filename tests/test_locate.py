@@ -139,5 +139,5 @@ def test_locator_against_hand_drawn_masks():
     from locator_eval import wbc_table
     centre, size = wbc_table(DATA / "wbc_cellavision", DATA / "wbc_cellavision_masks", 128)
     assert len(centre) >= 97                    # a nucleus found in nearly every image
-    assert np.median(centre) < 0.02 and np.percentile(centre, 90) < 0.06
+    assert np.median(centre) < 0.02 and np.percentile(centre, 90) < 0.07
     assert 0.9 < np.median(size) < 1.1 and np.percentile(size, 90) < 1.3

@@ -41,7 +41,9 @@ def locate(regions: Regions) -> CellBox:
     h, w = regions.labels.shape
     yy, xx = np.nonzero(regions.labels == regions.main)
     extent = max(int(yy.max() - yy.min()) + 1, int(xx.max() - xx.min()) + 1) / max(h, w)
-    # the box centre, not the centroid: a lobed nucleus' centroid leans to its heavy side
+    # the box centre, not the centroid: a lobed nucleus' centroid leans to its heavy side.
+    # (Against the hand-drawn masks the centroid errs less at the 90th percentile, 0.03 vs
+    # 0.06 of the side; changing it changes the preprocessing, so only with a retrained model.)
     cy = (yy.min() + yy.max() + 1) / 2 / h
     cx = (xx.min() + xx.max() + 1) / 2 / w
     return CellBox(float(cx), float(cy), float(extent), True)
