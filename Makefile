@@ -21,12 +21,16 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q
 
+# with no data folder: the 16 example cells shipped in the package (src/bloodcell/examples)
 demo: install
 	@if [ -z "$(DATA)" ]; then \
-	  echo "No data folder: pass DATA=/path/to/pbc (class sub-folders of images)."; \
+	  echo "No data folder (no DATA= and no ../shared/data/pbc): classifying the 16 example cells shipped with bloodcell."; \
+	  $(BIN)/bloodcell predict --examples --out $(OUT)/examples.csv || exit $$?; \
+	  echo; \
+	  echo "That was the demo on the bundled example cells. To classify real data: make demo DATA=/path/to/pbc"; \
+	  echo "(a folder of class sub-folders of images, or any folder of cell images: $(BIN)/bloodcell predict DIR)."; \
 	  echo "Get the PBC dataset (Acevedo et al. 2020, CC BY 4.0): https://data.mendeley.com/datasets/snkd93bnjr/1"; \
 	  echo "or run: $(BIN)/bloodcell fetch-data --out data/pbc"; \
-	  echo "Nothing was classified."; \
 	else \
 	  $(BIN)/bloodcell predict "$(DATA)" --out $(OUT)/results.csv; \
 	fi

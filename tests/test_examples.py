@@ -49,3 +49,24 @@ def test_bundled_model_classifies_the_examples():
     assert sum(right) >= 15, [(r["path"], r["class"]) for r in recs]
     # chosen as clear single cells: none flagged by the multi-cell screen or the input checks
     assert not any(r["multi_cell"] or r["input_warnings"] for r in recs)
+
+
+def test_cli_predict_examples(tmp_path, capsys):
+    import csv
+    import re
+
+    from bloodcell.cli import main
+    out = tmp_path / "examples.csv"
+    assert main(["predict", "--examples", "--backend", "torch", "--no-progress", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "differential count over 16 image(s)" in text
+    right = int(re.search(r"(\d+) of 16 example cells predicted as their true class", text).group(1))
+    assert right >= 15
+    assert str(EXAMPLES_DIR / "README.md") in text  # where the attribution is
+    listed = [ln for ln in text.splitlines() if ln.startswith(str(EXAMPLES_DIR))]
+    assert len(listed) == 16  # listed even with --out: 16 lines are meant to be read
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(r["path"] for r in rows) == sorted(str(f) for f in example_files())
+    # nothing to classify: one clear line, not an argparse traceback
+    assert main(["predict"]) == 2
+    assert "--examples" in capsys.readouterr().err

@@ -60,6 +60,17 @@ def example_files() -> list[Path]:
     return files
 
 
+def examples_note(records: Sequence[dict]) -> str:
+    """What the example cells are, and how many the model put in their folder's class."""
+    ex = {str(f): f.parent.name for f in example_files()}
+    mine = [r for r in records if r["path"] in ex]
+    right = sum(r.get("class") == ex[r["path"]] for r in mine)
+    return (f"{right} of {len(mine)} example cells predicted as their true class (the folder "
+            f"name). They are {EXAMPLES_NOTE}, from the train split the bundled model learnt "
+            f"from: a look at the tools, not a measure of accuracy. Sources and licence: "
+            f"{EXAMPLES_DIR / 'README.md'}")
+
+
 def load_screen(screen="auto"):
     """The multi-cell screen: "auto" = the bundled one if present (else None, quietly),
     None/False = none, a path = that one (errors propagate: it was asked for)."""
@@ -724,13 +735,17 @@ def cmd_predict(args):
     check_out_path(args.out)
     if args.onnx and args.backend != "onnx":
         raise ValueError(f"--onnx {args.onnx} needs --backend onnx (not {args.backend})")
+    if not args.paths and not args.examples:
+        raise ValueError("nothing to classify: give image files, folders or globs, "
+                         "or --examples for the example cells shipped with bloodcell")
+    paths = args.paths + ([str(f) for f in example_files()] if args.examples else [])
     screen = None if args.no_screen else (args.screen or "auto")
     clf = Classifier.load(args.model, backend=args.backend, onnx_path=args.onnx, screen=screen,
                           review_threshold=args.review_threshold, threads=args.threads)
-    records, summary = predict_paths(clf, args.paths, out=args.out, batch_size=args.batch_size,
+    records, summary = predict_paths(clf, paths, out=args.out, batch_size=args.batch_size,
                                      workers=args.workers, include_flagged=args.include_flagged,
                                      progress=not args.no_progress, resume=not args.restart)
-    if args.out is None:
+    if args.out is None or args.examples:  # the examples are few and meant to be looked at
         if len(records) <= 50:
             _print_records(records)
         else:
@@ -739,6 +754,8 @@ def cmd_predict(args):
         print(f"no image files found in: {' '.join(args.paths)}", file=sys.stderr)
         return 1
     print(format_summary(summary))
+    if args.examples:
+        print(examples_note(records))
     if args.out:
         print(f"wrote {args.out}")
     if summary["n_ok"] == 0:
@@ -748,7 +765,9 @@ def cmd_predict(args):
 def add_cli(sub):
     from .cli import ranged
     p = sub.add_parser("predict", help="classify image files, folders (recursive) or globs")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders or glob patterns")
+    p.add_argument("--examples", action="store_true",
+                   help=f"classify the {EXAMPLES_NOTE} shipped with bloodcell (no data needed)")
     p.add_argument("--model", help="run folder or model file (default: the bundled model)")
     p.add_argument("--out", help="results file: .csv (one row per image) or .json (with the summary)")
     p.add_argument("--batch-size", type=ranged(int, 1), default=64)
