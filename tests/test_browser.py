@@ -1,7 +1,7 @@
 """End-to-end: the lab page in real headless Chromium (Debian chromium +
 chromium-driver, driven by Selenium) against a live uvicorn server.
 
-Also makes the README screenshot from synthetic cells:
+Also makes the README screenshots from the example cells shipped in the package:
     .venv/bin/python tests/test_browser.py --screenshot docs/screenshot.png
 """
 from __future__ import annotations
@@ -323,25 +323,23 @@ def test_empty_lab_loads_example_cells(tmp_path):
 
 
 def make_screenshot(out: Path) -> None:
-    """The README screenshots: synthetic cells only, two confirmed; then one cell
-    open in the viewer with its saliency overlay (``<out>_viewer.png``)."""
+    """The README screenshots: the 16 example cells shipped with bloodcell (PBC dataset,
+    CC BY 4.0), loaded with the empty lab's button and classified by the bundled model
+    and screen, two confirmed; then one cell open in the viewer with its saliency
+    overlay (``<out>_viewer.png``)."""
     from selenium.webdriver.common.by import By
 
     from bloodcell.serve import create_app
     with tempfile.TemporaryDirectory() as td:
-        td = Path(td)
-        model_dir = tiny_model(td / "model", train_steps=150)
-        rng = np.random.default_rng(3)
-        labels = rng.choice(8, size=22, p=[.02, .04, .05, .06, .25, .08, .45, .05])
-        images = write_cells(td / "imgs", labels, size=128, seed=40)
-        app = create_app(model=str(model_dir), db_path=td / "lab.sqlite3")  # with the screen, if any
+        app = create_app(db_path=Path(td) / "lab.sqlite3")
         with live_server(app) as url, chrome(1400, 900) as driver:
             driver.get(url + "/")
-            _wait(driver, lambda d: d.find_element(By.ID, "sample-select"))
-            driver.find_element(By.ID, "new-sample-name").send_keys("Patient 0421 smear (synthetic)\n")
-            _upload(driver, images)
-            _wait(driver, lambda d: len(_cards(d)) == len(images), 60)
-            time.sleep(0.5)
+            button = _wait(driver, lambda d: d.find_element(By.ID, "load-examples"))
+            _wait(driver, lambda d: button.is_displayed())
+            button.click()
+            _wait(driver, lambda d: len(_cards(d)) == 16, 120)
+            _wait(driver, lambda d: d.execute_script(
+                "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth)"))
             for i in (1, 4):
                 _cards(driver)[i].click()
                 time.sleep(0.3)
@@ -349,7 +347,7 @@ def make_screenshot(out: Path) -> None:
                 driver.find_element(By.TAG_NAME, "body").send_keys("\ue00c")  # Esc
                 time.sleep(0.2)
             _save_small(driver, out)
-            _cards(driver)[7].click()
+            _cards(driver)[10].click()
             driver.find_element(By.ID, "v-show-sal").click()
             _wait(driver, lambda d: d.execute_script(
                 "const i = document.getElementById('v-sal'); return i.complete && i.naturalWidth > 0"))
