@@ -244,10 +244,15 @@ def make_split(ds: Dataset, fractions=DEFAULT_FRACTIONS, seed: int = DEFAULT_SEE
     idx = np.array(order)
     y = ds.labels[idx]
     train_f, val_f, test_f = fractions
-    rest_idx, test_idx = train_test_split(idx, test_size=test_f, random_state=seed, stratify=y)
-    y_rest = ds.labels[rest_idx]
-    train_idx, val_idx = train_test_split(rest_idx, test_size=val_f / (train_f + val_f),
-                                          random_state=seed, stratify=y_rest)
+    try:
+        rest_idx, test_idx = train_test_split(idx, test_size=test_f, random_state=seed, stratify=y)
+        y_rest = ds.labels[rest_idx]
+        train_idx, val_idx = train_test_split(rest_idx, test_size=val_f / (train_f + val_f),
+                                              random_state=seed, stratify=y_rest)
+    except ValueError as e:  # sklearn's words alone do not say which folder or what to do
+        raise ValueError(f"{ds.root}: {len(ds)} images in {len(ds.classes)} classes are too few for a "
+                         f"stratified {'/'.join(f'{f:g}' for f in fractions)} split ({e}); "
+                         "`bloodcell evaluate --split all` uses every image") from None
     out = [""] * len(ds)
     for name, ii in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
         for i in ii:
