@@ -1,5 +1,6 @@
 # bloodcell: `make demo` runs the main job, `make test` runs the tests.
-# Both set up .venv first when needed (torch 2.14.1 + torchvision 0.29.1 + the package).
+# Both set up .venv first when needed (torch 2.14.1 + torchvision 0.29.1 + the package with
+# its test and scale extras: Ray and MLflow, whose tests run in CI).
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -15,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip >/dev/null 2>&1 || true
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,scale]'
 	touch $@
 
 test: install

@@ -10,8 +10,10 @@ import importlib
 import json
 import logging
 import sys
+from pathlib import Path
 
 from . import __version__
+from .tracking import MLFLOW_HELP
 
 log = logging.getLogger("bloodcell")
 
@@ -48,6 +50,7 @@ def _add_train_args(p, model_required=True):
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--mlflow", action="store_true", help=MLFLOW_HELP)
 
 
 def data_or_default(path):
@@ -64,6 +67,7 @@ def data_or_default(path):
 
 
 def cmd_train(args):
+    from .tracking import Tracker
     from .train import TrainConfig, train
     pretrained = False if args.no_pretrained else (args.weights or True)
     if args.model == "resnet50" and not args.weights:
@@ -78,16 +82,21 @@ def cmd_train(args):
         cache_dir=args.cache_dir, resume=args.resume,
         max_steps_per_epoch=args.max_steps_per_epoch, progress=not args.no_progress)
     print("settings:", json.dumps({k: v for k, v in vars(cfg.resolved()).items() if k != "extra"}))
-    s = train(cfg)
+    with Tracker.start("train", run_name=Path(args.out).name, enabled=args.mlflow) as tracker:
+        s = train(cfg, tracker=tracker)
     print(f"best val accuracy {s['best']['val_accuracy']:.4f} at epoch {s['best']['epoch']}; "
           f"model in {s['run']}/model.safetensors + model.json")
 
 
 def cmd_evaluate(args):
-    from .evaluate import evaluate, print_report
-    m = evaluate(args.model, data_or_default(args.data), split=args.split, out=args.out,
-                 split_file=args.split_file, batch_size=args.batch_size, cache_dir=args.cache_dir,
-                 progress=not args.no_progress, backend=args.backend)
+    from .evaluate import evaluate, print_report, track
+    from .tracking import Tracker
+    name = f"evaluate {Path(args.model).name if args.model else 'bundled'} {args.split}"
+    with Tracker.start("evaluate", run_name=name, enabled=args.mlflow) as tracker:
+        m = evaluate(args.model, data_or_default(args.data), split=args.split, out=args.out,
+                     split_file=args.split_file, batch_size=args.batch_size, cache_dir=args.cache_dir,
+                     progress=not args.no_progress, backend=args.backend)
+        track(tracker, m, args.out)
     print_report(m)
     if args.out:
         print(f"wrote {args.out}/metrics.json and predictions.csv")
@@ -139,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference engine (default torch; onnx-int8 needs `bloodcell export --format onnx-int8`)")
     p.add_argument("--cache-dir")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--mlflow", action="store_true", help=MLFLOW_HELP)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("models", help="list the registered architectures")

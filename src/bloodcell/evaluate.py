@@ -144,6 +144,28 @@ def public(m: dict) -> dict:
     return {k: v for k, v in m.items() if not k.startswith("_")}
 
 
+def track(tracker, m: dict, out=None) -> None:
+    """An evaluation into an experiment tracker (``tracking.Tracker``): what was evaluated,
+    the metrics (overall and per class), the written files and the confusion figures."""
+    if not tracker.active:
+        return
+    import tempfile
+
+    from .report import fig_confusion
+    tracker.params({k: m[k] for k in ("model", "data", "split", "backend")})
+    tracker.metrics({"accuracy": m["accuracy"], "accuracy_ci95_low": m["accuracy_ci95"][0],
+                     "accuracy_ci95_high": m["accuracy_ci95"][1], "macro_f1": m["macro_f1"],
+                     "n_images": m["n_images"], "n_skipped": len(m["skipped"]),
+                     **{f"f1.{c}": v["f1"] for c, v in m["per_class"].items()}})
+    with tempfile.TemporaryDirectory() as tmp:
+        figs = Path(out or tmp) / "figures"
+        figs.mkdir(parents=True, exist_ok=True)
+        g = {"generation": None, "model": Path(m["model"]).name, "eval": {"splits": {m["split"]: m}}}
+        fig_confusion(g, figs / "confusion_pct.png", figs / "errors.png", split=m["split"])
+        files = [Path(out) / n for n in ("metrics.json", "evaluation.json", "predictions.csv")] if out else []
+        tracker.artifacts(files + [figs])
+
+
 def print_report(m: dict) -> None:
     print(format_table(m))
     if m.get("skipped"):

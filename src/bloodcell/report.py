@@ -267,9 +267,9 @@ def _matrix_plot(ax, m, classes, fmt, cmap, mask=None, vmax=None):
     return im
 
 
-def fig_confusion(g: dict, path_pct: Path, path_err: Path):
+def fig_confusion(g: dict, path_pct: Path, path_err: Path, split: str = "test"):
     plt = _plt()
-    ev = g["eval"]["splits"]["test"]
+    ev = g["eval"]["splits"][split]
     classes = ev["classes"]
     cm = np.array(ev["confusion_matrix"], dtype=float)
     rows = cm.sum(1, keepdims=True)
@@ -277,7 +277,7 @@ def fig_confusion(g: dict, path_pct: Path, path_err: Path):
     fig, ax = plt.subplots(figsize=(6.2, 5.2))
     im = _matrix_plot(ax, pct, classes, lambda v: f"{v:.1f}" if v >= 0.05 else "", "Blues", vmax=100)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="% of the true class (row)")
-    ax.set_title(f"{_label(g)}, test set: confusion matrix, row %\n"
+    ax.set_title(f"{_label(g)}, {split} set: confusion matrix, row %\n"
                  f"(n = {int(cm.sum()):,}, accuracy {100 * ev['accuracy']:.1f} %)")
     _save(fig, path_pct)
 
@@ -295,7 +295,7 @@ def fig_confusion(g: dict, path_pct: Path, path_err: Path):
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="misclassified images")
     cb.locator = MaxNLocator(integer=True)
     cb.update_ticks()
-    ax.set_title(f"{_label(g)}, test set: the errors only (counts)\n"
+    ax.set_title(f"{_label(g)}, {split} set: the errors only (counts)\n"
                  f"{int(err.sum())} of {int(cm.sum()):,} images misclassified; diagonal greyed out")
     _save(fig, path_err)
 

@@ -304,6 +304,28 @@ def run_study(cfg: StudyConfig) -> dict:
     return state
 
 
+def track_study(tracker, state: dict, out: Path) -> None:
+    """A study into an experiment tracker: its settings, each generation's learning curve
+    and split accuracies (metrics ``<model>.<name>``), study.json, the report and figures."""
+    if not tracker.active:
+        return
+    tracker.params(state["config"])
+    for model in state["runs"]:
+        run = out / "runs" / model
+        for rec in (json.loads(x) for x in _read_lines(run / "history.jsonl")):
+            tracker.metrics({f"{model}.{k}": v for k, v in rec.items() if k != "epoch"}, step=rec["epoch"])
+        ev = run / "study_eval.json"
+        if ev.exists():
+            splits = json.loads(ev.read_text())["splits"]
+            tracker.metrics({f"{model}.{s}_{k}": m[k] for s, m in splits.items()
+                             for k in ("accuracy", "macro_f1")})
+    tracker.artifacts([out / "study.json", out / "report.md", out / "figures"])
+
+
+def _read_lines(p: Path) -> list[str]:
+    return p.read_text().splitlines() if p.exists() else []
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def _command_line(args) -> str:
@@ -330,7 +352,10 @@ def cmd_study(args):
         cache_dir=args.cache_dir, max_steps_per_epoch=args.max_steps_per_epoch,
         progress=not args.no_progress, public=args.public, screen_report=args.screen_report,
         command=_command_line(args))
-    state = run_study(cfg)
+    from .tracking import Tracker
+    with Tracker.start("study", run_name=Path(args.out).name, enabled=args.mlflow) as tracker:
+        state = run_study(cfg)
+        track_study(tracker, state, Path(args.out))
     if state.get("finished"):
         print(f"study done: {Path(args.out) / 'report.html'} and report.md")
         if args.public:
@@ -340,6 +365,7 @@ def cmd_study(args):
 
 
 def add_cli(sub):
+    from .tracking import MLFLOW_HELP
     p = sub.add_parser("study", help="train and evaluate the six generations, write the report",
                        description="Train the study's generations on one shared split, evaluate "
                        "each on train/val/test and write REPORT_DIR/report.md + report.html. "
@@ -359,5 +385,6 @@ def add_cli(sub):
                    help="also write a copy without dataset images for committing (e.g. docs/study)")
     p.add_argument("--screen-report", help="screen_report.md to include (default REPORT_DIR/screen/)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--mlflow", action="store_true", help=MLFLOW_HELP)
     p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_study)

@@ -276,7 +276,10 @@ def prepare_data(cfg: TrainConfig, run: Path | None = None):
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, tracker=None) -> dict:
+    """``tracker``: a ``tracking.Tracker`` (parameters, each epoch's record, the run's files)."""
+    from .tracking import Tracker
+    tracker = tracker or Tracker.off()
     cfg = cfg.resolved()
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
@@ -354,6 +357,9 @@ def train(cfg: TrainConfig) -> dict:
     }
     if aux is not None:
         meta["auxiliary_subclasses"] = sub_names
+    tracker.params({**meta["train_args"], "data": meta["data"]["split_counts"]})
+    for rec in history:  # a resumed run's earlier epochs: the tracked curve is whole
+        tracker.metrics(rec, step=rec["epoch"])
 
     # Ctrl-C / SIGTERM finish the current step, then save: --resume continues from there
     stop = {"flag": False}
@@ -419,6 +425,7 @@ def train(cfg: TrainConfig) -> dict:
                 rec["val_accuracy_raw"] = round(_validate(model, images, tr, va, ds.labels, device,
                                                           precision, epoch)[0], 5)
             history.append(rec)
+            tracker.metrics(rec, step=epoch)
             _write_history(run, history)
             log.info("epoch %d: %s", epoch, json.dumps(rec))
             improved = val_acc > best["val_accuracy"] or not len(va)
@@ -446,6 +453,8 @@ def train(cfg: TrainConfig) -> dict:
         m.update(history=history, best=best, finished=True)
         D.atomic_write_json(j, m)
     D.atomic_write_json(run / "train_summary.json", summary)
+    tracker.artifacts([run / n for n in ("model.json", "train_summary.json", "history.jsonl",
+                                         "split.csv")])
     return summary
 
 
