@@ -557,8 +557,10 @@ def format_summary(s: dict) -> str:
                      f"confidence < {s['review_threshold']:.3g}, {r['n_input_warnings']} with input warnings")
     lines.append(f"{s['n_inputs']} input(s): {s['n_ok']} classified, {s['n_skipped']} skipped"
                  + (f", {s['n_resumed']} taken from the interrupted run" if s["n_resumed"] else ""))
+    how = (f"ray, {s['backend']}, batch {s['batch_size']}" if s.get("engine") == "ray" else
+           f"{s['backend']}, batch {s['batch_size']}, {s['workers']} decode worker(s)")
     lines.append(f"{s['n_computed']} image(s) in {s['seconds']:.1f} s: {s['images_per_s']:.1f} images/s "
-                 f"({s['backend']}, batch {s['batch_size']}, {s['workers']} decode worker(s))")
+                 f"({how})")
     if s["skipped"]:
         lines.append(f"skipped {len(s['skipped'])} file(s):")
         lines += [f"  {k['path']}: {k['reason']}" for k in s["skipped"]]
@@ -566,6 +568,19 @@ def format_summary(s: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- outputs
+
+def flat_record(r: dict, classes: Sequence[str]) -> dict:
+    """One record as the flat columns of the CSV/Parquet outputs (None where not applicable)."""
+    ok = r.get("status") == "ok"
+    probs = r.get("probabilities", {})
+    return {"path": r["path"], "status": r["status"], "class": r.get("class"),
+            "probability": r["probability"] if ok else None,
+            "top3": "; ".join(f"{t['class']} {t['probability']:.4f}" for t in r.get("top3", [])),
+            "needs_review": r.get("needs_review") if ok else None,
+            "multi_cell": r.get("multi_cell"), "multi_cell_score": r.get("multi_cell_score"),
+            "input_warnings": "; ".join(r.get("input_warnings", [])),
+            **{f"p_{c}": (probs[c] if ok else None) for c in classes}}
+
 
 def write_results(out: Path, records: list[dict], classes: list[str], summary: dict) -> None:
     """``.csv``: one row per input (summary goes to the console); ``.json``: summary + records."""
@@ -576,29 +591,28 @@ def write_results(out: Path, records: list[dict], classes: list[str], summary: d
     if out.suffix.lower() == ".json":
         atomic_write_json(out, {"summary": summary, "results": records})
         return
+    text_cols = ("path", "status", "input_warnings")  # free text: guarded against formulas
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "status", "class", "probability", "top3", "needs_review", "multi_cell",
-                "multi_cell_score", "input_warnings"] + [f"p_{c}" for c in classes])
-    for r in records:
-        ok = r.get("status") == "ok"
-        w.writerow([csv_safe(r["path"]), csv_safe(r["status"]), r.get("class", ""),
-                    f"{r['probability']:.6f}" if ok else "",
-                    "; ".join(f"{t['class']} {t['probability']:.4f}" for t in r.get("top3", [])),
-                    r.get("needs_review", "") if ok else "",
-                    r.get("multi_cell", ""),
-                    f"{r['multi_cell_score']:.6f}" if r.get("multi_cell_score") is not None else "",
-                    csv_safe("; ".join(r.get("input_warnings", [])))]
-                   + ([f"{r['probabilities'][c]:.6f}" for c in classes] if ok else [""] * len(classes)))
+    for n, r in enumerate(records):
+        row = flat_record(r, classes)
+        if n == 0:
+            w.writerow(list(row))
+        w.writerow(["" if v is None else csv_safe(v) if k in text_cols else
+                    f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()])
+    if not records:
+        w.writerow(list(flat_record({"path": "", "status": ""}, classes)))
     atomic_write_text(out, buf.getvalue())
 
 
-def check_out_path(out) -> Path | None:
+def check_out_path(out, parquet: bool = False) -> Path | None:
+    """``--out`` checked before any work; ``parquet``: the engine can also write .parquet."""
     if out is None:
         return None
     out = Path(out)
-    if out.suffix.lower() not in (".csv", ".json"):
-        raise ValueError(f"--out {out}: use a .csv or .json file name")
+    kinds = (".csv", ".json", ".parquet") if parquet else (".csv", ".json")
+    if out.suffix.lower() not in kinds:
+        raise ValueError(f"--out {out}: use a {', '.join(kinds[:-1])} or {kinds[-1]} file name")
     if out.is_dir():
         raise ValueError(f"--out {out}: is a folder; give a file name")
     # fail now, not after classifying a big folder: the results and the journal go here
@@ -620,6 +634,34 @@ def check_out_path(out) -> Path | None:
             raise ValueError(f"--out {out}: the existing file cannot be replaced "
                              f"({e.strerror or e}); remove it or choose another name") from None
     return out
+
+
+def run_summary(clf: Classifier, records: list[dict], seconds: float, n_computed: int,
+                batch_size: int, workers: int, include_flagged: bool = False, n_resumed: int = 0,
+                fingerprint: dict | None = None, engine: str = "local") -> dict:
+    """The summary of a predict run (either engine): provenance, differential, skips, speed."""
+    from datetime import datetime, timezone
+
+    from . import __version__
+    fp = fingerprint or clf.fingerprint()
+    skipped = [{"path": r["path"], "reason": r["status"].split(": ", 1)[1]}
+               for r in records if r["status"] != "ok"]
+    return {
+        # which software and which weights made these results, for a lab's records
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "bloodcell_version": __version__,
+        "model": str(clf.weights_path) if clf.weights_path else None,
+        "model_sha1": fp["weights_sha1"],
+        "engine": engine, "backend": clf.backend, "batch_size": batch_size, "workers": workers,
+        "review_threshold": clf.review_threshold, "temperature": clf.temperature,
+        "multi_cell_screen": clf.screen is not None,
+        "n_inputs": len(records), "n_ok": sum(r["status"] == "ok" for r in records),
+        "n_skipped": len(skipped), "n_resumed": n_resumed, "n_computed": n_computed,
+        "seconds": round(seconds, 3), "images_per_s": n_computed / seconds if seconds > 0 else 0.0,
+        "differential": differential_count(records, clf.classes, include_flagged),
+        "review": review_counts(records, clf.review_threshold),
+        "skipped": skipped,
+    }
 
 
 def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: int = 64,
@@ -677,29 +719,10 @@ def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: i
         bar.close()
         if journal:
             journal.close()
-    seconds = time.perf_counter() - t0
-    n_computed = sum(1 for i in todo if records[i].get("status") == "ok")
-    skipped = [{"path": r["path"], "reason": r["status"].split(": ", 1)[1]}
-               for r in records if r["status"] != "ok"]
-    from datetime import datetime, timezone
-
-    from . import __version__
-    summary = {
-        # which software and which weights made these results, for a lab's records
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "bloodcell_version": __version__,
-        "model": str(clf.weights_path) if clf.weights_path else None,
-        "model_sha1": fp["weights_sha1"],
-        "backend": clf.backend, "batch_size": batch_size, "workers": workers,
-        "review_threshold": clf.review_threshold, "temperature": clf.temperature,
-        "multi_cell_screen": clf.screen is not None,
-        "n_inputs": len(items), "n_ok": sum(r["status"] == "ok" for r in records),
-        "n_skipped": len(skipped), "n_resumed": n_resumed, "n_computed": n_computed,
-        "seconds": round(seconds, 3), "images_per_s": n_computed / seconds if seconds > 0 else 0.0,
-        "differential": differential_count(records, clf.classes, include_flagged),
-        "review": review_counts(records, clf.review_threshold),
-        "skipped": skipped,
-    }
+    summary = run_summary(clf, records, seconds=time.perf_counter() - t0,
+                          n_computed=sum(1 for i in todo if records[i].get("status") == "ok"),
+                          batch_size=batch_size, workers=workers, include_flagged=include_flagged,
+                          n_resumed=n_resumed, fingerprint=fp)
     if out is not None:
         try:
             write_results(out, records, clf.classes, summary)
@@ -732,7 +755,7 @@ def _print_records(records: list[dict]) -> None:
 
 
 def cmd_predict(args):
-    check_out_path(args.out)
+    check_out_path(args.out, parquet=args.engine == "ray")
     if args.onnx and args.backend != "onnx":
         raise ValueError(f"--onnx {args.onnx} needs --backend onnx (not {args.backend})")
     if not args.paths and not args.examples:
@@ -742,9 +765,22 @@ def cmd_predict(args):
     screen = None if args.no_screen else (args.screen or "auto")
     clf = Classifier.load(args.model, backend=args.backend, onnx_path=args.onnx, screen=screen,
                           review_threshold=args.review_threshold, threads=args.threads)
-    records, summary = predict_paths(clf, paths, out=args.out, batch_size=args.batch_size,
-                                     workers=args.workers, include_flagged=args.include_flagged,
-                                     progress=not args.no_progress, resume=not args.restart)
+    if args.engine == "ray":
+        from .ray_engine import ModelSpec, RayOptions, predict_ray
+        if args.onnx or args.backend == "torch":
+            raise ValueError("--engine ray runs the model's own ONNX file: use --backend onnx or onnx-int8")
+        spec = ModelSpec(args.model, args.backend, screen, args.review_threshold,
+                         str(clf.onnx_path) if args.backend == "onnx" else None)
+        opts = RayOptions(args.address, args.actors, batch_size=args.batch_size)
+        records, summary = predict_ray(clf, paths, spec, opts, out=args.out,
+                                       include_flagged=args.include_flagged,
+                                       progress=not args.no_progress)
+    else:
+        if args.out and args.out.lower().endswith(".parquet"):
+            raise ValueError(f"--out {args.out}: Parquet is written by --engine ray; use .csv or .json")
+        records, summary = predict_paths(clf, paths, out=args.out, batch_size=args.batch_size,
+                                         workers=args.workers, include_flagged=args.include_flagged,
+                                         progress=not args.no_progress, resume=not args.restart)
     if args.out is None or args.examples:  # the examples are few and meant to be looked at
         if len(records) <= 50:
             _print_records(records)
@@ -786,5 +822,12 @@ def add_cli(sub):
                    help="count multi-cell images and images with input warnings in the "
                         "differential count too")
     p.add_argument("--restart", action="store_true", help="ignore the journal of an interrupted run")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (this process) or ray (Ray Data + an actor pool; pip install "
+                        "'bloodcell[scale]'; --out may also be .parquet)")
+    p.add_argument("--address", help="with --engine ray: the Ray cluster to join (host:port or "
+                   "ray://host:10001; default RAY_ADDRESS, else a local instance)")
+    p.add_argument("--actors", type=ranged(int, 1),
+                   help="with --engine ray: classifier actors (default: the cluster's CPUs)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
