@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
+from . import distributed as dist
 from .models import create_model, get_spec, library_versions, save_model
 from .locate import Framing
 from .transforms import PREPROCESS_DESCRIPTION, PREPROCESS_VERSION, to_tensor
@@ -277,13 +278,25 @@ def prepare_data(cfg: TrainConfig, run: Path | None = None):
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, tracker=None) -> dict:
-    """``tracker``: a ``tracking.Tracker`` (parameters, each epoch's record, the run's files)."""
+    """``tracker``: a ``tracking.Tracker`` (parameters, each epoch's record, the run's files).
+    Under torchrun every rank runs this (see ``bloodcell.distributed``); rank 0 writes."""
     from .tracking import Tracker
-    tracker = tracker or Tracker.off()
+    world = dist.from_env()
+    try:
+        return _train(cfg, tracker if tracker is not None and world.main else Tracker.off(), world)
+    finally:
+        dist.stop(world)
+
+
+def _train(cfg: TrainConfig, tracker, world: dist.World) -> dict:
     cfg = cfg.resolved()
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     device, precision = choose_device_precision(cfg.precision)
+    device = dist.start(world) or device
+    if not world.main:  # the other ranks compute; rank 0 reports
+        log.setLevel(logging.WARNING)
+        cfg.progress = False
     log.info("training %s on %s (%s, %d threads)\n%s", cfg.model, device, precision,
              torch.get_num_threads(), json.dumps(asdict(cfg), indent=1))
     seed_everything(cfg.seed)
@@ -291,7 +304,11 @@ def train(cfg: TrainConfig, tracker=None) -> dict:
     # ---- data
     if cfg.resume and (run / "split.csv").exists() and not cfg.split_file:
         cfg.split_file = str(run / "split.csv")  # a resumed run keeps its own split
-    ds, images, splits, cache_info, manifest_hash = prepare_data(cfg, run)
+    if not world.main:
+        dist.barrier(world)  # rank 0 builds the image cache once; the others then load it
+    ds, images, splits, cache_info, manifest_hash = prepare_data(cfg, run if world.main else None)
+    if world.main:
+        dist.barrier(world)
     tr, va = D.split_indices(splits, "train"), D.split_indices(splits, "val")
     if len(tr) == 0:
         raise ValueError("the training split is empty")
@@ -313,6 +330,8 @@ def train(cfg: TrainConfig, tracker=None) -> dict:
     # keeps its 8-class head, so prediction and export do not change.
     aux, feats = None, {}
     if cfg.subclass_aux:
+        if world.distributed:
+            raise ValueError("--subclass-aux is not available under torchrun; train it in one process")
         if not hasattr(model, "head") or not hasattr(model, "dropout"):
             raise ValueError(f"--subclass-aux needs a Classifier model, not {cfg.model}")
         sub_names, sub_y = D.subclass_labels(ds)
@@ -331,6 +350,8 @@ def train(cfg: TrainConfig, tracker=None) -> dict:
         ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=False)
     extra = {k: v for k, v in (("ema", ema), ("aux", aux)) if v is not None}
     steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
+    if world.distributed and 0 < len(tr) % cfg.batch_size < 2 * world.size:
+        steps_per_epoch -= 1  # a last batch too small for every rank to get 2 images
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
     total_steps = steps_per_epoch * cfg.epochs
@@ -343,6 +364,9 @@ def train(cfg: TrainConfig, tracker=None) -> dict:
         history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
         log.info("resumed from epoch %d (best val acc %.4f at epoch %d)", state["epoch"],
                  best["val_accuracy"], best["epoch"])
+    if world.rank:  # each rank its own augmentation draws (DDP gives all rank 0's weights)
+        torch.manual_seed(cfg.seed * 1000 + 7919 * world.rank + start_epoch)
+    net = dist.wrap(model, world, device)
 
     meta = {
         "architecture": cfg.model, "classes": ds.classes, "image_size": cfg.image_size,
@@ -384,13 +408,13 @@ def train(cfg: TrainConfig, tracker=None) -> dict:
             bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
                        disable=not cfg.progress, mininterval=2.0)
             for b in bar:
-                idx = np.sort(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+                idx = dist.shard(np.sort(order[b * cfg.batch_size:(b + 1) * cfg.batch_size]), world)
                 x = to_tensor(images[idx]).to(device)
                 target = y[idx].to(device)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, total_steps, cfg.lr, cfg.schedule)
                 with autocast(device, precision):
-                    logits = model(x)
+                    logits = net(x)
                     loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
                     if aux is not None:
                         loss = loss + cfg.subclass_aux * F.cross_entropy(
@@ -406,36 +430,45 @@ def train(cfg: TrainConfig, tracker=None) -> dict:
                 loss_sum += float(loss.detach()) * len(idx)
                 correct += int((logits.argmax(1) == target).sum())
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+                if world.distributed:  # a signal seen by any rank stops all at the same step
+                    stop["flag"] = dist.total([float(stop["flag"])], world, device)[0] > 0
                 if stop["flag"]:
                     break
             bar.close()
+            loss_sum, correct, seen = dist.total([loss_sum, correct, seen], world, device)
+            seen = int(seen)
             if stop["flag"] and seen < min(len(tr), steps_per_epoch * cfg.batch_size):
                 log.warning("interrupted mid-epoch %d: last completed epoch %d is checkpointed",
                             epoch, epoch - 1)
                 break
             train_time = time.perf_counter() - t0
             keep = ema.module if ema is not None else model  # the network that is validated and saved
-            val_acc, val_loss = _validate(keep, images, tr, va, ds.labels, device, precision, epoch)
+            # rank 0 validates; DDP hands its re-estimated BatchNorm statistics to the others
+            val_acc, val_loss = dist.total(list(_validate(keep, images, tr, va, ds.labels, device,
+                                                          precision, epoch)) if world.main else
+                                           [0.0, 0.0], world, device)
             rec = {"epoch": epoch, "train_loss": round(loss_sum / seen, 5),
                    "train_accuracy": round(correct / seen, 5), "val_loss": round(val_loss, 5),
                    "val_accuracy": round(val_acc, 5), "lr": opt.param_groups[0]["lr"],
                    "seconds": round(time.perf_counter() - t0, 1),
                    "images_per_s": round(seen / train_time, 1)}
-            if ema is not None:  # the raw weights too, to see what the average adds
+            if ema is not None and world.main:  # the raw weights too, to see what the average adds
                 rec["val_accuracy_raw"] = round(_validate(model, images, tr, va, ds.labels, device,
                                                           precision, epoch)[0], 5)
             history.append(rec)
             tracker.metrics(rec, step=epoch)
-            _write_history(run, history)
             log.info("epoch %d: %s", epoch, json.dumps(rec))
             improved = val_acc > best["val_accuracy"] or not len(va)
             if improved:
                 best = {"val_accuracy": val_acc, "epoch": epoch}
                 bad_epochs = 0
-                save_model(keep, {**meta, "history": history, "best": best}, run)
             else:
                 bad_epochs += 1
-            _save_training_state(run, model, opt, epoch, history, best, extra)
+            if world.main:
+                _write_history(run, history)
+                if improved:
+                    save_model(keep, {**meta, "history": history, "best": best}, run)
+                _save_training_state(run, model, opt, epoch, history, best, extra)
             if stop["flag"]:
                 break
     finally:
@@ -444,7 +477,10 @@ def train(cfg: TrainConfig, tracker=None) -> dict:
 
     done = not stop["flag"]
     summary = {"run": str(run), "best": best, "epochs_run": len(history), "finished": done,
-               "history": history, "precision": precision, "cache": cache_info}
+               "history": history, "precision": precision, "cache": cache_info,
+               "processes": world.size}
+    if not world.main:
+        return summary
     if done:
         # keep the metadata in sync with the full history; weights stay the best epoch's
         from .models import resolve_model_path
