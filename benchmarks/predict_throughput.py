@@ -2,6 +2,12 @@
 
     .venv/bin/python benchmarks/predict_throughput.py [--model M] [--data DIR] [-n 2000]
         [--backends torch,onnx,onnx-int8] [--batch-sizes 32,64,128] [--workers 2]
+    .venv/bin/python benchmarks/predict_throughput.py --whole-process -n 3418 [PREDICT OPTIONS]
+
+``--whole-process`` times what a user runs: ``bloodcell predict FOLDER --out r.csv``
+as a fresh process over N files (the default settings: screen on), start-up
+included, with its peak resident memory, the start-up alone (the same command on
+one image) and, beside it, the one-thread decode-only rate of the same files.
 
 For each backend and batch size, runs ``Classifier.predict`` (decode threads
 overlapped with the model, exactly what ``bloodcell predict`` does) over the
@@ -58,6 +64,46 @@ def timed(fn, repeat=1):
     return best, cpu
 
 
+def run_process(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak resident MB of one child process (its own rusage, not the sum)."""
+    import subprocess
+    t = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr.read().decode()[-2000:]}")
+    return wall, ru.ru_maxrss / 1024  # Linux: kilobytes
+
+
+def whole_process(files: list[Path], extra: list[str], repeat: int) -> None:
+    """``bloodcell predict`` over a folder holding exactly ``files`` (links), as a new process."""
+    import tempfile
+
+    from bloodcell.transforms import preprocess as decode
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "cells"
+        folder.mkdir()
+        for i, f in enumerate(files):  # links: the files as they are, names kept unique
+            (folder / f"{i:06d}_{f.name}").symlink_to(f.resolve())
+        cmd = [sys.executable, "-m", "bloodcell", "predict", "--no-progress", *extra]
+        run_process(cmd + [str(next(folder.iterdir())), "--out", f"{tmp}/warm.csv"])  # ONNX export, caches
+        one = min(run_process(cmd + [str(next(folder.iterdir())), "--out", f"{tmp}/one.csv"])[0]
+                  for _ in range(repeat))
+        runs = [run_process(cmd + [str(folder), "--out", f"{tmp}/r.csv"]) for _ in range(repeat)]
+        wall, rss = min(runs)
+        rss = max(r[1] for r in runs)
+        t, _ = timed(lambda: [decode(f, 128) for f in files])
+    n = len(files)
+    print(f"| files | whole process (s) | images/s incl. start-up | start-up, 1 image (s) "
+          f"| peak RSS (MB) | decode-only, 1 thread (img/s) | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {n} | {wall:.1f} | {n / wall:.0f} | {one:.2f} | {rss:.0f} | {n / t:.0f} "
+          f"| {(n / wall) / (n / t):.2f} |")
+    print(f"\ncommand: {' '.join(cmd)} FOLDER --out r.csv; best of {repeat}; decode-only = "
+          f"transforms.preprocess(file, 128) in one thread over the same {n} files")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="run folder or model.json (default: bundled, else runs/recipe-s42)")
@@ -70,7 +116,11 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=1, help="best of R runs per row")
     ap.add_argument("--screen", action="store_true",
                     help="also time the fastest setting with the bundled multi-cell screen on")
-    a = ap.parse_args(argv)
+    ap.add_argument("--whole-process", action="store_true",
+                    help="time `bloodcell predict FOLDER` as a new process (start-up, peak memory)")
+    a, extra = ap.parse_known_args(argv)  # --whole-process passes the rest to bloodcell predict
+    if extra and not a.whole_process:
+        ap.error(f"unrecognised arguments: {' '.join(extra)}")
     data = Path(a.data) if a.data else default_data_dir()
     if data is None or not data.is_dir():
         sys.exit("no data folder: pass --data DIR")
@@ -81,6 +131,8 @@ def main(argv=None):
     n = len(files)
     print(f"model {model}; {n} files from {data}; {os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}; "
           f"load average {os.getloadavg()[0]:.2f} (background jobs lower these figures)\n")
+    if a.whole_process:
+        return whole_process(files, (["--model", a.model] if a.model else []) + extra, a.repeat)
 
     threads = [int(x) or None for x in a.threads.split(",")]
     clf = Classifier.load(model, backend="torch", screen=None)
