@@ -166,8 +166,8 @@ def test_decompression_bomb_is_a_per_file_error(client):
 
 
 def test_file_names_never_become_paths(client, tmp_path):
-    from bloodcell.serve import _clean_name
-    assert _clean_name("a\x00b\nc.png", 0) == "abc.png" and _clean_name("", 4) == "file 5"
+    from bloodcell.serve import clean_name
+    assert clean_name("a\x00b\nc.png", 0) == "abc.png" and clean_name("", 4) == "file 5"
     evil = "../../../../tmp/evil.png"
     r = post(client, (evil, png(), "image/png"))
     res = r.json()["results"][0]
@@ -465,8 +465,6 @@ def test_flagged_cells_left_out_of_the_differential_until_reviewed(model_dir, tm
 
 
 def test_missing_screen_is_tolerated(model_dir, tmp_path):
-    from bloodcell.serve import _load_screen
-    assert _load_screen(None) is None
     # AUTO never fails the app: either a loaded screen or None
     app = create_app(model=str(model_dir), db_path=tmp_path / "l.db")
     with TestClient(app) as c:
@@ -480,12 +478,16 @@ def test_model_worker_batches_concurrent_requests(model_dir):
     arrays = [synthetic_cell(i % 8, 64, seed=i) for i in range(6)]
     w = ModelWorker(clf)
     try:
-        futs = [w.submit("predict", arrays[i:i + 2]) for i in range(0, 6, 2)]
+        futs = [w.predict(arrays[i:i + 2]) for i in range(0, 6, 2)]
         got = np.concatenate([f.result(10) for f in futs])
         np.testing.assert_allclose(got, clf.predict_proba_arrays(np.stack(arrays)), atol=1e-5)
-        assert w.submit("call", lambda a, b: a + b, 2, 3).result(10) == 5
+        assert w.call(lambda a, b: a + b, 2, 3).result(10) == 5
         with pytest.raises(ZeroDivisionError):
-            w.submit("call", lambda: 1 / 0).result(10)
+            w.call(lambda: 1 / 0).result(10)
+        # calls queued among predictions run after that batch, in order, and every future is answered
+        mixed = [w.predict(arrays[:1]), w.call(lambda: "gradcam"), w.predict(arrays[1:3])]
+        got = [f.result(10) for f in mixed]
+        assert got[1] == "gradcam" and got[0].shape == (1, 8) and got[2].shape == (2, 8)
     finally:
         w.close()
 

@@ -240,7 +240,7 @@ class Classifier:
         except Exception as e:  # one odd file must never end a batch job
             raise ImageError(str(src), f"could not decode ({type(e).__name__}: {e})") from None
 
-    def _decode_safe(self, src):
+    def decode_safe(self, src):
         """-> ({"model": array, "source": SourceInfo, "screen": dict | None, ...}, None) or
         (None, skip reason). The screen scores here, in the worker, so it overlaps with the model too."""
         try:
@@ -296,7 +296,7 @@ class Classifier:
             for i, src in enumerate(inputs):
                 name = next(names) if names is not None else (
                     str(src) if isinstance(src, (str, os.PathLike)) else f"<input {i}>")
-                window.append((i, name, ex.submit(self._decode_safe, src) if ex else self._decode_safe(src)))
+                window.append((i, name, ex.submit(self.decode_safe, src) if ex else self.decode_safe(src)))
                 while len(window) > ahead or (not ex and window):
                     take()
                 if done:

@@ -1,0 +1,227 @@
+"""``create_app``: the lab's FastAPI app (routes from routes.py, state in
+``app.state.lab``), its middleware, and ``serve``, which runs it with uvicorn."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+
+from .. import __version__
+from ..predict import Classifier, load_screen
+from .config import Lab, ServeConfig, default_threads
+from .store import Store, default_db_path
+from .worker import ModelWorker
+
+log = logging.getLogger("bloodcell")
+
+JSON_LIMIT = 64 * 1024  # a correction is ~30 bytes; nothing but uploads needs more
+
+
+def model_card(clf: Classifier, model_path) -> dict:
+    meta = clf.meta
+    metrics = meta.get("metrics")
+    if metrics is None and model_path is not None:
+        p = Path(model_path)
+        # metrics.json beside the model (a run folder, or the bundled model's folder)
+        cand = (p if p.is_dir() else p.parent) / "metrics.json"
+        if cand.exists():
+            try:
+                metrics = json.loads(cand.read_text())
+            except (OSError, ValueError):
+                metrics = None
+    digest = hashlib.sha1(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return {"architecture": meta.get("architecture"), "classes": clf.classes,
+            "image_size": clf.image_size, "version": str(meta.get("version") or digest),
+            "model_id": digest, "bloodcell_version": __version__,
+            "review_threshold": clf.review_threshold, "temperature": clf.temperature,
+            "preprocess": meta.get("preprocess"), "metrics": metrics,
+            "description": meta.get("description"),
+            "data": {k: v for k, v in (meta.get("data") or {}).items() if k != "root"} or None}
+
+
+def _check_model_path(model) -> None:
+    """A missing model is the error to report, not an ONNX fallback warning before it."""
+    from ..models import resolve_model_path
+    from ..predict import bundled_model_path
+    try:
+        resolve_model_path(model if model is not None else bundled_model_path())
+    except FileNotFoundError:
+        if model is None or Path(model).exists():
+            raise
+        raise FileNotFoundError(f"model {model} not found: no such file or folder (give a run "
+                                "folder, a model.json or a .safetensors file)") from None
+
+
+def load_classifier(cfg: ServeConfig) -> Classifier:
+    """The model, with the app's multi-cell screen (cfg.screen decides, also for a
+    Classifier passed in)."""
+    if isinstance(cfg.model, Classifier):
+        clf = cfg.model
+    else:
+        try:  # ONNX Runtime: ~2x less CPU per image than torch; Grad-CAM still uses torch
+            clf = Classifier.load(cfg.model, backend=cfg.backend, screen=None, threads=cfg.threads)
+        except Exception as e:  # e.g. no writable cache for the export: torch still works
+            if cfg.backend == "torch":
+                raise
+            log.warning("ONNX backend unavailable (%s); serving with torch", e)
+            clf = Classifier.load(cfg.model, backend="torch", screen=None,
+                                  threads=min(cfg.threads or 1, default_threads("torch")))
+    clf.screen = load_screen(cfg.screen)
+    return clf
+
+
+def create_app(config: ServeConfig | None = None, **settings):
+    """The FastAPI app, from a ``ServeConfig`` or its fields as keywords."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.staticfiles import StaticFiles
+
+    from .routes import STATIC_DIR, router
+    cfg = config or ServeConfig(**settings)
+    if not isinstance(cfg.model, Classifier):
+        _check_model_path(cfg.model)
+    store = Store(cfg.db_path if cfg.db_path is not None else default_db_path())  # before the slow load
+    try:
+        clf = load_classifier(cfg)
+    except BaseException:
+        store.close()
+        raise
+    model_path = cfg.model if isinstance(cfg.model, (str, os.PathLike)) else None
+    if cfg.model is None:
+        from ..predict import bundled_model_path
+        model_path = bundled_model_path()
+    lab = Lab(cfg, store, clf, ModelWorker(clf), model_card(clf, model_path))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        lab.worker.close()
+
+    extra = {}
+    if "max_body_size" in inspect.signature(FastAPI).parameters:  # newer FastAPI: also streamed bodies
+        extra["max_body_size"] = cfg.request_limit
+    app = FastAPI(title="bloodcell lab", version=__version__,
+                  description="Classify peripheral blood cell images, review and correct them.",
+                  docs_url=None, redoc_url=None, lifespan=lifespan, **extra)
+    app.state.lab = lab
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    _add_docs(app)
+    app.add_middleware(Guard, request_limit=cfg.request_limit)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    return app
+
+
+# ------------------------------------------------------------------ middleware
+
+class Guard:
+    """Plain ASGI middleware (cheaper than BaseHTTPMiddleware under load): refuses a
+    body over its limit (uploads: the request limit; any other body, JSON: 64 KiB) from
+    its declared size before reading it, or, when no size is declared, while reading
+    it; and marks every response nosniff (uploaded bytes are served back as images)."""
+
+    def __init__(self, app, request_limit: int, json_limit: int = JSON_LIMIT):
+        self.app, self.request_limit, self.json_limit = app, request_limit, json_limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
+            headers = dict(scope["headers"])
+            upload = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
+            limit = self.request_limit if upload else self.json_limit
+            size = headers.get(b"content-length", b"")
+            if size.isdigit() and int(size) > limit:
+                return await _too_large(scope, receive, send, int(size), limit)
+            if not upload:  # small by definition: read it here, counting, and hand it on
+                body = await _read_body(receive, limit)
+                if body is None:
+                    return await _too_large(scope, receive, send, None, limit)
+                receive = _replay(body)
+
+        async def send_nosniff(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", []), (b"x-content-type-options", b"nosniff")]}
+            await send(msg)
+        await self.app(scope, receive, send_nosniff)
+
+
+async def _too_large(scope, receive, send, size: int | None, limit: int):
+    from fastapi.responses import JSONResponse
+    what = f"request of {size / 2**20:.1f} MB" if size is not None else "request body"
+    lim = f"{limit / 2**20:g} MB" if limit >= 2**20 else f"{limit // 1024} KB"
+    await JSONResponse({"detail": f"{what} is over the {lim} limit"}, 413)(scope, receive, send)
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    """The whole request body, or None as soon as it passes ``limit`` bytes."""
+    chunks, n = [], 0
+    while True:
+        msg = await receive()
+        if msg["type"] != "http.request":  # the client went away
+            return b"".join(chunks)
+        chunks.append(msg.get("body", b""))
+        n += len(chunks[-1])
+        if n > limit:
+            return None
+        if not msg.get("more_body"):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+    return receive
+
+
+async def _validation_error(request, exc):
+    """FastAPI's 422, with each offending input cut short instead of echoed whole."""
+    from fastapi.responses import JSONResponse
+
+    from .routes import short
+    errors = [{k: (short(v) if k == "input" else v) for k, v in e.items() if k != "ctx"}
+              for e in exc.errors()]
+    return JSONResponse({"detail": errors}, 422)
+
+
+def _add_docs(app):
+    """OpenAPI docs at /docs: offline from the swagger-ui-bundle package when it is
+    installed, else FastAPI's default page (which loads Swagger UI from a CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    try:
+        import swagger_ui_bundle
+        from fastapi.staticfiles import StaticFiles
+        app.mount("/_docs", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-static")
+        urls = dict(swagger_js_url="/_docs/swagger-ui-bundle.js", swagger_css_url="/_docs/swagger-ui.css",
+                    swagger_favicon_url="/_docs/favicon-32x32.png")
+    except ImportError:
+        urls = {}
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="bloodcell lab API", **urls)
+
+
+# ------------------------------------------------------------------ run
+
+def serve(cfg: ServeConfig) -> None:
+    """Run the lab page with uvicorn until Ctrl-C."""
+    import torch
+    import uvicorn
+    if cfg.threads is None:
+        cfg.threads = default_threads(cfg.backend)
+    torch.set_num_threads(cfg.threads if cfg.backend == "torch" else default_threads("torch"))
+    app = create_app(cfg)
+    db = cfg.db_path or default_db_path()
+    print(f"bloodcell lab page on http://{cfg.host}:{cfg.port}/  (API docs /docs, database {db})", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)

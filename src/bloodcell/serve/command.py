@@ -1,0 +1,40 @@
+"""``bloodcell serve`` on the command line."""
+from __future__ import annotations
+
+import logging
+
+from .config import AUTO, ServeConfig
+from .store import default_db_path
+
+log = logging.getLogger("bloodcell")
+
+
+def cmd_serve(args):
+    from .app import serve
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s: anyone who can reach this address can see and change "
+                    "the data (there is no login)", args.host)
+    screen = None if args.no_screen else (args.screen or AUTO)
+    serve(ServeConfig(model=args.model, db_path=args.db, host=args.host, port=args.port,
+                      max_upload_mb=args.max_upload_mb, threads=args.threads, log_level=args.log_level,
+                      screen=screen, backend=args.backend))
+
+
+def add_cli(sub):
+    from ..cli import ranged
+    from ..predict import BACKENDS
+    p = sub.add_parser("serve", help="local review page and HTTP API (http://127.0.0.1:8000/)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=ranged(int, 1, 65535), default=8000, help="TCP port, 1-65535 (default 8000)")
+    p.add_argument("--model", help="run folder or model file (default: the bundled model)")
+    p.add_argument("--db", help=f"SQLite database (default {default_db_path()}, or $BLOODCELL_DB)")
+    p.add_argument("--max-upload-mb", type=ranged(float, 0, lo_open=True), default=20,
+                   help="per-file upload limit (default 20)")
+    p.add_argument("--threads", type=ranged(int, 1, 4), help="inference threads (default: onnx every core, torch half the cores; 1 to 4)")
+    p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")
+    p.add_argument("--no-screen", action="store_true", help="no multi-cell flag")
+    p.add_argument("--backend", default="onnx", choices=BACKENDS,
+                   help="inference engine (default onnx; saliency always uses torch)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level (info logs every request)")
+    p.set_defaults(func=cmd_serve)
