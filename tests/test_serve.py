@@ -27,6 +27,14 @@ from bloodcell.models import create_model, save_model  # noqa: E402
 from bloodcell.predict import Classifier  # noqa: E402
 from bloodcell.serve import ModelWorker, create_app  # noqa: E402
 
+LOCAL = "http://127.0.0.1:8000"
+
+
+def LabClient(app, **kw):
+    """A test client that calls the app by a name it answers to (127.0.0.1, not
+    TestClient's default 'testserver': other Host names are refused)."""
+    return TestClient(app, base_url=LOCAL, **kw)
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -40,7 +48,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture
 def client(model_dir, tmp_path):
-    with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "db" / "lab.sqlite3",
+    with LabClient(create_app(model=str(model_dir), db_path=tmp_path / "db" / "lab.sqlite3",
                                screen=None)) as c:
         yield c
 
@@ -125,7 +133,7 @@ def test_predict_requires_files(client):
 
 
 def test_oversize_file_is_a_per_file_error(model_dir, tmp_path):
-    with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "l.db", screen=None,
+    with LabClient(create_app(model=str(model_dir), db_path=tmp_path / "l.db", screen=None,
                                max_upload_mb=0.01)) as c:
         big = png(2, size=300, seed=3)
         assert len(big) > 0.01 * 2**20
@@ -141,11 +149,11 @@ def test_oversize_file_is_a_per_file_error(model_dir, tmp_path):
         r = post(c, ("big.png", big, "image/png"), sample="only big")
         assert r.status_code == 200 and r.json()["n_ok"] == 0
         assert [x["name"] for x in c.get("/api/samples").json()["samples"]] == ["default"]
-    with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "l2.db", screen=None,
+    with LabClient(create_app(model=str(model_dir), db_path=tmp_path / "l2.db", screen=None,
                                max_request_mb=0.05)) as c:  # whole request, refused from its header
         r = post(c, ("big.png", png(2, size=300, seed=3) * 4, "image/png"))
         assert r.status_code == 413
-    with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "l3.db", screen=None,
+    with LabClient(create_app(model=str(model_dir), db_path=tmp_path / "l3.db", screen=None,
                                max_files=2)) as c:
         r = post(c, *[(f"{i}.png", png(i), "image/png") for i in range(3)])
         assert r.status_code == 413 and "limit is 2" in r.json()["detail"]
@@ -249,7 +257,7 @@ def test_database_from_before_the_input_checks_is_upgraded(model_dir, tmp_path):
                 "'ig', 0.9, '{}', '[]', 0)")
     con.commit()
     con.close()
-    with TestClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
+    with LabClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
         s = c.get("/api/samples/s1").json()
         assert s["cells"][0]["input_warnings"] == [] and s["differential"]["total"] == 1
         con = sqlite3.connect(db)  # old cells get their image hash, so duplicates are found there too
@@ -323,7 +331,7 @@ def test_saliency_png(client):
 
 def test_corrections_export_and_restart(model_dir, tmp_path):
     db = tmp_path / "lab.sqlite3"
-    with TestClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
+    with LabClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
         up = _upload_three(c)
         sid = up["sample_id"]
         cell = up["results"][1]
@@ -343,7 +351,7 @@ def test_corrections_export_and_restart(model_dir, tmp_path):
         before = c.get(f"/api/samples/{sid}").json()
 
     # a new app on the same database: everything is still there
-    with TestClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
+    with LabClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
         s = c.get(f"/api/samples/{sid}").json()
         assert s["differential"] == before["differential"]
         got = {x["id"]: x for x in s["cells"]}
@@ -422,7 +430,7 @@ def test_multi_cell_flag_from_screen(model_dir, tmp_path):
     dark = np.full((64, 64, 3), 120, np.uint8)
     b = io.BytesIO()
     Image.fromarray(dark).save(b, "PNG")
-    with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "l.db", screen=scr)) as c:
+    with LabClient(create_app(model=str(model_dir), db_path=tmp_path / "l.db", screen=scr)) as c:
         assert c.get("/api/health").json()["multi_cell_screen"] is True
         r = post(c, ("light.png", png(0), "image/png"), ("dark.png", b.getvalue(), "image/png"))
         res = r.json()["results"]
@@ -436,7 +444,7 @@ def test_multi_cell_flag_from_screen(model_dir, tmp_path):
 
 def test_flagged_cells_left_out_of_the_differential_until_reviewed(model_dir, tmp_path):
     from bloodcell.predict import proportion_ci
-    with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "l.db", screen=FakeScreen())) as c:
+    with LabClient(create_app(model=str(model_dir), db_path=tmp_path / "l.db", screen=FakeScreen())) as c:
         r = post(c, ("a.png", png(0), "image/png"), ("b.png", png(3, seed=1), "image/png"),
                  ("dark.png", png(7, seed=2), "image/png"),  # darker: "multi-cell" for FakeScreen
                  ("wide.png", _wide_png(), "image/png"))
@@ -467,7 +475,7 @@ def test_flagged_cells_left_out_of_the_differential_until_reviewed(model_dir, tm
 def test_missing_screen_is_tolerated(model_dir, tmp_path):
     # AUTO never fails the app: either a loaded screen or None
     app = create_app(model=str(model_dir), db_path=tmp_path / "l.db")
-    with TestClient(app) as c:
+    with LabClient(app) as c:
         assert c.get("/api/health").status_code == 200
 
 
@@ -597,10 +605,185 @@ def test_json_bodies_are_limited_and_not_echoed(client):
 def test_empty_database_file_warns(model_dir, tmp_path, caplog):
     db = tmp_path / "lab.db"
     db.write_bytes(b"")
-    with TestClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
+    with LabClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
         assert c.get("/api/samples").json()["samples"] == []
     assert str(db) in caplog.text and "empty (0-byte) file" in caplog.text
     caplog.clear()
-    with TestClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:  # now a database
+    with LabClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:  # now a database
         assert c.get("/api/samples").status_code == 200
     assert "empty (0-byte)" not in caplog.text
+
+
+def _damaged_db_with_wal(tmp_path) -> Path:
+    """lab.db truncated to half its size beside its -wal file (the issue's repro: the WAL is
+    there after a kill). The lab's own writes: SQLite's automatic checkpoint moved the older
+    cells into lab.db, the newer ones are in the WAL."""
+    import hashlib
+    import shutil
+
+    from bloodcell.serve import Store
+    live = tmp_path / "live" / "lab.db"
+    store = Store(live)
+    sid = store.sample_for_name("smear")["id"]
+    rng = np.random.default_rng(0)
+    for k in range(100):
+        img = rng.bytes(20000)
+        store.add_cells([{"id": f"c{k}", "sample_id": sid, "file_name": f"{k}.png", "media_type": "image/png",
+                          "image": img, "created": "2026-01-01", "model_version": "x", "predicted_class": "ig",
+                          "probability": 0.9, "probabilities": "{}", "top3": "[]", "needs_review": 0,
+                          "multi_cell": None, "multi_cell_score": None, "n_regions": None,
+                          "input_warnings": "[]", "image_sha1": hashlib.sha1(img).hexdigest()}])
+    bad = tmp_path / "bad" / "lab.db"
+    bad.parent.mkdir()
+    shutil.copy(live, bad)
+    shutil.copy(live.with_name("lab.db-wal"), bad.with_name("lab.db-wal"))
+    store.close()
+    with open(bad, "r+b") as f:
+        f.truncate(bad.stat().st_size // 2)
+    return bad
+
+
+def test_damaged_database_with_wal_is_refused_at_start(model_dir, tmp_path, capsys, monkeypatch):
+    """It used to start, and then every page load was a 500 (database disk image is malformed)."""
+    import uvicorn
+
+    from bloodcell.cli import main
+    bad = _damaged_db_with_wal(tmp_path)
+    with pytest.raises(OSError) as e:
+        create_app(model=str(model_dir), db_path=bad, screen=None)
+    msg = str(e.value)
+    assert str(bad) in msg and "damaged" in msg and "bloodcell backup" in msg and ".recover" in msg
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("server started"))
+    assert main(["serve", "--model", str(model_dir), "--db", str(bad), "--no-screen"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "damaged" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_other_sites_can_neither_write_nor_read(model_dir, tmp_path):
+    """Host allow-list (DNS rebinding) and a same-origin check on state-changing requests
+    (a page on another port used to store a cell with a no-cors fetch)."""
+    with TestClient(create_app(model=str(model_dir), db_path=tmp_path / "l.db", screen=None,
+                               host="lab-pc.local")) as c:
+        for host in ("127.0.0.1:8000", "localhost:8000", "localhost", "[::1]:8000", "lab-pc.local:8000"):
+            assert c.get("/api/samples", headers={"host": host}).status_code == 200, host
+        for host in ("attacker.example", "attacker.example:8000", "127.0.0.1.attacker.example", ""):
+            r = c.get("/api/samples", headers={"host": host})
+            assert r.status_code == 400 and "host" in r.text.lower(), host
+        assert c.get("/", headers={"host": "attacker.example"}).status_code == 400
+        here = {"host": "127.0.0.1:8000"}
+        files = [("files", ("a.png", png(), "image/png"))]
+        for hdr in ({"origin": "http://127.0.0.1:9999"}, {"origin": "null"},
+                    {"origin": "http://attacker.example"}, {"origin": "https://127.0.0.1:8000"},
+                    {"referer": "http://127.0.0.1:9999/page.html"}):
+            r = c.post("/api/predict", files=files, data={"sample": "x"}, headers={**here, **hdr})
+            assert r.status_code == 403 and "origin" in r.text.lower(), hdr
+        assert c.get("/api/samples", headers=here).json()["samples"] == []  # nothing stored
+        r = c.post("/api/predict", files=files, headers={**here, "origin": "http://127.0.0.1:8000"})
+        assert r.status_code == 200  # the page itself
+        cid = r.json()["results"][0]["cell_id"]
+        r = c.put(f"/api/cells/{cid}/correction", json={"true_class": "ig"},
+                  headers={**here, "origin": "http://localhost:8000"})
+        assert r.status_code == 403  # another origin, even on this machine
+        r = c.put(f"/api/cells/{cid}/correction", json={"true_class": "ig"},
+                  headers={**here, "referer": "http://127.0.0.1:8000/"})
+        assert r.status_code == 200
+        # no Origin and no Referer: not a browser (curl, scripts): allowed
+        assert c.post("/api/predict", files=[("files", ("b.png", png(1), "image/png"))],
+                      headers=here).status_code == 200
+
+
+def test_second_server_on_the_same_database_is_refused(model_dir, tmp_path, capsys, monkeypatch):
+    db = tmp_path / "lab.db"
+    with LabClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
+        assert post(c, ("a.png", png(), "image/png")).status_code == 200
+        with pytest.raises(OSError, match="in use by another bloodcell serve"):
+            create_app(model=str(model_dir), db_path=db, screen=None)
+        import uvicorn
+
+        from bloodcell.cli import main
+        monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("server started"))
+        assert main(["serve", "--model", str(model_dir), "--db", str(db), "--no-screen"]) == 2
+        err = capsys.readouterr().err
+        assert str(db) in err and "in use" in err and len(err.strip().splitlines()) == 1, err
+        assert c.get("/api/samples").status_code == 200  # the first one goes on
+    with LabClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:  # free again
+        assert len(c.get("/api/samples").json()["samples"]) == 1
+
+
+def _hold_write_lock(db, seconds, started):
+    import sqlite3
+    con = sqlite3.connect(db, isolation_level=None, timeout=30)
+    con.execute("BEGIN IMMEDIATE")
+    import secrets
+    con.execute("INSERT INTO samples VALUES (?, ?, '2026-01-01')",
+                (secrets.token_hex(4), f"written by another program {secrets.token_hex(4)}"))
+    started.set()
+    import time
+    time.sleep(seconds)
+    con.execute("COMMIT")
+    con.close()
+
+
+def test_busy_database_waits_and_never_acknowledges_a_lost_write(model_dir, tmp_path, monkeypatch):
+    """Another program writing (sqlite3, a backup, a second server): an upload waits for the
+    write lock instead of failing with 500 'database is locked' and losing the batch; past
+    the wait it is refused with 503 and nothing stored, never answered 200 and lost."""
+    import threading
+
+    from bloodcell.serve import store as store_mod
+    db = tmp_path / "lab.db"
+    with LabClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
+        assert post(c, ("a.png", png(0), "image/png"), sample="s").status_code == 200
+        started = threading.Event()
+        t = threading.Thread(target=_hold_write_lock, args=(db, 1.0, started))
+        t.start()
+        started.wait(10)
+        r = post(c, ("b.png", png(1), "image/png"), ("c.png", png(2), "image/png"), sample="s")
+        t.join()
+        assert r.status_code == 200 and r.json()["n_ok"] == 2, r.text
+        sid = r.json()["sample_id"]
+        assert len(c.get(f"/api/samples/{sid}").json()["cells"]) == 3
+        monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_S", 0.2)
+        c.app.state.lab.store.conn.execute("PRAGMA busy_timeout=200")
+        started.clear()
+        t = threading.Thread(target=_hold_write_lock, args=(db, 1.5, started))
+        t.start()
+        started.wait(10)
+        r = post(c, ("d.png", png(3), "image/png"), sample="s")
+        t.join()
+        assert r.status_code == 503 and "busy" in r.json()["detail"], r.text
+        assert len(c.get(f"/api/samples/{sid}").json()["cells"]) == 3  # not stored, not acknowledged
+        assert post(c, ("d.png", png(3), "image/png"), sample="s").json()["n_ok"] == 1  # a retry works
+
+
+def test_backup_while_serving(model_dir, tmp_path, capsys):
+    """`bloodcell backup`: a consistent, checked copy of a live database (latest writes,
+    still in the WAL, included), in one file; the server goes on."""
+    import sqlite3
+
+    from bloodcell.cli import main
+    db, out = tmp_path / "lab.db", tmp_path / "backups" / "lab-copy.db"
+    with LabClient(create_app(model=str(model_dir), db_path=db, screen=None)) as c:
+        cid = _upload_three(c)["results"][0]["cell_id"]
+        assert c.put(f"/api/cells/{cid}/correction", json={"true_class": "ig"}).status_code == 200
+        assert db.with_name("lab.db-wal").stat().st_size > 0  # the latest writes are in the WAL
+        assert main(["backup", "--db", str(db), "--out", str(out)]) == 0
+        assert "3 cell(s), 1 correction(s); integrity check ok" in capsys.readouterr().out
+        assert post(c, ("x.png", png(7), "image/png")).status_code == 200  # still serving
+    assert not out.with_name(out.name + "-wal").exists()  # one self-contained file
+    con = sqlite3.connect(out)
+    try:
+        assert con.execute("SELECT true_class FROM cells WHERE id=?", (cid,)).fetchone() == ("ig",)
+        assert con.execute("SELECT COUNT(*) FROM cells").fetchone() == (3,)
+    finally:
+        con.close()
+    with LabClient(create_app(model=str(model_dir), db_path=out, screen=None)) as c:  # a usable lab
+        assert c.get(f"/api/cells/{cid}").json()["true_class"] == "ig"
+    assert main(["backup", "--db", str(db), "--out", str(db)]) == 2
+    assert main(["backup", "--db", str(tmp_path / "none.db"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is the database itself" in err and "none.db not found" in err
+    assert not [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")]  # no temp files left
+    bad = _damaged_db_with_wal(tmp_path)
+    assert main(["backup", "--db", str(bad), "--out", str(tmp_path / "b2.db")]) == 2
+    assert "damaged" in capsys.readouterr().err and not (tmp_path / "b2.db").exists()

@@ -664,6 +664,18 @@ def run_summary(clf: Classifier, records: list[dict], seconds: float, n_computed
     }
 
 
+def _finish(out: Path, records: list[dict], classes: list[str], summary: dict) -> None:
+    """Write the results, then drop the journal. A write failing here (the path changed since
+    check_out_path) names the file and keeps the journal, so a rerun resumes."""
+    try:
+        write_results(out, records, classes, summary)
+    except OSError as e:
+        raise OSError(f"--out {out}: cannot write the results ({e.strerror or e}); the finished "
+                      f"images are kept in {journal_path(out)}: fix the path and run the same "
+                      f"command again to resume") from None
+    journal_path(out).unlink(missing_ok=True)
+
+
 def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: int = 64,
                   workers: int | None = None, include_flagged: bool = False,
                   progress: bool = True, resume: bool = True) -> tuple[list[dict], dict]:
@@ -724,13 +736,7 @@ def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: i
                           batch_size=batch_size, workers=workers, include_flagged=include_flagged,
                           n_resumed=n_resumed, fingerprint=fp)
     if out is not None:
-        try:
-            write_results(out, records, clf.classes, summary)
-        except OSError as e:  # changed since the check: the journal keeps the work for a rerun
-            raise OSError(f"--out {out}: cannot write the results ({e.strerror or e}); the finished "
-                          f"images are kept in {journal_path(out)}: fix the path and run the same "
-                          f"command again to resume") from None
-        journal_path(out).unlink(missing_ok=True)
+        _finish(out, records, clf.classes, summary)
     return records, summary
 
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import ipaddress
 import json
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .. import __version__
 from ..predict import Classifier, load_screen
 from .config import Lab, ServeConfig, default_threads
-from .store import Store, default_db_path
+from .routes import short
+from .store import Store, StoreBusy, default_db_path
 from .worker import ModelWorker
 
 log = logging.getLogger("bloodcell")
@@ -100,6 +105,7 @@ def create_app(config: ServeConfig | None = None, **settings):
     async def lifespan(_app):
         yield
         lab.worker.close()
+        lab.store.close()  # after the last request: WAL checkpointed, database free
 
     extra = {}
     if "max_body_size" in inspect.signature(FastAPI).parameters:  # newer FastAPI: also streamed bodies
@@ -111,29 +117,45 @@ def create_app(config: ServeConfig | None = None, **settings):
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     _add_docs(app)
-    app.add_middleware(Guard, request_limit=cfg.request_limit)
+    app.add_middleware(Guard, config=cfg)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StoreBusy, _busy)
     return app
 
 
 # ------------------------------------------------------------------ middleware
 
 class Guard:
-    """Plain ASGI middleware (cheaper than BaseHTTPMiddleware under load): refuses a
-    body over its limit (uploads: the request limit; any other body, JSON: 64 KiB) from
-    its declared size before reading it, or, when no size is declared, while reading
-    it; and marks every response nosniff (uploaded bytes are served back as images)."""
+    """Plain ASGI middleware (cheaper than BaseHTTPMiddleware under load), in this order:
+    - the Host header must name this server (loopback, ``--host``, ``--allow-host``): a
+      DNS-rebinding page calls it by the attacker's name and is refused, so it cannot read;
+    - a state-changing request (POST, PUT, PATCH, DELETE) whose Origin or Referer is not
+      this very origin (scheme, host and port) is refused: another page open in the
+      browser, even one on another local port, cannot upload or correct. Requests with
+      neither header (curl, scripts) are not from a web page and pass;
+    - a body over its limit (uploads: the request limit; any other body, JSON: 64 KiB) is
+      refused from its declared size before reading it, or while reading it;
+    - every response is marked nosniff (uploaded bytes are served back as images)."""
 
-    def __init__(self, app, request_limit: int, json_limit: int = JSON_LIMIT):
-        self.app, self.request_limit, self.json_limit = app, request_limit, json_limit
+    def __init__(self, app, config: ServeConfig, json_limit: int = JSON_LIMIT):
+        self.app, self.cfg, self.json_limit = app, config, json_limit
+        self.names = config.host_names
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if not self._host_ok(host):
+            return await _refuse(scope, receive, send, 400, f"Host {short(host)} is not a name this server "
+                                 "answers to (open it as http://127.0.0.1:PORT/, or start it with --allow-host NAME)")
         if scope["method"] in ("POST", "PUT", "PATCH", "DELETE"):
-            headers = dict(scope["headers"])
+            source = headers.get(b"origin") or headers.get(b"referer")
+            if source is not None and not _same_origin(source.decode("latin-1"), scope["scheme"], host):
+                return await _refuse(scope, receive, send, 403, "cross-origin request refused: Origin "
+                                     f"{short(source.decode('latin-1'))} is not this lab page")
             upload = headers.get(b"content-type", b"").startswith(b"multipart/form-data")
-            limit = self.request_limit if upload else self.json_limit
+            limit = self.cfg.request_limit if upload else self.json_limit
             size = headers.get(b"content-length", b"")
             if size.isdigit() and int(size) > limit:
                 return await _too_large(scope, receive, send, int(size), limit)
@@ -149,12 +171,38 @@ class Guard:
             await send(msg)
         await self.app(scope, receive, send_nosniff)
 
+    def _host_ok(self, host: str) -> bool:
+        try:
+            name = urlsplit("//" + host).hostname
+        except ValueError:
+            return False
+        if not name:
+            return False
+        if name in self.names:
+            return True
+        if self.cfg.any_ip_host:
+            with contextlib.suppress(ValueError):
+                return bool(ipaddress.ip_address(name))
+        return False
+
+
+def _same_origin(source: str, scheme: str, host: str) -> bool:
+    try:
+        u = urlsplit(source)
+    except ValueError:
+        return False
+    return u.scheme == scheme and u.netloc.lower() == host.lower()
+
+
+async def _refuse(scope, receive, send, status: int, detail: str):
+    from fastapi.responses import JSONResponse
+    await JSONResponse({"detail": detail}, status)(scope, receive, send)
+
 
 async def _too_large(scope, receive, send, size: int | None, limit: int):
-    from fastapi.responses import JSONResponse
     what = f"request of {size / 2**20:.1f} MB" if size is not None else "request body"
     lim = f"{limit / 2**20:g} MB" if limit >= 2**20 else f"{limit // 1024} KB"
-    await JSONResponse({"detail": f"{what} is over the {lim} limit"}, 413)(scope, receive, send)
+    await _refuse(scope, receive, send, 413, f"{what} is over the {lim} limit")
 
 
 async def _read_body(receive, limit: int) -> bytes | None:
@@ -184,11 +232,17 @@ def _replay(body: bytes):
     return receive
 
 
+async def _busy(request, exc):
+    """The write lock stayed taken (another program writing): 503, nothing stored, so
+    the client knows to retry; never a 200 for a write that did not happen."""
+    from fastapi.responses import JSONResponse
+    log.warning("%s", exc)
+    return JSONResponse({"detail": f"{exc}"}, 503, headers={"Retry-After": "5"})
+
+
 async def _validation_error(request, exc):
     """FastAPI's 422, with each offending input cut short instead of echoed whole."""
     from fastapi.responses import JSONResponse
-
-    from .routes import short
     errors = [{k: (short(v) if k == "input" else v) for k, v in e.items() if k != "ctx"}
               for e in exc.errors()]
     return JSONResponse({"detail": errors}, 422)
@@ -215,7 +269,10 @@ def _add_docs(app):
 # ------------------------------------------------------------------ run
 
 def serve(cfg: ServeConfig) -> None:
-    """Run the lab page with uvicorn until Ctrl-C."""
+    """Run the lab page with uvicorn until Ctrl-C or SIGTERM; both stop it the same way:
+    requests in flight finish, the database is checkpointed and closed, exit status 0
+    (uvicorn re-raises the signal after its shutdown, and SIGTERM's default ended the
+    process with status 143 before the database was closed)."""
     import torch
     import uvicorn
     if cfg.threads is None:
@@ -224,4 +281,14 @@ def serve(cfg: ServeConfig) -> None:
     app = create_app(cfg)
     db = cfg.db_path or default_db_path()
     print(f"bloodcell lab page on http://{cfg.host}:{cfg.port}/  (API docs /docs, database {db})", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    stops: list[int] = []
+    previous = {sig: signal.signal(sig, lambda s, _f: stops.append(s))
+                for sig in (signal.SIGINT, signal.SIGTERM)
+                if threading.current_thread() is threading.main_thread()}
+    try:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stops:
+        print(f"stopped ({signal.Signals(stops[0]).name}); database {db} saved and closed", flush=True)

@@ -17,7 +17,20 @@ def cmd_serve(args):
     screen = None if args.no_screen else (args.screen or AUTO)
     serve(ServeConfig(model=args.model, db_path=args.db, host=args.host, port=args.port,
                       max_upload_mb=args.max_upload_mb, threads=args.threads, log_level=args.log_level,
-                      screen=screen, backend=args.backend))
+                      screen=screen, backend=args.backend, allowed_hosts=tuple(args.allow_host)))
+
+
+def cmd_backup(args):
+    import sqlite3
+
+    from .store import backup
+    db = args.db or default_db_path()
+    try:
+        n = backup(db, args.out)
+    except sqlite3.Error as e:
+        raise OSError(f"cannot back up {db}: {e}") from None
+    print(f"backed up {db} to {args.out}: {n['samples']} sample(s), {n['cells']} cell(s), "
+          f"{n['corrections']} correction(s); integrity check ok")
 
 
 def add_cli(sub):
@@ -37,4 +50,12 @@ def add_cli(sub):
                    help="inference engine (default onnx; saliency always uses torch)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (info logs every request)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer to this host name (repeatable; loopback and --host always are): "
+                        "requests naming any other host are refused")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("backup", help="copy the lab database, also while `bloodcell serve` runs")
+    p.add_argument("--db", help=f"SQLite database (default {default_db_path()}, or $BLOODCELL_DB)")
+    p.add_argument("--out", required=True, help="the copy (one self-contained SQLite file)")
+    p.set_defaults(func=cmd_backup)

@@ -39,6 +39,20 @@ class ServeConfig:
     backend: str = "onnx"
     threads: int | None = None                # None: default_threads(backend)
     log_level: str = "info"
+    allowed_hosts: tuple[str, ...] = ()       # Host names answered besides loopback and `host`
+
+    @property
+    def host_names(self) -> frozenset[str]:
+        """The Host header names this server answers to: loopback, ``host`` and
+        ``allowed_hosts``; any other name (a DNS-rebinding page's) is refused."""
+        return frozenset(h.lower().strip("[]") for h in
+                         ("127.0.0.1", "localhost", "::1", self.host, *self.allowed_hosts))
+
+    @property
+    def any_ip_host(self) -> bool:
+        """Bound to every interface: other machines call it by an IP address, which a
+        rebinding page cannot use as its own origin, so any IP literal is answered."""
+        return self.host in ("0.0.0.0", "::", "")
 
     @property
     def upload_limit(self) -> int:

@@ -1,14 +1,22 @@
 """The lab's SQLite database: schema, migrations of older databases, and every
 query the server makes. One connection, serialised by a lock (writes are
-sub-millisecond); WAL journal, so a reader never waits for a writer."""
+sub-millisecond); WAL journal, so a reader never waits for a writer.
+
+Safety: the file is checked (``PRAGMA quick_check``, WAL included) before use; one
+server per database (a lock file beside it); a write waits for another program's
+write lock (BEGIN IMMEDIATE + busy timeout) and is committed (synchronous=FULL)
+before the server answers, so an acknowledged write survives a crash; closing
+checkpoints the WAL into the main file. ``backup`` copies a live database."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import secrets
 import sqlite3
+import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,6 +50,13 @@ _INSERT_CELL = (
     ":multi_cell, :multi_cell_score, :n_regions, :input_warnings, :image_sha1)")
 
 
+BUSY_TIMEOUT_S = 30.0  # how long a write waits for another program's write lock
+
+
+class StoreBusy(OSError):
+    """Another program held the write lock past BUSY_TIMEOUT_S: nothing was written."""
+
+
 def default_db_path() -> Path:
     if os.environ.get("BLOODCELL_DB"):
         return Path(os.environ["BLOODCELL_DB"])
@@ -57,29 +72,39 @@ class Store:
     """The database. Opening it creates or upgrades the schema; errors are an OSError
     naming the file (`bloodcell serve --db` prints one line, not a sqlite3 traceback)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, exclusive: bool = True):
         self.path = Path(path)
         self.lock = threading.Lock()
         self._samples: dict[str, dict] = {}
+        self._lock_file = None
         memory = str(path) == ":memory:"
         if not memory and self.path.is_dir():
             raise IsADirectoryError(f"database {path} is a folder; give a file path "
                                     f"such as {self.path / 'lab.sqlite3'}")
-        if not memory and self.path.is_file() and self.path.stat().st_size == 0:
-            # SQLite takes a 0-byte file as a new database; it may be one that lost its data
-            log.warning("database %s is an empty (0-byte) file: starting a new, empty lab there. "
-                        "If it held samples, stop the server and restore it from a backup", path)
         try:
             if not memory:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+                if exclusive:
+                    self._lock_file = _lock_database(self.path)
+            if not memory and self.path.is_file() and self.path.stat().st_size == 0:
+                # SQLite takes a 0-byte file as a new database; it may be one that lost its data
+                log.warning("database %s is an empty (0-byte) file: starting a new, empty lab there. "
+                            "If it held samples, stop the server and restore it from a backup", path)
+            self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
+                                        timeout=BUSY_TIMEOUT_S)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the answer
             self.conn.execute("PRAGMA foreign_keys=ON")
+            _check_integrity(self.conn, self.path)
             self.conn.executescript(SCHEMA)
             self._upgrade()
-        except (sqlite3.Error, OSError) as e:
+        except BaseException as e:
+            self._unlock()
+            if isinstance(e, DatabaseDamaged) or not isinstance(e, (sqlite3.Error, OSError)):
+                raise
+            if isinstance(e, sqlite3.DatabaseError) and "malformed" in str(e):
+                raise DatabaseDamaged(_damaged(self.path, str(e))) from None
             raise OSError(f"cannot use database {path}: {e}") from None
 
     def _upgrade(self):
@@ -96,27 +121,56 @@ class Store:
         self.conn.execute("CREATE INDEX IF NOT EXISTS cells_sample_sha ON cells(sample_id, image_sha1)")
 
     def close(self):
+        """Checkpoint the WAL into the main file (a copy of lab.db alone is then complete),
+        close, and free the database for another server."""
         with self.lock:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             self.conn.close()
+        self._unlock()
+
+    def _unlock(self):
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing drops the flock
+            self._lock_file = None
 
     def _q(self, sql, args=()):
         with self.lock:
             return self.conn.execute(sql, args).fetchall()
 
+    @contextlib.contextmanager
+    def _write(self):
+        """One write transaction. BEGIN IMMEDIATE takes the write lock first, waiting up
+        to BUSY_TIMEOUT_S for another writer (a deferred BEGIN that read first failed at
+        once with 'database is locked' when another writer committed meanwhile)."""
+        with self.lock:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise StoreBusy(f"database {self.path} is busy ({e}: another program held it for "
+                                f"over {BUSY_TIMEOUT_S:g} s); nothing was stored, try again") from None
+            try:
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except BaseException:
+                if self.conn.in_transaction:
+                    self.conn.execute("ROLLBACK")
+                raise
+
     # samples
     def sample_for_name(self, name: str) -> dict:
         """The sample called ``name``, created if new (samples are never renamed or
         deleted, so lookups are cached)."""
-        with self.lock:
-            if name in self._samples:
-                return self._samples[name]
-            row = self.conn.execute("SELECT * FROM samples WHERE name=?", (name,)).fetchone()
+        if name in self._samples:
+            return self._samples[name]
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM samples WHERE name=?", (name,)).fetchone()
             if row is None:
                 sid = secrets.token_hex(6)
-                self.conn.execute("INSERT INTO samples VALUES (?,?,?)", (sid, name, now()))
-                row = self.conn.execute("SELECT * FROM samples WHERE id=?", (sid,)).fetchone()
-            self._samples[name] = dict(row)
-            return dict(row)
+                conn.execute("INSERT INTO samples VALUES (?,?,?)", (sid, name, now()))
+                row = conn.execute("SELECT * FROM samples WHERE id=?", (sid,)).fetchone()
+        self._samples[name] = dict(row)
+        return dict(row)
 
     def get_sample(self, sid: str) -> dict | None:
         rows = self._q("SELECT * FROM samples WHERE id=?", (sid,))
@@ -135,20 +189,14 @@ class Store:
         is not stored again -- a folder dropped twice must not double the differential
         count: returns {row index: the existing cell's id and file_name} for those."""
         dupes = {}
-        with self.lock:
-            self.conn.execute("BEGIN")
-            try:
-                for k, row in enumerate(rows):
-                    old = self.conn.execute("SELECT id, file_name FROM cells WHERE sample_id=? AND image_sha1=?",
-                                            (row["sample_id"], row["image_sha1"])).fetchone()
-                    if old is not None:
-                        dupes[k] = dict(old)
-                        continue
-                    self.conn.execute(_INSERT_CELL, row)
-                self.conn.execute("COMMIT")
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
+        with self._write() as conn:
+            for k, row in enumerate(rows):
+                old = conn.execute("SELECT id, file_name FROM cells WHERE sample_id=? AND image_sha1=?",
+                                   (row["sample_id"], row["image_sha1"])).fetchone()
+                if old is not None:
+                    dupes[k] = dict(old)
+                    continue
+                conn.execute(_INSERT_CELL, row)
         return dupes
 
     def cells(self, sid: str) -> list[dict]:
@@ -165,23 +213,17 @@ class Store:
 
     def correct(self, cid: str, true_class: str | None) -> dict | None:
         """Set (or with None, clear) a cell's true class; every change is logged."""
-        with self.lock:
-            row = self.conn.execute("SELECT predicted_class, true_class FROM cells WHERE id=?",
-                                    (cid,)).fetchone()
+        with self._write() as conn:
+            row = conn.execute("SELECT predicted_class, true_class FROM cells WHERE id=?",
+                               (cid,)).fetchone()
             if row is None:
                 return None
             ts = now()
-            self.conn.execute("BEGIN")
-            try:
-                self.conn.execute("UPDATE cells SET true_class=?, corrected_at=? WHERE id=?",
-                                  (true_class, ts if true_class else None, cid))
-                self.conn.execute("INSERT INTO corrections (cell_id, created, previous_prediction, "
-                                  "previous_true_class, true_class) VALUES (?,?,?,?,?)",
-                                  (cid, ts, row["predicted_class"], row["true_class"], true_class))
-                self.conn.execute("COMMIT")
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
+            conn.execute("UPDATE cells SET true_class=?, corrected_at=? WHERE id=?",
+                         (true_class, ts if true_class else None, cid))
+            conn.execute("INSERT INTO corrections (cell_id, created, previous_prediction, "
+                         "previous_true_class, true_class) VALUES (?,?,?,?,?)",
+                         (cid, ts, row["predicted_class"], row["true_class"], true_class))
         return self.cell(cid)
 
     def corrections(self, cid: str) -> list[dict]:
@@ -204,3 +246,87 @@ def _cell_json(r: sqlite3.Row) -> dict:
     d["class"] = d["true_class"] or d["predicted_class"]  # what the differential counts
     d["corrected"] = d["true_class"] is not None
     return d
+
+
+# ------------------------------------------------------------------ safety
+
+class DatabaseDamaged(OSError):
+    """The database file fails SQLite's own check."""
+
+
+def _damaged(path: Path, problem: str) -> str:
+    problem = " ".join(problem.replace("*** in database main ***", "").split())  # one line
+    problem = problem if len(problem) <= 160 else problem[:160] + "..."
+    return (f"database {path} is damaged ({problem}); the server did not start. To recover: stop "
+            f"every program using it, keep a copy of {path.name} and its -wal/-shm files, then "
+            f"restore your latest `bloodcell backup` copy, or salvage what is readable with "
+            f"`sqlite3 {path} .recover > lab.sql` and `sqlite3 new.db < lab.sql`")
+
+
+def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:
+    """PRAGMA quick_check over the database as SQLite sees it, i.e. with the WAL applied
+    (a damaged file used to start, and then every page load was a 500)."""
+    try:
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)").fetchall() if r[0] != "ok"]
+    except sqlite3.DatabaseError as e:
+        problems = [str(e)]
+    if problems:
+        raise DatabaseDamaged(_damaged(path, "; ".join(problems)))
+
+
+def _lock_database(path: Path):
+    """An exclusive lock on ``<db>.lock`` for as long as this server runs (the OS frees it
+    when the process ends, even by kill -9): a second server on the same database is
+    refused instead of racing the first one for the write lock."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: SQLite's own locking and the busy timeout still apply
+        return None
+    f = open(path.with_name(path.name + ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise OSError(f"database {path} is in use by another bloodcell serve (process {pid}); "
+                      f"stop that one first, or give this one another --db") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def backup(db: str | os.PathLike, out: str | os.PathLike) -> dict:
+    """Copy a database, also while a server writes to it, with SQLite's online backup
+    API: a consistent snapshot (WAL included) in one self-contained file, checked, then
+    moved into place atomically. -> counts of what the copy holds."""
+    db, out = Path(db), Path(out)
+    if not db.is_file():
+        raise FileNotFoundError(f"database {db} not found")
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a folder; give a file name such as {out / db.name}")
+    if out.exists() and out.resolve() == db.resolve():
+        raise ValueError(f"--out {out} is the database itself; give another file name")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        src = sqlite3.connect(str(db), timeout=BUSY_TIMEOUT_S)
+        dst = sqlite3.connect(tmp)
+        try:
+            _check_integrity(src, db)
+            src.backup(dst)
+            dst.execute("PRAGMA journal_mode=DELETE")  # one file, no -wal beside it
+            _check_integrity(dst, out)
+            counts = {t: dst.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                      for t in ("samples", "cells", "corrections")}
+        finally:
+            dst.close()
+            src.close()
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return counts
