@@ -222,8 +222,8 @@ def ensure_onnx(weights_path: str | os.PathLike, model, meta: dict,
                 onnx_path: str | os.PathLike | None = None) -> Path:
     """The ONNX file for a saved model: ``onnx_path`` if given (used as is), else a
     cached ``<stem>.onnx`` next to the weights, re-exported when missing or made
-    from other weights. A read-only model folder (an installed package) falls
-    back to the user cache."""
+    from other weights (``model`` None: loaded from the weights only then). A
+    read-only model folder (an installed package) falls back to the user cache."""
     if onnx_path is not None:
         p = Path(onnx_path)
         if not p.exists():
@@ -245,6 +245,9 @@ def ensure_onnx(weights_path: str | os.PathLike, model, meta: dict,
     from .predict import BUNDLED_DIR
     if Path(weights_path).resolve().parent == BUNDLED_DIR:
         candidates = candidates[1:]  # never write into the package (read-only once installed)
+    if model is None:
+        from .models import load_model
+        model = load_model(weights_path)[0]
     for c in candidates:
         try:
             log.info("exporting %s to ONNX (%s), cached for later runs", weights_path, c)

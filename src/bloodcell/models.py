@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .transforms import Augment, Normalize
+from .modelfile import read_meta, resolve_model_path  # noqa: F401 (resolve_model_path: also imported from here)
+from .tensorops import Augment, Normalize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -342,38 +343,11 @@ def save_model(model: nn.Module, meta: dict, path_dir: str | os.PathLike, fp16: 
     atomic_write_json(d / f"{stem}.json", {**meta, "weights_dtype": "float16" if fp16 else "float32"})
 
 
-def resolve_model_path(path: str | os.PathLike):
-    """A run dir, a .safetensors or a .json -> (weights path, json path)."""
-    from pathlib import Path
-    p = Path(path)
-    if p.is_dir():
-        p = p / "model.json"
-    if p.suffix == ".safetensors":
-        w, j = p, p.with_suffix(".json")
-    else:
-        w, j = p.with_suffix(".safetensors"), p.with_suffix(".json")
-    for f in (w, j):
-        if not f.exists():
-            raise FileNotFoundError(f"model file not found: {f} (a model is NAME.safetensors + NAME.json, "
-                                    "or a run folder holding model.safetensors + model.json)")
-    return w, j
-
-
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
     """Rebuild a saved model from its JSON metadata and load its weights (float32, eval mode)."""
-    import json
-
     from safetensors.torch import load_file
     w, j = resolve_model_path(path)
-    try:
-        meta = json.loads(j.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{j}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{j}: not a bloodcell model description (not a JSON object)")
-    for key in ("architecture", "classes", "image_size"):
-        if key not in meta:
-            raise ValueError(f"{j}: not a bloodcell model description (missing {key!r})")
+    meta = read_meta(j)
     model = create_model(meta["architecture"], len(meta["classes"]), meta["image_size"],
                          pretrained=False)
     try:

@@ -25,8 +25,9 @@ import numpy as np
 
 from .inputcheck import InputCheck
 from .locate import Framing
+from .modelfile import read_meta, resolve_model_path
 from .segment import DEFAULT_PARAMS
-from .transforms import ImageError, ImageSource, prepare, preprocess, to_tensor
+from .transforms import ImageError, ImageSource, prepare, preprocess
 
 log = logging.getLogger("bloodcell")
 
@@ -98,10 +99,14 @@ class Classifier:
     def __init__(self, model, meta: dict, review_threshold: float | None = None,
                  backend: str = "torch", onnx_path=None, weights_path=None, screen=None,
                  threads: int | None = None):
-        import torch
+        """``model`` may be None on an ONNX backend: the torch model is then loaded from
+        ``weights_path`` only when needed (an ONNX export to make, ``.model`` asked for),
+        so ONNX inference runs without importing torch at all."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
-        self.model = model.eval().to(memory_format=torch.channels_last)
+        if model is None and (backend == "torch" or weights_path is None):
+            raise ValueError("a Classifier without a torch model needs an ONNX backend and its weights")
+        self._model = _channels_last(model) if model is not None else None
         self.meta = meta
         self.classes: list[str] = list(meta["classes"])
         self.image_size: int = int(meta["image_size"])
@@ -117,6 +122,7 @@ class Classifier:
         self.onnx_path = None
         self._session = None
         if threads and backend == "torch":
+            import torch
             torch.set_num_threads(int(threads))
         if backend in ("onnx", "onnx-int8"):
             from .export import ensure_onnx, find_int8
@@ -125,12 +131,20 @@ class Classifier:
             if backend == "onnx-int8" and onnx_path is None:
                 self.onnx_path = find_int8(self.weights_path)
             else:
-                self.onnx_path = ensure_onnx(self.weights_path, self.model, meta, onnx_path)
+                self.onnx_path = ensure_onnx(self.weights_path, self._model, meta, onnx_path)
             try:
                 self._session = self._ort_session(self.onnx_path, threads)
             except Exception as e:  # onnxruntime's own error types for a damaged or foreign file
                 raise ValueError(f"{self.onnx_path}: not a usable ONNX model ({type(e).__name__}: "
                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else e})") from None
+
+    @property
+    def model(self):
+        """The torch model (loaded on first use when the Classifier was made for ONNX)."""
+        if self._model is None:
+            from .models import load_model
+            self._model = _channels_last(load_model(self.weights_path)[0])
+        return self._model
 
     @staticmethod
     def _ort_session(path, threads):
@@ -149,10 +163,13 @@ class Classifier:
              screen="auto", **kw) -> "Classifier":
         """``path``: run folder, model.json or .safetensors (None = the bundled model).
         ``screen``: "auto" (bundled multi-cell screen if any), None, or a screen path."""
-        from .models import load_model, resolve_model_path
         path = path if path is not None else bundled_model_path()
-        weights, _ = resolve_model_path(path)
-        model, meta = load_model(path)
+        weights, meta_file = resolve_model_path(path)
+        if backend == "torch":
+            from .models import load_model
+            model, meta = load_model(path)
+        else:  # ONNX Runtime: the torch model only if an export must be made
+            model, meta = None, read_meta(meta_file)
         return cls(model, meta, backend=backend, onnx_path=onnx_path, weights_path=weights,
                    screen=load_screen(screen), **kw)
 
@@ -173,6 +190,8 @@ class Classifier:
             from .export import INPUT_NAME
             return self._session.run(None, {INPUT_NAME: batch})[0].astype(np.float32)
         import torch
+
+        from .tensorops import to_tensor
         with torch.inference_mode():
             return self.model(to_tensor(batch)).float().numpy()
 
@@ -331,6 +350,11 @@ class Classifier:
             for i, rec in batch:
                 out[i] = rec
         return out
+
+
+def _channels_last(model):
+    import torch  # only ever called with a torch model, so torch is loaded already
+    return model.eval().to(memory_format=torch.channels_last)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
