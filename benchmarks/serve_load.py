@@ -132,7 +132,7 @@ def main(argv=None):
         td = Path(td)
         model = a.model
         if model is None and not a.tiny:
-            from bloodcell.predict import BUNDLED_DIR
+            from bloodcell.modelfile import BUNDLED_DIR
             if not (BUNDLED_DIR / "model.json").exists():
                 print("no bundled model: using --tiny")
                 a.tiny = True

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from bloodcell import data as D
-from bloodcell.models import load_model, resolve_model_path
+from bloodcell.modelfile import resolve_model_path
+from bloodcell.models import load_model
 from bloodcell.transforms import to_tensor
 
 VIEWS = ["identity", "h-flip", "v-flip", "rot180", "rot90", "rot270", "transpose", "anti-transpose"]

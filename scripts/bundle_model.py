@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bloodcell.data import atomic_write_json
 from bloodcell.export import find_int8
-from bloodcell.predict import BUNDLED_DIR
+from bloodcell.modelfile import BUNDLED_DIR
 
 MAX_BYTES = 25_000_000
 

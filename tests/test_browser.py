@@ -173,7 +173,7 @@ def test_page_upload_correct_reload(tmp_path):
         server = httpx.get(f"{url}/api/samples/{sid}").json()["differential"]
         assert server["counts"] == before and server["n_left_out"] == 1
         # the 95 % interval column: the same Wilson interval as `bloodcell predict` prints
-        from bloodcell.predict import proportion_ci
+        from bloodcell.differential import proportion_ci
         cls = next(c for c, k in before.items() if k)
         ci = driver.find_element(By.CSS_SELECTOR, f'#diff-table tr[data-class="{cls}"] td.ci').text
         assert ci == "–".join(f"{100 * v:.1f}" for v in proportion_ci(before[cls], 3))

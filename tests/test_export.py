@@ -9,6 +9,7 @@ import pytest
 
 from conftest import CLASSES, synthetic_cell
 
+from bloodcell import modelfile as MF
 from bloodcell import export as E
 from bloodcell import predict as P
 from test_predict import make_model
@@ -63,7 +64,7 @@ def test_onnx_cache_reused_and_refreshed(model_dir):
     make_model(model_dir, seed=1, gain=200.0)  # new weights in the same folder
     o2 = P.Classifier.load(model_dir, backend="onnx", screen=None)
     t2 = P.Classifier.load(model_dir, backend="torch", screen=None)
-    assert E.onnx_metadata(o2.onnx_path)["bloodcell_weights_sha1"] == E.weights_sha1(model_dir / "model.safetensors")
+    assert E.onnx_metadata(o2.onnx_path)["bloodcell_weights_sha1"] == MF.weights_sha1(model_dir / "model.safetensors")
     x = np.stack([synthetic_cell(k) for k in range(8)])
     assert np.abs(o2.predict_proba_arrays(x) - t2.predict_proba_arrays(x)).max() < 1e-4
 
@@ -80,7 +81,7 @@ def test_temperature_applied_by_onnx_backend(model_dir):
 
 
 def _trained_model():
-    for c in (P.BUNDLED_DIR / "model.json", ROOT / "runs" / "recipe-s42" / "model.json"):
+    for c in (MF.BUNDLED_DIR / "model.json", ROOT / "runs" / "recipe-s42" / "model.json"):
         if c.exists():
             return c
     return None
@@ -120,7 +121,7 @@ def test_int8_quantisation_runs_and_mostly_agrees(model_dir, tmp_path):
 
 
 def test_int8_backend_finds_its_file_and_refuses_stale_ones(model_dir, tmp_path):
-    from bloodcell.models import resolve_model_path
+    from bloodcell.modelfile import resolve_model_path
     weights, _ = resolve_model_path(model_dir)
     with pytest.raises(FileNotFoundError, match="export --format onnx-int8"):
         P.Classifier.load(model_dir, backend="onnx-int8", screen=None)
@@ -128,7 +129,7 @@ def test_int8_backend_finds_its_file_and_refuses_stale_ones(model_dir, tmp_path)
     calib = np.stack([synthetic_cell(k % 8, seed=100 + k) for k in range(16)])
     q = E.quantize_int8(fp32, E.default_int8_path(weights), calib)
     # the quantised file keeps the float export's provenance
-    assert E.onnx_metadata(q)["bloodcell_weights_sha1"] == E.weights_sha1(weights)
+    assert E.onnx_metadata(q)["bloodcell_weights_sha1"] == MF.weights_sha1(weights)
     clf = P.Classifier.load(model_dir, backend="onnx-int8", screen=None)
     assert clf.onnx_path == q
     rec = clf.predict([synthetic_cell(2, seed=5)])[0]

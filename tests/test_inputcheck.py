@@ -12,6 +12,9 @@ from PIL import Image
 from conftest import synthetic_cell
 from test_predict import make_model
 
+from bloodcell import modelfile as MF
+from bloodcell.cli.predict import format_summary
+from bloodcell.differential import differential_count
 from bloodcell import predict as P
 from bloodcell.inputcheck import FEATURES, InputCheck, colour_features, fit_input_check
 from bloodcell.transforms import SourceInfo, preprocess, preprocess_with_info
@@ -143,9 +146,9 @@ def test_classifier_flags_excludes_and_reports(checked_model, tmp_path, capsys):
     assert sum(bool(r["input_warnings"]) for r in recs) == 3
     d = s["differential"]
     assert d["n_input_warnings"] == 3 and d["n_counted"] == 6 and d["n_ok"] == 9
-    d2 = P.differential_count(recs, clf.classes, include_flagged=True)
+    d2 = differential_count(recs, clf.classes, include_flagged=True)
     assert d2["n_counted"] == 9
-    assert "3 with input warnings left out" in P.format_summary(s)
+    assert "3 with input warnings left out" in format_summary(s)
     rows = (tmp_path / "r.csv").read_text().splitlines()
     assert "input_warnings" in rows[0].split(",")
     assert any("gray.png" in r and "no colour" in r for r in rows)
@@ -177,7 +180,7 @@ def test_calibrate_fits_and_stores_the_check(tmp_path, synthetic_dataset):
 
 def test_real_images_pass_and_their_grayscale_copies_do_not(real_data):
     """The bundled model's statistics on real PBC files (any split): few flagged."""
-    if not (P.BUNDLED_DIR / "model.json").exists():
+    if not (MF.BUNDLED_DIR / "model.json").exists():
         pytest.skip("no bundled model")
     clf = P.Classifier.load(backend="onnx", screen=None)
     if clf.input_check.stats is None:

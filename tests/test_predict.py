@@ -12,6 +12,9 @@ from PIL import Image
 
 from conftest import CLASSES, synthetic_cell
 
+from bloodcell import modelfile as MF
+from bloodcell.cli.predict import format_summary, print_records
+from bloodcell.differential import differential_count, leukocyte_differential, proportion_ci
 from bloodcell import predict as P
 from bloodcell.models import create_model, save_model
 
@@ -46,16 +49,16 @@ def image_dir(tmp_path):
 
 
 def test_bundled_model_default_path(model_dir, monkeypatch, tmp_path):
-    monkeypatch.setattr(P, "BUNDLED_DIR", tmp_path / "nothing")
+    monkeypatch.setattr(MF, "BUNDLED_DIR", tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="no bundled model"):
         P.Classifier.load()
-    monkeypatch.setattr(P, "BUNDLED_DIR", model_dir)
+    monkeypatch.setattr(MF, "BUNDLED_DIR", model_dir)
     clf = P.Classifier.load(backend="torch")
     (r,) = clf.predict(synthetic_cell(3))
     assert r["status"] == "ok" and r["class"] in CLASSES
 
 
-@pytest.mark.skipif(not (P.BUNDLED_DIR / "model.json").exists(), reason="no bundled model yet")
+@pytest.mark.skipif(not (MF.BUNDLED_DIR / "model.json").exists(), reason="no bundled model yet")
 def test_shipped_bundled_model_predicts():
     clf = P.Classifier.load(backend="torch")
     (r,) = clf.predict(synthetic_cell(3, size=clf.image_size))
@@ -65,7 +68,7 @@ def test_shipped_bundled_model_predicts():
 def test_shipped_int8_file_belongs_to_the_bundled_weights():
     """The bundled int8 ONNX file is the bundled model quantised: it loads (provenance
     checked against the weights) and mostly agrees with the float model."""
-    if not (P.BUNDLED_DIR / "model.int8.onnx").exists():
+    if not (MF.BUNDLED_DIR / "model.int8.onnx").exists():
         pytest.skip("no int8 file bundled")
     q = P.Classifier.load(backend="onnx-int8", screen=None)
     t = P.Classifier.load(backend="torch", screen=None)
@@ -165,32 +168,32 @@ def test_differential_count():
             + [{"status": "ok", "class": "lymphocyte", "needs_review": True}] * 2
             + [{"status": "ok", "class": "neutrophil", "multi_cell": True, "needs_review": False}] * 2
             + [{"status": "skipped: empty file"}])
-    d = P.differential_count(recs, CLASSES)
+    d = differential_count(recs, CLASSES)
     assert d["n_counted"] == 8 and d["n_multi_cell"] == 2 and d["n_ok"] == 10
     assert d["counts"]["neutrophil"] == 6 and d["counts"]["lymphocyte"] == 2
     assert d["percent"]["neutrophil"] == pytest.approx(75.0) and d["percent"]["platelet"] == 0
     assert d["n_needs_review"] == 2
     lo, hi = d["ci95_percent"]["neutrophil"]
     assert lo < 75.0 < hi and d["ci95_percent"]["platelet"][0] == 0.0
-    assert "95% CI" in P.format_summary({"differential": d, "review_threshold": 0.9, "n_inputs": 11,
+    assert "95% CI" in format_summary({"differential": d, "review_threshold": 0.9, "n_inputs": 11,
                                           "n_ok": 10, "n_skipped": 1, "n_resumed": 0, "n_computed": 10,
                                           "seconds": 1.0, "images_per_s": 10.0, "backend": "onnx",
                                           "batch_size": 64, "workers": 2, "skipped": [],
                                           "review": {"n_needs_review": 2, "n_low_confidence": 2,
                                                      "n_input_warnings": 0}})
-    d2 = P.differential_count(recs, CLASSES, include_flagged=True)
+    d2 = differential_count(recs, CLASSES, include_flagged=True)
     assert d2["n_counted"] == 10 and d2["counts"]["neutrophil"] == 8
     assert sum(d2["percent"].values()) == pytest.approx(100.0)
 
 
 def test_proportion_ci_wilson():
     # textbook values: 50/100 -> 40.4-59.6 %; 5 % of a 100-cell differential -> 2.2-11.2 %
-    np.testing.assert_allclose(P.proportion_ci(50, 100), (0.40383, 0.59617), atol=1e-5)
-    np.testing.assert_allclose(P.proportion_ci(5, 100), (0.02154, 0.11175), atol=1e-5)
-    assert P.proportion_ci(0, 10)[0] == 0.0 and P.proportion_ci(10, 10)[1] == pytest.approx(1.0)
-    assert P.proportion_ci(0, 0) == (0.0, 0.0)
+    np.testing.assert_allclose(proportion_ci(50, 100), (0.40383, 0.59617), atol=1e-5)
+    np.testing.assert_allclose(proportion_ci(5, 100), (0.02154, 0.11175), atol=1e-5)
+    assert proportion_ci(0, 10)[0] == 0.0 and proportion_ci(10, 10)[1] == pytest.approx(1.0)
+    assert proportion_ci(0, 0) == (0.0, 0.0)
     # more cells, narrower interval around the same share
-    w = [np.subtract(*P.proportion_ci(n // 5, n)[::-1]) for n in (50, 200, 1000)]
+    w = [np.subtract(*proportion_ci(n // 5, n)[::-1]) for n in (50, 200, 1000)]
     assert w[0] > w[1] > w[2]
 
 
@@ -221,7 +224,7 @@ def test_multi_cell_screen_hook(model_dir, image_dir):
 
 
 def test_screen_auto_is_optional(monkeypatch, tmp_path):
-    monkeypatch.setattr(P, "BUNDLED_DIR", tmp_path)
+    monkeypatch.setattr(MF, "BUNDLED_DIR", tmp_path)
     assert P.load_screen("auto") is None  # no bundled screen: just no flag
     (tmp_path / "screen.json").write_text("{not json")
     assert P.load_screen("auto") is None  # a broken one: warn, go on
@@ -293,7 +296,7 @@ def test_cli_predict_json_and_csv(model_dir, image_dir, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["summary"]["n_skipped"] == 2 and res["summary"]["review_threshold"] == 0.5
     from bloodcell import __version__
-    from bloodcell.export import weights_sha1
+    from bloodcell.modelfile import weights_sha1
     assert res["summary"]["bloodcell_version"] == __version__  # provenance of the results
     assert res["summary"]["model_sha1"] == weights_sha1(model_dir / "model.safetensors")
     assert res["summary"]["created"].endswith("+00:00")
@@ -306,7 +309,7 @@ def test_cli_predict_json_and_csv(model_dir, image_dir, tmp_path, capsys):
     assert main(["predict", str(image_dir), "--model", str(model_dir), "--out", str(tmp_path / "o.txt")]) == 2
 
 
-@pytest.mark.skipif(not (P.BUNDLED_DIR / "screen.json").exists(), reason="no bundled screen")
+@pytest.mark.skipif(not (MF.BUNDLED_DIR / "screen.json").exists(), reason="no bundled screen")
 def test_bundled_screen_adds_flags(model_dir, image_dir):
     clf = P.Classifier.load(model_dir, backend="torch")  # screen="auto": the bundled one
     assert clf.screen is not None
@@ -367,7 +370,7 @@ def test_summary_says_why_images_need_review(clf, image_dir):
     Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(gray)
     clf.review_threshold = 0.999999  # every image is below it
     recs, s = P.predict_paths(clf, [str(image_dir)], progress=False)
-    text = P.format_summary(s)
+    text = format_summary(s)
     assert s["review"] == {"n_needs_review": 11, "n_low_confidence": 11, "n_input_warnings": 1}
     assert "needs review: 11 of 11 classified" in text and "1 with input warnings" in text
 
@@ -400,17 +403,17 @@ def test_damaged_onnx_file_is_named(model_dir, tmp_path):
 def test_white_cell_differential():
     counts = {"basophil": 1, "eosinophil": 3, "erythroblast": 5, "ig": 0, "lymphocyte": 30,
               "monocyte": 6, "neutrophil": 60, "platelet": 40}
-    w = P.leukocyte_differential(counts)
+    w = leukocyte_differential(counts)
     assert w["n_white"] == 100 and w["percent"]["neutrophil"] == pytest.approx(60.0)
     assert sum(w["percent"].values()) == pytest.approx(100.0) and "platelet" not in w["percent"]
     assert w["nrbc_per_100_wbc"] == pytest.approx(5.0) and w["n_platelet"] == 40
     lo, hi = w["ci95_percent"]["monocyte"]
     assert lo < 6.0 < hi
-    assert P.leukocyte_differential({"cat": 3, "dog": 4}) is None  # a model of other classes
+    assert leukocyte_differential({"cat": 3, "dog": 4}) is None  # a model of other classes
     recs = [{"status": "ok", "class": c, "needs_review": False} for c, k in counts.items() for _ in range(k)]
-    d = P.differential_count(recs, CLASSES)
+    d = differential_count(recs, CLASSES)
     assert d["white_cells"] == w
-    text = P.format_summary({"differential": d, "review_threshold": 0.9, "n_inputs": 145, "n_ok": 145,
+    text = format_summary({"differential": d, "review_threshold": 0.9, "n_inputs": 145, "n_ok": 145,
                              "n_skipped": 0, "n_resumed": 0, "n_computed": 145, "seconds": 1.0,
                              "images_per_s": 145.0, "backend": "onnx", "batch_size": 64, "workers": 2,
                              "skipped": [], "review": {"n_needs_review": 0, "n_low_confidence": 0,
@@ -419,7 +422,7 @@ def test_white_cell_differential():
 
 
 def test_listing_escapes_control_characters(capsys):
-    P._print_records([{"path": "a\tb\nc.png", "status": "skipped: not an image"}])
+    print_records([{"path": "a\tb\nc.png", "status": "skipped: not an image"}])
     out = capsys.readouterr().out
     assert out == "a\\tb\\nc.png\tskipped: not an image\n"
 

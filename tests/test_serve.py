@@ -209,10 +209,10 @@ def test_samples_cells_and_differential(client):
     assert sum(d["percent"].values()) == pytest.approx(100.0)
     expected = {c: sum(x["predicted_class"] == c for x in s["cells"]) for c in CLASSES}
     assert d["counts"] == expected
-    from bloodcell.predict import proportion_ci
+    from bloodcell.differential import proportion_ci
     assert all(d["ci95_percent"][c] == pytest.approx([100 * v for v in proportion_ci(k, 4)])
                for c, k in expected.items())
-    from bloodcell.predict import leukocyte_differential
+    from bloodcell.differential import leukocyte_differential
     assert d["white_cells"] == leukocyte_differential(d["counts"])
     assert client.get("/api/samples/nope").status_code == 404
     assert client.get("/api/samples/nope/export.csv").status_code == 404
@@ -443,7 +443,7 @@ def test_multi_cell_flag_from_screen(model_dir, tmp_path):
 
 
 def test_flagged_cells_left_out_of_the_differential_until_reviewed(model_dir, tmp_path):
-    from bloodcell.predict import proportion_ci
+    from bloodcell.differential import proportion_ci
     with LabClient(create_app(model=str(model_dir), db_path=tmp_path / "l.db", screen=FakeScreen())) as c:
         r = post(c, ("a.png", png(0), "image/png"), ("b.png", png(3, seed=1), "image/png"),
                  ("dark.png", png(7, seed=2), "image/png"),  # darker: "multi-cell" for FakeScreen

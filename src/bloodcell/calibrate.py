@@ -92,13 +92,11 @@ def split_logits(model_path, data, split_file=None, cache_dir=None, batch_size: 
     by default, which gives PyTorch's logits to ~1e-5 at several times the speed), and
     the input check fitted on the train split with its flag rates on val and test."""
     from .inputcheck import InputCheck, fit_input_check
-    from .evaluate import resolve_split
     from .predict import Classifier
     clf = Classifier.load(model_path, backend=backend, screen=None)
     ds = D.scan(data, classes=clf.classes)
     images, _ = D.load_images(ds, clf.image_size, cache_dir, progress=progress, framing=clf.framing)
-    mf, derive = resolve_split(clf.meta, Path(model_path), split_file)
-    splits = D.apply_manifest(ds, D.read_manifest(mf)) if mf else D.make_split(ds, *derive)
+    splits = D.model_splits(ds, clf.meta.get("train_args", {}), model_path, split_file)
     out = {"classes": clf.classes}
     train = D.split_indices(splits, "train")
     stats = fit_input_check(images, train) if len(train) else None
@@ -138,7 +136,7 @@ def store_calibration(model_path, temperature: float, review_threshold: float, r
                       input_check: dict | None = None):
     """Write temperature + review_threshold (and a short calibration record, and the
     input check's statistics) into model.json."""
-    from .models import resolve_model_path
+    from .modelfile import resolve_model_path
     _, j = resolve_model_path(model_path)
     meta = json.loads(j.read_text())
     meta["temperature"] = float(temperature)
@@ -191,32 +189,3 @@ def format_report(r: dict) -> str:
                      f"{ic['threshold']:.2f} ({100 * ic['quantile']:.1f}% of them under it); flags "
                      f"{100 * ic['share_flagged_val']:.2f}% of val, {100 * ic['share_flagged_test']:.2f}% of test")
     return "\n".join(lines)
-
-
-def cmd_calibrate(args):
-    from .cli import data_or_default
-    r = calibrate(args.model, data_or_default(args.data), out=args.out, split_file=args.split_file,
-                  cache_dir=args.cache_dir, target=args.target, progress=not args.no_progress,
-                  store=not args.dry_run, backend=args.backend)
-    print(format_report(r))
-    if r.get("stored_in"):
-        print(f"stored temperature, review_threshold and input_check in {r['stored_in']}")
-    if args.out:
-        print(f"wrote {args.out}")
-
-
-def add_cli(sub):
-    from .cli import ranged
-    from .predict import BACKENDS
-    p = sub.add_parser("calibrate", help="fit temperature + review threshold on val; store in model.json")
-    p.add_argument("--model", required=True, help="run folder or model file")
-    p.add_argument("--data", help="dataset folder (default: ../shared/data/pbc)")
-    p.add_argument("--split-file", help="split manifest (default: the run's split.csv)")
-    p.add_argument("--out", help="report JSON file")
-    p.add_argument("--target", type=ranged(float, 0, 1, lo_open=True), default=DEFAULT_TARGET_ACCURACY,
-                   help="accuracy wanted on the images not flagged for review (default 0.995)")
-    p.add_argument("--cache-dir")
-    p.add_argument("--backend", choices=BACKENDS, default="onnx")
-    p.add_argument("--dry-run", action="store_true", help="report only; leave model.json unchanged")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_calibrate)

@@ -298,6 +298,21 @@ def apply_manifest(ds: Dataset, manifest: dict[str, tuple[str, str]]) -> list[st
     return [manifest[s.path][1] for s in ds.samples]
 
 
+def model_splits(ds: Dataset, train_args: dict, model_path=None, split_file=None) -> list[str]:
+    """The split of ``ds`` a model was made with: an explicit manifest > the run's own
+    split.csv > re-derived from the seed and fractions in the model's ``train_args``
+    (the split is a pure function of seed + files). Used by evaluate, calibrate and
+    export's int8 calibration."""
+    if split_file is None and model_path is not None:
+        p = Path(model_path)
+        cand = (p if p.is_dir() else p.parent) / "split.csv"
+        split_file = cand if cand.exists() else None
+    if split_file is not None:
+        return apply_manifest(ds, read_manifest(Path(split_file)))
+    return make_split(ds, tuple(train_args.get("fractions", DEFAULT_FRACTIONS)),
+                      int(train_args.get("split_seed", DEFAULT_SEED)))
+
+
 def split_indices(splits: list[str], which: str) -> np.ndarray:
     if which == "all":
         return np.arange(len(splits))

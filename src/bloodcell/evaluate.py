@@ -61,21 +61,6 @@ def format_table(m: dict) -> str:
     return "\n".join(lines)
 
 
-def resolve_split(meta: dict, model_path: Path | None, split_file: str | None):
-    """Which split manifest to use: explicit file > the run's own split.csv > re-derive
-    from the seed recorded in the model (the split is a pure function of seed + files)."""
-    if split_file:
-        return Path(split_file), None
-    if model_path is not None:
-        p = Path(model_path)
-        cand = (p if p.is_dir() else p.parent) / "split.csv"
-        if cand.exists():
-            return cand, None
-    args = meta.get("train_args", {})
-    return None, (tuple(args.get("fractions", D.DEFAULT_FRACTIONS)),
-                  int(args.get("split_seed", D.DEFAULT_SEED)))
-
-
 def evaluate(model_path=None, data=None, split: str = "test", out=None, split_file=None,
              batch_size: int = 128, cache_dir=None, progress: bool = True, temperature=None,
              backend: str = "torch") -> dict:
@@ -84,7 +69,7 @@ def evaluate(model_path=None, data=None, split: str = "test", out=None, split_fi
     import torch
 
     from .models import load_model
-    from .predict import bundled_model_path
+    from .modelfile import bundled_model_path
     from .train import predict_proba_arrays
     model_path = Path(model_path) if model_path else bundled_model_path()
     model, meta = load_model(model_path)
@@ -95,9 +80,7 @@ def evaluate(model_path=None, data=None, split: str = "test", out=None, split_fi
     if split == "all":
         idx = np.arange(len(ds))
     else:
-        mf, derive = resolve_split(meta, model_path, split_file)
-        splits = (D.apply_manifest(ds, D.read_manifest(mf)) if mf
-                  else D.make_split(ds, derive[0], derive[1]))
+        splits = D.model_splits(ds, meta.get("train_args", {}), model_path, split_file)
         idx = D.split_indices(splits, split)
     if len(idx) == 0:
         raise ValueError(f"no images in split {split!r} of {data}")

@@ -9,12 +9,13 @@ without re-exporting).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import warnings
 from pathlib import Path
+
+from .modelfile import BUNDLED_DIR, weights_sha1
 
 log = logging.getLogger("bloodcell")
 
@@ -22,14 +23,6 @@ ONNX_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 # bump when the exported graph changes: cached exports of older versions are redone
 EXPORT_VERSION = "3"
-
-
-def weights_sha1(weights_path: str | os.PathLike) -> str:
-    h = hashlib.sha1()
-    with open(weights_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _static_padding(model, size: int):
@@ -242,7 +235,6 @@ def ensure_onnx(weights_path: str | os.PathLike, model, meta: dict,
                     return c
             except Exception as e:  # unreadable cache: rebuild it
                 log.warning("%s: unreadable ONNX cache (%s); re-exporting", c, e)
-    from .predict import BUNDLED_DIR
     if Path(weights_path).resolve().parent == BUNDLED_DIR:
         candidates = candidates[1:]  # never write into the package (read-only once installed)
     if model is None:
@@ -315,16 +307,14 @@ def train_images(model_path, data, n: int = 300, seed: int = 0, cache_dir=None):
     import numpy as np
 
     from . import data as D
-    from .evaluate import resolve_split
     from .locate import Framing
-    from .models import resolve_model_path
+    from .modelfile import resolve_model_path
     _, j = resolve_model_path(model_path)
     meta = json.loads(j.read_text())
     ds = D.scan(data, classes=meta["classes"])
     images, _ = D.load_images(ds, meta["image_size"], cache_dir, progress=False,
                               framing=Framing.of_model(meta))
-    mf, derive = resolve_split(meta, Path(model_path), None)
-    splits = D.apply_manifest(ds, D.read_manifest(mf)) if mf else D.make_split(ds, *derive)
+    splits = D.model_splits(ds, meta.get("train_args", {}), model_path)
     idx = D.split_indices(splits, "train")
     idx = np.sort(np.random.default_rng(seed).choice(idx, min(n, len(idx)), replace=False))
     return np.asarray(images[idx])
@@ -332,8 +322,8 @@ def train_images(model_path, data, n: int = 300, seed: int = 0, cache_dir=None):
 
 def export(model_path=None, fmt: str = "onnx", out=None, opset: int = ONNX_OPSET) -> Path:
     """``bloodcell export``: saved model (None = bundled) -> ONNX file (default next to it)."""
-    from .models import load_model, resolve_model_path
-    from .predict import bundled_model_path
+    from .modelfile import bundled_model_path, resolve_model_path
+    from .models import load_model
     if fmt not in ("onnx", "onnx-int8"):
         raise ValueError(f"unknown export format {fmt!r}: use onnx or onnx-int8")
     model_path = Path(model_path) if model_path else bundled_model_path()
@@ -341,59 +331,3 @@ def export(model_path=None, fmt: str = "onnx", out=None, opset: int = ONNX_OPSET
     model, meta = load_model(model_path)
     out = Path(out) if out else default_onnx_path(w)
     return export_onnx(model, meta, out, weights_sha=weights_sha1(w), opset=opset)
-
-
-def cmd_export(args):
-    if args.out and Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out}: is a folder; give a file name such as model.onnx")
-    import numpy as np
-
-    if args.format == "onnx-int8":
-        from .cli import data_or_default
-        from .models import resolve_model_path
-        w, _ = resolve_model_path(args.model or _bundled())
-        fp32 = export(args.model, "onnx", Path(args.out or w.with_suffix(".onnx")).with_suffix(".fp32.onnx"),
-                      args.opset)
-        calib = train_images(args.model or _bundled(), data_or_default(args.data), n=args.calib_images)
-        out = quantize_int8(fp32, args.out or w.with_suffix(".int8.onnx"), calib)
-        fp32.unlink()
-    else:
-        out = export(args.model, args.format, args.out, args.opset)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, opset {args.opset}, dynamic batch, "
-          "input uint8 [N,S,S,3], output logits)")
-    if not args.no_verify:
-        # the same images through both runtimes: the export must not change answers
-        from .predict import Classifier
-        t = Classifier.load(args.model, backend="torch", screen=None)
-        o = Classifier.load(args.model, backend="onnx", onnx_path=out, screen=None)
-        rng = np.random.default_rng(0)
-        x = rng.integers(0, 256, (8, t.image_size, t.image_size, 3), dtype=np.uint8)
-        pt, po = t.predict_proba_arrays(x), o.predict_proba_arrays(x)
-        diff = float(np.abs(pt - po).max())
-        same = bool((pt.argmax(1) == po.argmax(1)).all())
-        print(f"check vs PyTorch on 8 random images: same classes {same}, max |dp| {diff:.2e}")
-        if args.format == "onnx-int8":  # quantised: the same classes is the bar, not equal numbers
-            if not same:
-                log.warning("int8 model changes some classes on random images: check it on the "
-                            "test split (bloodcell evaluate does not run ONNX; see benchmarks)")
-        elif not same or diff > 1e-3:
-            raise ValueError(f"{out}: ONNX output differs from PyTorch (max |dp| {diff:.2e})")
-
-
-def _bundled():
-    from .predict import bundled_model_path
-    return bundled_model_path()
-
-
-def add_cli(sub):
-    p = sub.add_parser("export", help="export a saved model (default: the bundled one) to ONNX")
-    p.add_argument("--model", help="run folder or model file (default: the bundled model)")
-    p.add_argument("--format", default="onnx", choices=["onnx", "onnx-int8"],
-                   help="onnx (float32, same numbers as PyTorch) or onnx-int8 (static int8, "
-                        "calibrated on training images of --data; faster, check its accuracy)")
-    p.add_argument("--data", help="dataset folder for int8 calibration (default ../shared/data/pbc)")
-    p.add_argument("--calib-images", type=int, default=300)
-    p.add_argument("--out", help="output file (default: <model>.onnx next to the weights)")
-    p.add_argument("--opset", type=int, default=ONNX_OPSET)
-    p.add_argument("--no-verify", action="store_true", help="skip the PyTorch-vs-ONNX check")
-    p.set_defaults(func=cmd_export)

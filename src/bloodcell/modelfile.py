@@ -1,11 +1,27 @@
-"""Saved-model files: where a model lives (a run folder, or NAME.safetensors +
-NAME.json) and its metadata. No torch here: the ONNX path of ``bloodcell predict``
-needs these without loading PyTorch."""
+"""Saved-model files: where a model lives (a run folder, NAME.safetensors + NAME.json,
+or the bundled one), its metadata and the hash that names its weights. No torch here:
+the ONNX path of ``bloodcell predict`` needs these without loading PyTorch."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+
+from .data import file_digest
+
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+
+
+def bundled_file(name: str) -> Path:
+    """A file shipped with the package (model.json, screen.json, ...), existing or not."""
+    return BUNDLED_DIR / name
+
+
+def bundled_model_path() -> Path:
+    p = bundled_file("model.json")
+    if not p.exists():
+        raise FileNotFoundError(f"no bundled model at {p}; pass a model path (--model RUN_DIR)")
+    return p
 
 
 def resolve_model_path(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -37,3 +53,8 @@ def read_meta(json_path: str | os.PathLike) -> dict:
         if key not in meta:
             raise ValueError(f"{j}: not a bloodcell model description (missing {key!r})")
     return meta
+
+
+def weights_sha1(weights_path: str | os.PathLike) -> str:
+    """Names the weights in ONNX exports, predict's journal and its provenance."""
+    return file_digest(Path(weights_path), "sha1")

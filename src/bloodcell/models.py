@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modelfile import read_meta, resolve_model_path  # noqa: F401 (resolve_model_path: also imported from here)
+from .modelfile import read_meta, resolve_model_path
 from .tensorops import Augment, Normalize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

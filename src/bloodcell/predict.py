@@ -23,25 +23,18 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .differential import differential_count, review_counts
 from .inputcheck import InputCheck
 from .locate import Framing
-from .modelfile import read_meta, resolve_model_path
+from .modelfile import bundled_file, bundled_model_path, read_meta, resolve_model_path, weights_sha1
 from .segment import DEFAULT_PARAMS
 from .transforms import ImageError, ImageSource, prepare, preprocess
 
 log = logging.getLogger("bloodcell")
 
-BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 DEFAULT_REVIEW_THRESHOLD = 0.9
 BACKENDS = ("torch", "onnx", "onnx-int8")  # onnx-int8: a quantised file made by `bloodcell export`
 JOURNAL_VERSION = 2  # 2: records carry input_warnings
-
-
-def bundled_model_path() -> Path:
-    p = BUNDLED_DIR / "model.json"
-    if not p.exists():
-        raise FileNotFoundError(f"no bundled model at {p}; pass a model path (--model RUN_DIR)")
-    return p
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -78,11 +71,11 @@ def load_screen(screen="auto"):
     if screen is None or screen is False:
         return None
     if screen == "auto":
-        if not (BUNDLED_DIR / "screen.json").exists():
+        if not bundled_file("screen.json").exists():
             return None
         try:
             from .screen import Screen
-            return Screen.load(BUNDLED_DIR / "screen.json")
+            return Screen.load(bundled_file("screen.json"))
         except Exception as e:  # the screen is an add-on: never block classification
             log.warning("multi-cell screen not loaded (%s: %s); images are not screened",
                         type(e).__name__, e)
@@ -175,7 +168,6 @@ class Classifier:
 
     def fingerprint(self) -> dict:
         """What decides a record: a resumed run only reuses records made with the same."""
-        from .export import weights_sha1
         return {"weights_sha1": weights_sha1(self.weights_path) if self.weights_path else None,
                 "temperature": self.temperature, "review_threshold": self.review_threshold,
                 "screen": type(self.screen).__name__ if self.screen is not None else None,
@@ -479,117 +471,6 @@ class Journal:
 
 # ----------------------------------------------------------------------------- summary
 
-def proportion_ci(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95 % Wilson score interval of the proportion k/n. A differential count is a
-    sample: on 100 cells a 5 % class may truly be anywhere in 2.2-11.2 % (Ruemke's
-    table makes the same point); the interval says how much to trust each %."""
-    if n <= 0:
-        return 0.0, 0.0
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-WHITE_CELLS = ("basophil", "eosinophil", "ig", "lymphocyte", "monocyte", "neutrophil")
-
-
-def leukocyte_differential(counts: dict[str, int]) -> dict | None:
-    """The white-cell differential of a lab report: each leukocyte class as % of the
-    white cells, nucleated red cells (erythroblasts) per 100 white cells, platelets
-    apart. None for a model without those class names."""
-    white = [c for c in WHITE_CELLS if c in counts]
-    if not white:
-        return None
-    n = sum(counts[c] for c in white)
-    out = {"n_white": n, "percent": {c: (100.0 * counts[c] / n if n else 0.0) for c in white},
-           "ci95_percent": {c: [100.0 * v for v in proportion_ci(counts[c], n)] for c in white}}
-    if "erythroblast" in counts:
-        out["nrbc_per_100_wbc"] = 100.0 * counts["erythroblast"] / n if n else None
-    if "platelet" in counts:
-        out["n_platelet"] = counts["platelet"]
-    return out
-
-
-def class_shares(counts: dict[str, int]) -> dict:
-    """Per class: % of all counted, its 95 % interval; and the white-cell differential."""
-    n = sum(counts.values())
-    return {"percent": {c: (100.0 * k / n if n else 0.0) for c, k in counts.items()},
-            "ci95_percent": {c: [100.0 * v for v in proportion_ci(k, n)] for c, k in counts.items()},
-            "white_cells": leukocyte_differential(counts)}
-
-
-def is_flagged(rec: dict) -> bool:
-    """Multi-cell, or unlike the training images: its class is not counted unasked."""
-    return bool(rec.get("multi_cell")) or bool(rec.get("input_warnings"))
-
-
-def differential_count(records: Sequence[dict], classes: Sequence[str],
-                       include_flagged: bool = False) -> dict:
-    """Count and % per class over the ``ok`` records, as a lab report gives it.
-    Images the multi-cell screen flagged, and images with input warnings (not like
-    the training images), are left out unless ``include_flagged``."""
-    ok = [r for r in records if r.get("status") == "ok"]
-    flagged = [r for r in ok if r.get("multi_cell")]
-    unusual = [r for r in ok if r.get("input_warnings")]
-    counted = ok if include_flagged else [r for r in ok if not is_flagged(r)]
-    counts = {c: 0 for c in classes}
-    for r in counted:
-        counts[r["class"]] = counts.get(r["class"], 0) + 1
-    n = len(counted)
-    return {"n_counted": n, "n_ok": len(ok), "n_multi_cell": len(flagged),
-            "n_input_warnings": len(unusual), "flagged_included": include_flagged,
-            "n_needs_review": sum(bool(r.get("needs_review")) for r in counted),
-            "counts": counts, **class_shares(counts)}
-
-
-def review_counts(records: Sequence[dict], threshold: float) -> dict:
-    """Why the classified images need review (an image can have both reasons)."""
-    ok = [r for r in records if r.get("status") == "ok"]
-    return {"n_needs_review": sum(bool(r.get("needs_review")) for r in ok),
-            "n_low_confidence": sum(r["probability"] < threshold for r in ok),
-            "n_input_warnings": sum(bool(r.get("input_warnings")) for r in ok)}
-
-
-def format_summary(s: dict) -> str:
-    d = s["differential"]
-    flagged = [f"{k} {what}" for k, what in ((d["n_multi_cell"], "multi-cell"),
-                                             (d.get("n_input_warnings", 0), "with input warnings")) if k]
-    note = "" if not flagged else (f" (incl. {', '.join(flagged)})" if d["flagged_included"] else
-                                   f" ({', '.join(flagged)} left out; --include-flagged counts them)")
-    wbc = d.get("white_cells")
-    lines = [f"differential count over {d['n_counted']} image(s){note}:",
-             f"  {'class':<14}{'count':>7}{'%':>8}   {'95% CI':<12}" + ("  % of white cells (95% CI)" if wbc else "")]
-    for c, k in d["counts"].items():
-        lo, hi = d["ci95_percent"][c]
-        row = f"  {c:<14}{k:>7}{d['percent'][c]:>7.1f}%   {f'{lo:.1f}-{hi:.1f}%':<12}"
-        if wbc and c in wbc["percent"]:
-            wlo, whi = wbc["ci95_percent"][c]
-            row += f"  {wbc['percent'][c]:5.1f}% ({wlo:.1f}-{whi:.1f}%)"
-        elif wbc and c == "erythroblast" and wbc.get("nrbc_per_100_wbc") is not None:
-            row += f"  {wbc['nrbc_per_100_wbc']:.1f} per 100 white cells (NRBC)"
-        lines.append(row.rstrip())
-    if wbc:
-        lines.append(f"  white cells: {wbc['n_white']}"
-                     + (f"; platelets ({wbc['n_platelet']}) are not part of the white-cell differential"
-                        if wbc.get("n_platelet") is not None else ""))
-    if s["n_ok"]:
-        r = s["review"]
-        lines.append(f"needs review: {r['n_needs_review']} of {s['n_ok']} classified "
-                     f"({100.0 * r['n_needs_review'] / s['n_ok']:.1f}%): {r['n_low_confidence']} with "
-                     f"confidence < {s['review_threshold']:.3g}, {r['n_input_warnings']} with input warnings")
-    lines.append(f"{s['n_inputs']} input(s): {s['n_ok']} classified, {s['n_skipped']} skipped"
-                 + (f", {s['n_resumed']} taken from the interrupted run" if s["n_resumed"] else ""))
-    how = (f"ray, {s['backend']}, batch {s['batch_size']}" if s.get("engine") == "ray" else
-           f"{s['backend']}, batch {s['batch_size']}, {s['workers']} decode worker(s)")
-    lines.append(f"{s['n_computed']} image(s) in {s['seconds']:.1f} s: {s['images_per_s']:.1f} images/s "
-                 f"({how})")
-    if s["skipped"]:
-        lines.append(f"skipped {len(s['skipped'])} file(s):")
-        lines += [f"  {k['path']}: {k['reason']}" for k in s["skipped"]]
-    return "\n".join(lines)
-
 
 # ----------------------------------------------------------------------------- outputs
 
@@ -762,102 +643,3 @@ def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: i
     if out is not None:
         _finish(out, records, clf.classes, summary)
     return records, summary
-
-
-# ----------------------------------------------------------------------------- CLI
-
-_CONTROL = {i: f"\\x{i:02x}" for i in range(32)} | {9: "\\t", 10: "\\n", 13: "\\r"}
-
-
-def _print_records(records: list[dict]) -> None:
-    """One tab-separated line per input; control characters in file names are escaped
-    so that a name cannot break the columns (the CSV output quotes them instead)."""
-    for r in records:
-        path = r["path"].translate(_CONTROL)
-        if r["status"] != "ok":
-            print(f"{path}\t{r['status']}")
-            continue
-        top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top3"])
-        flags = ((["needs review"] if r["needs_review"] else []) + (["multi-cell"] if r.get("multi_cell") else [])
-                 + r.get("input_warnings", []))
-        print(f"{path}\t{r['class']}\t{r['probability']:.3f}\t[{top}]"
-              + (f"\t{'; '.join(flags)}" if flags else ""))
-
-
-def cmd_predict(args):
-    check_out_path(args.out, parquet=args.engine == "ray")
-    if args.onnx and args.backend != "onnx":
-        raise ValueError(f"--onnx {args.onnx} needs --backend onnx (not {args.backend})")
-    if not args.paths and not args.examples:
-        raise ValueError("nothing to classify: give image files, folders or globs, "
-                         "or --examples for the example cells shipped with bloodcell")
-    paths = args.paths + ([str(f) for f in example_files()] if args.examples else [])
-    screen = None if args.no_screen else (args.screen or "auto")
-    clf = Classifier.load(args.model, backend=args.backend, onnx_path=args.onnx, screen=screen,
-                          review_threshold=args.review_threshold, threads=args.threads)
-    if args.engine == "ray":
-        from .ray_engine import ModelSpec, RayOptions, predict_ray
-        if args.onnx or args.backend == "torch":
-            raise ValueError("--engine ray runs the model's own ONNX file: use --backend onnx or onnx-int8")
-        spec = ModelSpec(args.model, args.backend, screen, args.review_threshold,
-                         str(clf.onnx_path) if args.backend == "onnx" else None)
-        opts = RayOptions(args.address, args.actors, batch_size=args.batch_size)
-        records, summary = predict_ray(clf, paths, spec, opts, out=args.out,
-                                       include_flagged=args.include_flagged,
-                                       progress=not args.no_progress)
-    else:
-        if args.out and args.out.lower().endswith(".parquet"):
-            raise ValueError(f"--out {args.out}: Parquet is written by --engine ray; use .csv or .json")
-        records, summary = predict_paths(clf, paths, out=args.out, batch_size=args.batch_size,
-                                         workers=args.workers, include_flagged=args.include_flagged,
-                                         progress=not args.no_progress, resume=not args.restart)
-    if args.out is None or args.examples:  # the examples are few and meant to be looked at
-        if len(records) <= 50:
-            _print_records(records)
-        else:
-            print(f"({len(records)} results not listed: pass --out results.csv or .json to keep them)")
-    if summary["n_inputs"] == 0:
-        print(f"no image files found in: {' '.join(args.paths)}", file=sys.stderr)
-        return 1
-    print(format_summary(summary))
-    if args.examples:
-        print(examples_note(records))
-    if args.out:
-        print(f"wrote {args.out}")
-    if summary["n_ok"] == 0:
-        return 1
-
-
-def add_cli(sub):
-    from .cli import ranged
-    p = sub.add_parser("predict", help="classify image files, folders (recursive) or globs")
-    p.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders or glob patterns")
-    p.add_argument("--examples", action="store_true",
-                   help=f"classify the {EXAMPLES_NOTE} shipped with bloodcell (no data needed)")
-    p.add_argument("--model", help="run folder or model file (default: the bundled model)")
-    p.add_argument("--out", help="results file: .csv (one row per image) or .json (with the summary)")
-    p.add_argument("--batch-size", type=ranged(int, 1), default=64)
-    p.add_argument("--workers", type=ranged(int, 0), default=None,
-                   help=f"decode threads running ahead of the model (default {default_workers()}; 0 = inline)")
-    p.add_argument("--backend", choices=BACKENDS, default="onnx",
-                   help="onnx (ONNX Runtime; exported once and cached next to the model) or torch")
-    p.add_argument("--onnx", help="use this exported .onnx file (with --backend onnx)")
-    p.add_argument("--threads", type=ranged(int, 1), help="model compute threads (default: all cores)")
-    p.add_argument("--review-threshold", type=ranged(float, 0, 1),
-                   help="flag images whose calibrated confidence is below this "
-                        "(default: the model's calibrated value)")
-    p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")
-    p.add_argument("--no-screen", action="store_true", help="do not run the multi-cell screen")
-    p.add_argument("--include-flagged", action="store_true",
-                   help="count multi-cell images and images with input warnings in the "
-                        "differential count too")
-    p.add_argument("--restart", action="store_true", help="ignore the journal of an interrupted run")
-    p.add_argument("--engine", choices=("local", "ray"), default="local",
-                   help="local (this process) or ray (Ray Data + an actor pool; pip install "
-                        "'bloodcell[scale]'; --out may also be .parquet)")
-    p.add_argument("--address", help="with --engine ray: the Ray cluster to join (host:port or "
-                   "ray://host:10001; default RAY_ADDRESS, else a local instance)")
-    p.add_argument("--actors", type=ranged(int, 1),
-                   help="with --engine ray: classifier actors (default: the cluster's CPUs)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_predict)

@@ -866,23 +866,3 @@ def write_report(study_dir, target=None, public: bool = False, screen_report=Non
     D.atomic_write_text(target / "report.html", doc.to_html("bloodcell study report"))
     log.info("report written: %s (report.md, report.html, figures/)", target)
     return target / "report.md"
-
-
-# ============================================================================ CLI
-
-def cmd_report(args):
-    p = write_report(args.study, target=args.out, public=args.public,
-                     screen_report=args.screen_report)
-    print(f"wrote {p} and {p.with_suffix('.html')}")
-
-
-def add_cli(sub):
-    p = sub.add_parser("report", help="(re)write the report of a finished `bloodcell study`",
-                       description="Rebuild report.md/report.html and figures from a study folder "
-                       "without training anything.")
-    p.add_argument("--study", required=True, help="the study's REPORT_DIR")
-    p.add_argument("--out", help="where to write (default: the study folder)")
-    p.add_argument("--public", action="store_true",
-                   help="leave out every figure showing dataset images (for committing, e.g. to docs/study)")
-    p.add_argument("--screen-report", help="screen_report.md to include (default REPORT_DIR/screen/)")
-    p.set_defaults(func=cmd_report)

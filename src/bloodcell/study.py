@@ -13,12 +13,8 @@ a finished model are skipped, an unfinished one resumes from its checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -324,67 +320,3 @@ def track_study(tracker, state: dict, out: Path) -> None:
 
 def _read_lines(p: Path) -> list[str]:
     return p.read_text().splitlines() if p.exists() else []
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def _command_line(args) -> str:
-    """The command as typed when run from the console script, else rebuilt from the options."""
-    if os.path.basename(sys.argv[0]) == "bloodcell" and "study" in sys.argv[1:]:
-        argv = sys.argv[1:]
-    else:
-        argv = ["study", "--data", args.data or "", "--out", args.out]
-        for opt in ("models", "image_size", "epochs_cap", "seed", "precision", "public",
-                    "screen_report", "max_steps_per_epoch"):
-            v = getattr(args, opt)
-            if v is not None:
-                argv += [f"--{opt.replace('_', '-')}", str(v)]
-    return " ".join(shlex.quote(a) for a in ["bloodcell"] + argv)
-
-
-def cmd_study(args):
-    models = parse_models(args.models)
-    from .cli import data_or_default
-    cfg = StudyConfig(
-        data=data_or_default(args.data), out=args.out, models=models,
-        image_size=parse_image_size(args.image_size) or None,
-        epochs_cap=parse_epochs_cap(args.epochs_cap), seed=args.seed, precision=args.precision,
-        cache_dir=args.cache_dir, max_steps_per_epoch=args.max_steps_per_epoch,
-        progress=not args.no_progress, public=args.public, screen_report=args.screen_report,
-        command=_command_line(args))
-    from .tracking import Tracker
-    with Tracker.start("study", run_name=Path(args.out).name, enabled=args.mlflow) as tracker:
-        state = run_study(cfg)
-        track_study(tracker, state, Path(args.out))
-    if state.get("finished"):
-        print(f"study done: {Path(args.out) / 'report.html'} and report.md")
-        if args.public:
-            print(f"public copy (no dataset images): {Path(args.public) / 'report.md'}")
-    else:
-        return 3
-
-
-def add_cli(sub):
-    from .tracking import MLFLOW_HELP
-    p = sub.add_parser("study", help="train and evaluate the six generations, write the report",
-                       description="Train the study's generations on one shared split, evaluate "
-                       "each on train/val/test and write REPORT_DIR/report.md + report.html. "
-                       "Re-run the same command to continue an interrupted study.")
-    p.add_argument("--data", help="dataset folder of class sub-folders (default: ../shared/data/pbc)")
-    p.add_argument("--out", required=True, help="report folder (REPORT_DIR)")
-    p.add_argument("--models", help=f"comma-separated (default: {','.join(STUDY_MODELS)})")
-    p.add_argument("--image-size",
-                   help="input size: N for every generation, or e.g. '128,lite0-finetune=160' "
-                   "(default: each model's, 224)")
-    p.add_argument("--epochs-cap", help="max epochs: N for all, or e.g. '20,lite0-finetune=6' "
-                   "(early stopping, patience 3, still applies)")
-    p.add_argument("--seed", type=int, default=D.DEFAULT_SEED, help="split and training seed")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--cache-dir", help="decoded-image cache (default $BLOODCELL_CACHE or ~/.cache/bloodcell)")
-    p.add_argument("--public", metavar="DIR",
-                   help="also write a copy without dataset images for committing (e.g. docs/study)")
-    p.add_argument("--screen-report", help="screen_report.md to include (default REPORT_DIR/screen/)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--mlflow", action="store_true", help=MLFLOW_HELP)
-    p.add_argument("--max-steps-per-epoch", type=int, help=argparse.SUPPRESS)
-    p.set_defaults(func=cmd_study)

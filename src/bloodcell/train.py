@@ -483,7 +483,7 @@ def _train(cfg: TrainConfig, tracker, world: dist.World) -> dict:
         return summary
     if done:
         # keep the metadata in sync with the full history; weights stay the best epoch's
-        from .models import resolve_model_path
+        from .modelfile import resolve_model_path
         _, j = resolve_model_path(run)
         m = json.loads(j.read_text())
         m.update(history=history, best=best, finished=True)

@@ -38,8 +38,3 @@ def serve(config: ServeConfig) -> None:
     """Run the lab page with uvicorn (see ``app.serve``)."""
     from .app import serve as run
     run(config)
-
-
-def add_cli(sub):  # until the CLI package takes it (issue 13)
-    from .command import add_cli as add
-    add(sub)

@@ -297,7 +297,7 @@ function applyFilter() {
 }
 
 // ------------------------------------------------------------------ differential
-// 95 % Wilson score interval of k/n, as predict.proportion_ci computes it
+// 95 % Wilson score interval of k/n, as differential.proportion_ci computes it
 function proportionCI(k, n, z = 1.959964) {
   if (n <= 0) return [0, 0];
   const p = k / n, denom = 1 + z * z / n;
@@ -311,7 +311,7 @@ function proportionCI(k, n, z = 1.959964) {
 const isFlagged = (c) => !!c.multi_cell || hasWarnings(c);
 const isCounted = (c) => c.corrected || !isFlagged(c);
 
-// the white-cell differential of a lab report (predict.leukocyte_differential)
+// the white-cell differential of a lab report (differential.leukocyte_differential)
 const WHITE_CELLS = ["basophil", "eosinophil", "ig", "lymphocyte", "monocyte", "neutrophil"];
 
 function renderDiff() {

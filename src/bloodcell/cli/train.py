@@ -1,29 +1,20 @@
-"""``bloodcell`` command line: a thin layer over the Python API.
-
-Each sub-command lives in a function ``cmd_<name>(args)``; other modules add
-theirs through ``register_subcommands`` hooks listed in ``_EXTENSIONS``.
-"""
+"""``bloodcell train``, ``evaluate`` and ``models``."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import logging
-import sys
 from pathlib import Path
 
-from . import __version__
-from .tracking import MLFLOW_HELP
-
-log = logging.getLogger("bloodcell")
-
-# modules that may add sub-commands: each defines add_cli(subparsers)
-_EXTENSIONS = ["bloodcell.report", "bloodcell.study", "bloodcell.screen", "bloodcell.serve", "bloodcell.export",
-               "bloodcell.fetch", "bloodcell.predict", "bloodcell.calibrate"]
+from ..data import DEFAULT_SEED
+from ..evaluate import evaluate, print_report, track
+from ..models import REGISTRY
+from ..predict import BACKENDS
+from ..tracking import MLFLOW_HELP, Tracker
+from ..train import TrainConfig, train
+from .args import data_or_default
 
 
 def _add_train_args(p, model_required=True):
-    from .data import DEFAULT_SEED
     p.add_argument("--model", required=model_required, help="architecture name (see `bloodcell models`)")
     p.add_argument("--data", help="dataset folder of class sub-folders (default: ../shared/data/pbc)")
     p.add_argument("--out", required=True, help="run folder (checkpoints, logs, model files)")
@@ -53,22 +44,7 @@ def _add_train_args(p, model_required=True):
     p.add_argument("--mlflow", action="store_true", help=MLFLOW_HELP)
 
 
-def data_or_default(path):
-    from .data import default_data_dir
-    if path:
-        return path
-    d = default_data_dir()
-    if d is None:
-        sys.exit("no --data given and ../shared/data/pbc not found. Get the PBC dataset "
-                 "(Acevedo et al. 2020, CC BY 4.0) from Mendeley Data "
-                 "https://data.mendeley.com/datasets/snkd93bnjr/1 or run `bloodcell fetch-data`, "
-                 "then pass --data DIR (a folder of class sub-folders).")
-    return str(d)
-
-
 def cmd_train(args):
-    from .tracking import Tracker
-    from .train import TrainConfig, train
     pretrained = False if args.no_pretrained else (args.weights or True)
     if args.model == "resnet50" and not args.weights:
         pretrained = False if args.no_pretrained else True
@@ -89,8 +65,6 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from .evaluate import evaluate, print_report, track
-    from .tracking import Tracker
     name = f"evaluate {Path(args.model).name if args.model else 'bundled'} {args.split}"
     with Tracker.start("evaluate", run_name=name, enabled=args.mlflow) as tracker:
         m = evaluate(args.model, data_or_default(args.data), split=args.split, out=args.out,
@@ -103,35 +77,12 @@ def cmd_evaluate(args):
 
 
 def cmd_models(args):
-    from .models import REGISTRY
     for name, spec in REGISTRY.items():
         gen = f"gen {spec.generation}" if spec.generation else "      "
         print(f"{name:<16}{gen}  {spec.description}")
 
 
-def ranged(kind, lo, hi=None, lo_open=False):
-    """argparse type: a finite number in lo..hi (over lo with lo_open); errors name the value."""
-    import math
-    want = (f"over {lo:g}" if lo_open else f"{lo:g} or more") if hi is None else (
-        f"over {lo:g} and at most {hi:g}" if lo_open else f"{lo:g} to {hi:g}")
-
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number (must be {want})") from None
-        if not math.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
-            raise argparse.ArgumentTypeError(f"{text} is out of range (must be {want})")
-        return v
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="bloodcell", description=__doc__.splitlines()[0])
-    ap.add_argument("--version", action="version", version=f"bloodcell {__version__}")
-    ap.add_argument("-v", "--verbose", action="store_true")
-    sub = ap.add_subparsers(dest="command", required=True)
-
+def add_commands(sub):
     p = sub.add_parser("train", help="train a model on a dataset folder")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
@@ -143,7 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-file")
     p.add_argument("--out", help="folder for metrics.json and predictions.csv")
     p.add_argument("--batch-size", type=int, default=128)
-    from .predict import BACKENDS
     p.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="inference engine (default torch; onnx-int8 needs `bloodcell export --format onnx-int8`)")
     p.add_argument("--cache-dir")
@@ -153,34 +103,3 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the registered architectures")
     p.set_defaults(func=cmd_models)
-
-    for modname in _EXTENSIONS:
-        try:
-            mod = importlib.import_module(modname)
-        except ModuleNotFoundError as e:
-            if e.name != modname:
-                raise
-            continue
-        if hasattr(mod, "add_cli"):
-            mod.add_cli(sub)
-    return ap
-
-
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(message)s")
-    try:
-        return args.func(args) or 0
-    except (OSError, ValueError) as e:  # bad paths, bad files, bad arguments: one clear line
-        if args.verbose:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,16 +1,18 @@
-"""``bloodcell serve`` on the command line."""
+"""``bloodcell serve`` (the lab page and its HTTP API) and ``bloodcell backup``."""
 from __future__ import annotations
 
 import logging
+import sqlite3
 
-from .config import AUTO, ServeConfig
-from .store import default_db_path
+from ..predict import BACKENDS
+from ..serve import AUTO, ServeConfig, default_db_path, serve
+from ..serve.store import backup
+from .args import ranged
 
 log = logging.getLogger("bloodcell")
 
 
 def cmd_serve(args):
-    from .app import serve
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s: anyone who can reach this address can see and change "
                     "the data (there is no login)", args.host)
@@ -21,9 +23,6 @@ def cmd_serve(args):
 
 
 def cmd_backup(args):
-    import sqlite3
-
-    from .store import backup
     db = args.db or default_db_path()
     try:
         n = backup(db, args.out)
@@ -33,9 +32,7 @@ def cmd_backup(args):
           f"{n['corrections']} correction(s); integrity check ok")
 
 
-def add_cli(sub):
-    from ..cli import ranged
-    from ..predict import BACKENDS
+def add_commands(sub):
     p = sub.add_parser("serve", help="local review page and HTTP API (http://127.0.0.1:8000/)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=ranged(int, 1, 65535), default=8000, help="TCP port, 1-65535 (default 8000)")
@@ -43,7 +40,8 @@ def add_cli(sub):
     p.add_argument("--db", help=f"SQLite database (default {default_db_path()}, or $BLOODCELL_DB)")
     p.add_argument("--max-upload-mb", type=ranged(float, 0, lo_open=True), default=20,
                    help="per-file upload limit (default 20)")
-    p.add_argument("--threads", type=ranged(int, 1, 4), help="inference threads (default: onnx every core, torch half the cores; 1 to 4)")
+    p.add_argument("--threads", type=ranged(int, 1, 4),
+                   help="inference threads (default: onnx every core, torch half the cores; 1 to 4)")
     p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")
     p.add_argument("--no-screen", action="store_true", help="no multi-cell flag")
     p.add_argument("--backend", default="onnx", choices=BACKENDS,

@@ -1,0 +1,6 @@
+"""`python -m bloodcell.cli ...` = `bloodcell ...`."""
+import sys
+
+from . import main
+
+sys.exit(main())
