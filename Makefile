@@ -1,5 +1,5 @@
-# bloodcell: `make demo` runs the main job, `make test` runs the tests.
-# Both set up .venv first when needed (torch 2.14.1 + torchvision 0.29.1 + the package with
+# bloodcell: `make demo` runs the main job, `make test` runs the tests, `make lint` checks the code.
+# All set up .venv first when needed (torch 2.14.1 + torchvision 0.29.1 + the package with
 # its test and scale extras: Ray and MLflow, whose tests run in CI).
 PY      ?= python3
 VENV    ?= .venv
@@ -8,7 +8,7 @@ BIN     := $(VENV)/bin
 DATA    ?= $(shell [ -d ../shared/data/pbc ] && echo ../shared/data/pbc)
 OUT     ?= runs/demo
 
-.PHONY: install test demo study clean
+.PHONY: install test lint demo study clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# ruff (config in pyproject.toml); the import layers are checked by tests/test_layers.py
+lint: install
+	$(BIN)/ruff check src tests benchmarks scripts
 
 # with no data folder: the 16 example cells shipped in the package (src/bloodcell/examples)
 demo: install

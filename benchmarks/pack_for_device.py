@@ -21,7 +21,6 @@ import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import torch
 from PIL import Image
 from safetensors.torch import save_file
 

@@ -95,8 +95,8 @@ def whole_process(files: list[Path], extra: list[str], repeat: int) -> None:
         rss = max(r[1] for r in runs)
         t, _ = timed(lambda: [decode(f, 128) for f in files])
     n = len(files)
-    print(f"| files | whole process (s) | images/s incl. start-up | start-up, 1 image (s) "
-          f"| peak RSS (MB) | decode-only, 1 thread (img/s) | ratio |")
+    print("| files | whole process (s) | images/s incl. start-up | start-up, 1 image (s) "
+          "| peak RSS (MB) | decode-only, 1 thread (img/s) | ratio |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {n} | {wall:.1f} | {n / wall:.0f} | {one:.2f} | {rss:.0f} | {n / t:.0f} "
           f"| {(n / wall) / (n / t):.2f} |")
@@ -129,8 +129,9 @@ def main(argv=None):
     for f in files:  # warm the page cache: measure decoding, not the disk
         f.read_bytes()
     n = len(files)
-    print(f"model {model}; {n} files from {data}; {os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}; "
-          f"load average {os.getloadavg()[0]:.2f} (background jobs lower these figures)\n")
+    print(f"model {model}; {n} files from {data}; {os.cpu_count()} CPU(s), "
+          f"{platform.processor() or platform.machine()}; load average {os.getloadavg()[0]:.2f} "
+          "(background jobs lower these figures)\n")
     if a.whole_process:
         return whole_process(files, (["--model", a.model] if a.model else []) + extra, a.repeat)
 

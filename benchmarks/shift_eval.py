@@ -22,7 +22,6 @@ Prints 8-way accuracy per shift and model; ``mean-shifted`` averages all shifts 
 """
 import argparse
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,6 @@ from PIL import Image, ImageFilter
 from bloodcell import Classifier
 from bloodcell import data as D
 from bloodcell.data import default_data_dir
-from bloodcell.evaluate import resolve_split
 
 
 def _od_scale(a, gains, shift=(0, 0, 0)):
@@ -80,8 +78,7 @@ SHIFTS = {
 
 def pick_cells(root: Path, split: str, per_class: int, meta: dict):
     ds = D.scan(root, classes=meta["classes"])
-    _, derive = resolve_split(meta, None, None)
-    splits = D.make_split(ds, *derive)
+    splits = D.model_splits(ds, meta.get("train_args", {}))  # re-derived from the model's seed
     by_class: dict[str, list] = {}
     for i in D.split_indices(splits, split):
         s = ds.samples[i]

@@ -14,15 +14,15 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bloodcell"
 # lowest first. A name covers its sub-modules (bloodcell.cli = the whole cli package).
 # Keep in step with docs/architecture.md.
 LAYERS = [
-    ("base", ["bloodcell.transforms", "bloodcell.tensorops", "bloodcell.segment", "bloodcell.locate", "bloodcell.augment",
-              "bloodcell.differential", "bloodcell.tracking"]),
+    ("base", ["bloodcell.transforms", "bloodcell.tensorops", "bloodcell.segment", "bloodcell.locate",
+              "bloodcell.augment", "bloodcell.differential", "bloodcell.tracking"]),
     ("data", ["bloodcell.data", "bloodcell.fetch", "bloodcell.inputcheck", "bloodcell.screen",
               "bloodcell.modelfile"]),
-    ("model", ["bloodcell.models", "bloodcell.export", "bloodcell.runtime", "bloodcell.saliency",
+    ("model", ["bloodcell.models", "bloodcell.export", "bloodcell.saliency",
                "bloodcell.distributed"]),
-    ("inference", ["bloodcell.predict", "bloodcell.batch", "bloodcell.ray_engine"]),
+    ("inference", ["bloodcell.predict", "bloodcell.ray_engine"]),
     ("tasks", ["bloodcell.evaluate", "bloodcell.calibrate", "bloodcell.train", "bloodcell.report"]),
-    ("apps", ["bloodcell.study", "bloodcell.serve", "bloodcell.adapt"]),
+    ("apps", ["bloodcell.study", "bloodcell.serve"]),
     ("cli", ["bloodcell.cli", "bloodcell.__main__"]),
 ]
 # The package root holds __version__, CLASSES and a lazy ``bloodcell.Classifier``: any

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -45,10 +46,6 @@ def register(name: str, description: str, generation: int | None = None, **defau
         REGISTRY[name] = ModelSpec(name, fn, description, generation, {**STUDY_DEFAULTS, **defaults})
         return fn
     return deco
-
-
-def list_models() -> list[str]:
-    return list(REGISTRY)
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -230,7 +227,7 @@ class Classifier(nn.Sequential):
         layers.update(normalize=Normalize(mean, std), backbone=backbone,
                       pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
                       dropout=nn.Dropout(dropout), head=nn.Linear(num_features, num_classes))
-        super().__init__(__import__("collections").OrderedDict(layers))
+        super().__init__(OrderedDict(layers))
         self.frozen = frozen
         if frozen:
             for p in backbone.parameters():
