@@ -185,10 +185,18 @@ def test_discussion_compares_ranking_with_the_study():
     assert "differs from the study's" in text and "cnn 95.0 % vs cnn3 93.0 %" in text
 
 
-def test_markdown_subset_to_html():
-    out = markdown_to_html("## T\n\n- a `x<y`\n- b\n\n```\ncode <1>\n```\ntext *em*", {})
+def test_markdown_to_html(tmp_path):
+    png = tmp_path / "f.png"
+    png.write_bytes(b"\x89PNG fake")
+    out = markdown_to_html("## T\n\n- a `x<y`\n- b\n\n```\ncode <1>\n```\ntext *em*\n\n"
+                           "| a | b |\n|---|---:|\n| 1 | **2** |\n\n![a fig](figs/f.png) ![gone](figs/x.png)",
+                           {"figs/f.png": png})
     assert "<h2>T</h2>" in out and "<li>a <code>x&lt;y</code></li>" in out
-    assert "<pre><code>code &lt;1&gt;</code></pre>" in out and "<em>em</em>" in out
+    assert "<pre><code>code &lt;1&gt;\n</code></pre>" in out and "<em>em</em>" in out
+    assert '<td style="text-align:right"><strong>2</strong></td>' in out
+    # a known figure is embedded, an unknown one is not linked
+    assert 'src="data:image/png;base64,iVBORyBmYWtl" alt="a fig"' in out
+    assert "figs/x.png" not in out and "<em>gone</em>" in out
 
 
 def test_per_model_image_size_and_epoch_caps():

@@ -15,9 +15,13 @@ import json
 import logging
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import numpy as np
+import sklearn
+from markdown_it import MarkdownIt
 
 from . import data as D
 
@@ -343,173 +347,71 @@ def fig_mistakes(st: dict, g: dict, path: Path, k: int = 16, size: int = 128) ->
 
 # ============================================================================ document
 
-def _inline_html(text: str) -> str:
-    """The few inline Markdown forms this report writes: `code`, **bold**, *em*, [t](u)."""
-    parts = re.split(r"(`[^`]+`)", text)
-    out = []
-    for p in parts:
-        if p.startswith("`") and p.endswith("`") and len(p) > 1:
-            out.append(f"<code>{html.escape(p[1:-1])}</code>")
-            continue
-        p = html.escape(p, quote=False)
-        p = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", p)
-        p = re.sub(r"(?<![\w*])\*(?!\s)(.+?)(?<!\s)\*(?![\w*])", r"<em>\1</em>", p)
-        p = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r'<a href="\2">\1</a>', p)
-        out.append(p)
-    return "".join(out)
-
-
 class Doc:
-    """Blocks rendered to Markdown and to self-contained HTML."""
+    """Blocks written as Markdown (report.md) and rendered to one self-contained HTML
+    file (report.html, figures embedded) from that same Markdown."""
 
     def __init__(self):
-        self.blocks: list[tuple] = []
+        self.blocks: list[str] = []
+        self.images: dict[str, Path] = {}  # link in the Markdown -> PNG to embed in the HTML
 
     def h(self, level, text):
-        self.blocks.append(("h", level, text))
+        self.blocks.append("#" * level + " " + text)
 
     def p(self, text):
-        self.blocks.append(("p", text))
+        self.blocks.append(text)
 
     def bullets(self, items):
-        self.blocks.append(("ul", list(items)))
+        self.blocks.append("\n".join(f"- {x}" for x in items))
 
     def code(self, text):
-        self.blocks.append(("code", text))
+        self.blocks.append("```\n" + text + "\n```")
 
     def table(self, header, rows, align=None):
-        self.blocks.append(("table", header, rows, align or ["l"] + ["r"] * (len(header) - 1)))
+        align = align or ["l"] + ["r"] * (len(header) - 1)
+        sep = ["---:" if a == "r" else "---" for a in align]
+        lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+        self.blocks.append("\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]))
 
     def figure(self, png: Path, rel: str, caption: str):
-        self.blocks.append(("fig", Path(png), rel, caption))
+        self.images[rel] = Path(png)
+        self.blocks.append(f"![{caption.split('.')[0]}]({rel})\n\n*{caption}*")
 
-    def raw(self, md: str, html_text: str):
-        self.blocks.append(("raw", md, html_text))
+    def raw(self, md: str, images: dict[str, Path] | None = None):
+        """Markdown written elsewhere (the screen's report), with its figures."""
+        self.images.update(images or {})
+        self.blocks.append(md)
 
     def to_md(self) -> str:
-        out = []
-        for b in self.blocks:
-            kind = b[0]
-            if kind == "h":
-                out.append("#" * b[1] + " " + b[2])
-            elif kind == "p":
-                out.append(b[1])
-            elif kind == "ul":
-                out.append("\n".join(f"- {x}" for x in b[1]))
-            elif kind == "code":
-                out.append("```\n" + b[1] + "\n```")
-            elif kind == "table":
-                _, header, rows, align = b
-                sep = ["---:" if a == "r" else "---" for a in align]
-                lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-                lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-                out.append("\n".join(lines))
-            elif kind == "fig":
-                out.append(f"![{b[3].split('.')[0]}]({b[2]})\n\n*{b[3]}*")
-            elif kind == "raw":
-                out.append(b[1])
-        return "\n\n".join(out) + "\n"
+        return "\n\n".join(self.blocks) + "\n"
 
     def to_html(self, title: str) -> str:
-        out = []
-        for b in self.blocks:
-            kind = b[0]
-            if kind == "h":
-                out.append(f"<h{b[1]}>{_inline_html(b[2])}</h{b[1]}>")
-            elif kind == "p":
-                out.append(f"<p>{_inline_html(b[1])}</p>")
-            elif kind == "ul":
-                out.append("<ul>" + "".join(f"<li>{_inline_html(x)}</li>" for x in b[1]) + "</ul>")
-            elif kind == "code":
-                out.append(f"<pre><code>{html.escape(b[1])}</code></pre>")
-            elif kind == "table":
-                _, header, rows, align = b
-                th = "".join(f"<th>{_inline_html(str(h))}</th>" for h in header)
-                trs = "".join("<tr>" + "".join(
-                    f'<td class="{a}">{_inline_html(str(c))}</td>' for c, a in zip(r, align)) + "</tr>"
-                    for r in rows)
-                out.append(f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>")
-            elif kind == "fig":
-                data = base64.b64encode(b[1].read_bytes()).decode()
-                out.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b[2])}">'
-                           f"<figcaption>{_inline_html(b[3])}</figcaption></figure>")
-            elif kind == "raw":
-                out.append(b[2])
         css = ("body{font-family:system-ui,sans-serif;max-width:1020px;margin:2em auto;padding:0 1em;"
                "line-height:1.45;color:#222}table{border-collapse:collapse;margin:0.8em 0;font-size:0.9em}"
-               "th,td{border:1px solid #ccc;padding:3px 8px}td.r{text-align:right}th{background:#f3f3f3}"
-               "figure{margin:1.2em 0}figure img{max-width:100%}figcaption{font-style:italic;"
-               "font-size:0.9em;color:#444}pre{background:#f6f6f6;padding:0.6em;overflow-x:auto}"
-               "code{background:#f6f6f6;padding:0 2px}")
+               "th,td{border:1px solid #ccc;padding:3px 8px}th{background:#f3f3f3}"
+               "img{max-width:100%}"
+               "pre{background:#f6f6f6;padding:0.6em;overflow-x:auto}code{background:#f6f6f6;padding:0 2px}")
         return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>"
                 f"{html.escape(title)}</title><style>{css}</style></head><body>\n"
-                + "\n".join(out) + "\n</body></html>\n")
+                + markdown_to_html(self.to_md(), self.images) + "</body></html>\n")
 
 
 def markdown_to_html(md: str, images: dict[str, Path]) -> str:
-    """A small Markdown subset (headings, paragraphs, lists, tables, code, images) for an
-    included report; ``images`` maps link targets to PNG files to embed."""
-    out, para, lines = [], [], md.splitlines()
+    """CommonMark + tables (markdown-it-py); an image whose link is in ``images`` is
+    embedded as a data URI, so the HTML stands alone; any other image shows its alt
+    text (no links to files that may not travel with the page)."""
+    renderer = MarkdownIt("commonmark", {"html": False}).enable("table")
 
-    def flush():
-        if para:
-            out.append(f"<p>{_inline_html(' '.join(para))}</p>")
-            para.clear()
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        s = line.strip()
-        if s.startswith("```"):
-            flush()
-            j = i + 1
-            while j < len(lines) and not lines[j].strip().startswith("```"):
-                j += 1
-            out.append(f"<pre><code>{html.escape(chr(10).join(lines[i + 1:j]))}</code></pre>")
-            i = j + 1
-            continue
-        m_img = re.fullmatch(r"!\[([^\]]*)\]\(([^)\s]+)\)", s)
-        if not s:
-            flush()
-        elif m := re.match(r"(#{1,6})\s+(.*)", s):
-            flush()
-            n = len(m.group(1))
-            out.append(f"<h{n}>{_inline_html(m.group(2))}</h{n}>")
-        elif m_img:
-            flush()
-            src = images.get(m_img.group(2))
-            if src is not None and src.exists():
-                data = base64.b64encode(src.read_bytes()).decode()
-                out.append(f'<figure><img src="data:image/png;base64,{data}" '
-                           f'alt="{html.escape(m_img.group(1))}"></figure>')
-            else:
-                out.append(f"<p><em>{_inline_html(m_img.group(1) or m_img.group(2))}</em></p>")
-        elif s.startswith("|"):
-            flush()
-            rows = []
-            while i < len(lines) and lines[i].strip().startswith("|"):
-                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
-                if not all(re.fullmatch(r":?-{2,}:?", c) for c in cells):
-                    rows.append(cells)
-                i += 1
-            if rows:
-                th = "".join(f"<th>{_inline_html(c)}</th>" for c in rows[0])
-                trs = "".join("<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in r) + "</tr>"
-                              for r in rows[1:])
-                out.append(f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>")
-            continue
-        elif re.match(r"([-*]|\d+\.)\s+", s):
-            flush()
-            items = []
-            while i < len(lines) and re.match(r"\s*([-*]|\d+\.)\s+", lines[i]):
-                items.append(re.sub(r"\s*([-*]|\d+\.)\s+", "", lines[i], count=1))
-                i += 1
-            out.append("<ul>" + "".join(f"<li>{_inline_html(x)}</li>" for x in items) + "</ul>")
-            continue
-        else:
-            para.append(s)
-        i += 1
-    flush()
-    return "\n".join(out)
+    def image(_renderer, tokens, idx, options, env):
+        tok = tokens[idx]
+        alt = html.escape(tok.content or tok.attrGet("src") or "")
+        src = images.get(tok.attrGet("src") or "")
+        if src is None or not src.exists():
+            return f"<em>{alt}</em>"
+        data = base64.b64encode(src.read_bytes()).decode()
+        return f'<img src="data:image/png;base64,{data}" alt="{alt}">'
+    renderer.add_render_rule("image", image)
+    return renderer.render(md)
 
 
 # ============================================================================ the report
@@ -564,32 +466,9 @@ def top_confusions(g: dict, k: int = 3) -> list[tuple[str, str, int]]:
     return sorted(pairs, key=lambda t: -t[2])[:k]
 
 
-def discussion(st: dict, gens: list[dict], best: dict) -> list[str]:
-    """Plain statements generated from the numbers, compared with the study's table."""
+def _against_the_study(gens: list[dict]) -> list[str]:
+    """Our ranking of the generations and accuracies next to the study's."""
     out = []
-    d = st["data"]
-    cfg = st["config"]
-    ev = best["eval"]["splits"]["test"]
-    lo, hi = ev.get("accuracy_ci95", [float("nan")] * 2)
-    out.append(f"**Best generation** (highest validation accuracy): {_label(best)}, test accuracy "
-               f"{_pct(ev['accuracy'])} (95 % CI {_pct(lo)}–{_pct(hi)}), macro F1 {ev['macro_f1']:.3f}.")
-    conf = top_confusions(best)
-    if conf:
-        ours = ", ".join(f"{a}→{b} ({n})" for a, b, n in conf)
-        theirs = ", ".join(f"{a}→{b} ({n})" for a, b, n in STUDY_CONFUSIONS)
-        shared = {(a, b) for a, b, _ in conf} & {(a, b) for a, b, _ in STUDY_CONFUSIONS}
-        out.append(f"**Confusions** of the best generation on the test set (true→predicted, count): "
-                   f"{ours}. The study reported {theirs} for its generation 6; "
-                   + (f"{len(shared)} of our top {len(conf)} pairs are among them "
-                      "(immature granulocytes and neutrophils are adjacent maturation stages, so "
-                      "their borderline is genuinely blurry)." if shared else
-                      "none of our top pairs are among them.")
-                   + " The study noted that many misclassified images hold more than one cell; "
-                   "Figure 4 (the gallery of mistakes, full report only) is where to check this.")
-    worst = sorted(ev["per_class"].items(), key=lambda kv: kv[1]["f1"])[:2]
-    out.append("**Hardest classes** for the best generation (lowest F1): "
-               + ", ".join(f"{c} {v['f1']:.3f}" for c, v in worst) + ".")
-    # ranking vs the study
     have = [g for g in gens if g["model"] in STUDY_REF]
     ref = {m: (v[1] if v[1] is not None else v[0]) for m, v in STUDY_REF.items()}
     inverted = []
@@ -619,7 +498,13 @@ def discussion(st: dict, gens: list[dict], best: dict) -> list[str]:
                      f"({'+' if delta >= 0 else '−'}{abs(100 * delta):.1f} points)")
     if diffs:
         out.append("**Against the study's numbers**: " + "; ".join(diffs) + ".")
-    # likely reasons
+    return out
+
+
+def _likely_reasons(st: dict, gens: list[dict]) -> list[str]:
+    """Why our numbers may differ from the study's, from what this run did differently."""
+    d = st["data"]
+    cfg = st["config"]
     reasons = []
     if any(g["model"].startswith("lite0") for g in gens):
         reasons.append("generations 5–6 use **EfficientNet-Lite0** (4.7 M parameters, ImageNet weights "
@@ -659,7 +544,34 @@ def discussion(st: dict, gens: list[dict], best: dict) -> list[str]:
                        f"the study does not explain (a test pipeline that differs from the validation "
                        f"one would produce it); here every split goes through "
                        f"the same code and the dense net reaches {_pct(_acc(dnn, 'test'))} on test")
-    out.append("**Likely reasons for the differences**: " + "; ".join(reasons) + ".")
+    return reasons
+
+
+def discussion(st: dict, gens: list[dict], best: dict) -> list[str]:
+    """Plain statements generated from the numbers, compared with the study's table."""
+    out = []
+    ev = best["eval"]["splits"]["test"]
+    lo, hi = ev.get("accuracy_ci95", [float("nan")] * 2)
+    out.append(f"**Best generation** (highest validation accuracy): {_label(best)}, test accuracy "
+               f"{_pct(ev['accuracy'])} (95 % CI {_pct(lo)}–{_pct(hi)}), macro F1 {ev['macro_f1']:.3f}.")
+    conf = top_confusions(best)
+    if conf:
+        ours = ", ".join(f"{a}→{b} ({n})" for a, b, n in conf)
+        theirs = ", ".join(f"{a}→{b} ({n})" for a, b, n in STUDY_CONFUSIONS)
+        shared = {(a, b) for a, b, _ in conf} & {(a, b) for a, b, _ in STUDY_CONFUSIONS}
+        out.append(f"**Confusions** of the best generation on the test set (true→predicted, count): "
+                   f"{ours}. The study reported {theirs} for its generation 6; "
+                   + (f"{len(shared)} of our top {len(conf)} pairs are among them "
+                      "(immature granulocytes and neutrophils are adjacent maturation stages, so "
+                      "their borderline is genuinely blurry)." if shared else
+                      "none of our top pairs are among them.")
+                   + " The study noted that many misclassified images hold more than one cell; "
+                   "Figure 4 (the gallery of mistakes, full report only) is where to check this.")
+    worst = sorted(ev["per_class"].items(), key=lambda kv: kv[1]["f1"])[:2]
+    out.append("**Hardest classes** for the best generation (lowest F1): "
+               + ", ".join(f"{c} {v['f1']:.3f}" for c, v in worst) + ".")
+    out += _against_the_study(gens)
+    out.append("**Likely reasons for the differences**: " + "; ".join(_likely_reasons(st, gens)) + ".")
     gaps = [(g["model"], _acc(g, "train") - _acc(g, "val")) for g in gens]
     over = [f"{m} ({100 * gap:.0f} points)" for m, gap in gaps if gap > 0.05]
     if over:
@@ -708,7 +620,167 @@ def _screen_section(doc: Doc, md_file: Path, fig_dir: Path, rel_prefix: str, pub
         return f"![{alt}]({link})"
     text = re.sub(r"!\[([^\]]*)\]\(([^)\s]+)\)", swap, text)
     doc.h(2, "Future work, done: the multi-cell screen")
-    doc.raw(text.strip(), markdown_to_html(text, images))
+    doc.raw(text.strip(), images)
+
+
+@dataclass
+class _Report:
+    """What every section of the report reads."""
+    st: dict
+    gens: list[dict]
+    best: dict
+    order: list[dict]
+    fig_dir: Path
+    public: bool
+
+    @property
+    def data(self) -> dict:
+        return self.st["data"]
+
+    @property
+    def config(self) -> dict:
+        return self.st["config"]
+
+
+def _intro(r: _Report, doc: Doc) -> None:
+    """Title and the one-paragraph summary."""
+    doc.h(1, "The PBC blood-cell study, reproduced")
+    doc.p(f"Six model generations, from a dense net to a fine-tuned ImageNet backbone, trained on "
+          f"one shared split of the PBC dataset ({r.data['n_images']:,} images, 8 classes) and evaluated on "
+          f"train, validation and test. Best generation: **{_label(r.best)}**, test accuracy "
+          f"**{_pct(_acc(r.best, 'test'))}**. Everything below is generated by `bloodcell study` from the "
+          "files of the runs." + (" This is the public copy: it contains no dataset image." if r.public else ""))
+
+
+def _how_it_was_run(r: _Report, doc: Doc) -> None:
+    """The command, the split, seeds, versions and one row per generation."""
+    doc.h(2, "How it was run")
+    versions = {**r.st.get("library_versions", {}), "matplotlib": matplotlib.__version__,
+                "scikit-learn": sklearn.__version__}
+    doc.code(r.st.get("command") or "bloodcell study ...")
+    sizes = sorted({g["meta"].get("image_size") for g in r.gens})
+    doc.bullets([
+        f"data: `{r.data['root']}`, {r.data['n_images']:,} images in {len(r.data['classes'])} classes; "
+        f"{len(r.data['skipped'])} file(s) skipped (listed under Figure 1)",
+        f"split: stratified {'/'.join(str(round(100 * f)) for f in r.config['fractions'])} train/val/test, "
+        f"seed {r.config['seed']}: {r.data['split_counts']['train']:,} / {r.data['split_counts']['val']:,} / "
+        f"{r.data['split_counts']['test']:,} images; manifest `split.csv` (sha1 `{r.data['split_sha1'][:12]}`), "
+        "the same for every generation",
+        f"seed {r.config['seed']} (split and training); image size {', '.join(map(str, sizes))} px "
+        "(per generation in the table below); "
+        "Adam, early stopping on validation accuracy (patience 3) restoring the best epoch, "
+        "as in the study (learning rate and schedule per generation below); epochs per generation: "
+        + ", ".join(f"{m} ≤ {n}" for m, n in r.config.get("epochs_per_model", {}).items()),
+        "library versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
+        f"started {r.st.get('started', '?')}"
+        + (f"; this invocation took {_fmt_s(r.st['wall_s_this_invocation'])}"
+           if r.st.get("wall_s_this_invocation") else ""),
+    ])
+    doc.table(["generation", "px", "epochs run / max", "best epoch", "stopped by", "batch", "lr, schedule",
+               "precision", "train time", "img/s", "status"],
+              [_run_row(g, r.st) for g in r.gens], align=["l"] + ["r"] * 4 + ["r"] * 3 + ["r", "r", "l"])
+    doc.p("Train time is the sum of the epochs' wall times (training + validation pass); images/s is "
+          "the mean training throughput. A study that is interrupted continues where it stopped when "
+          "the same command is run again; finished generations are not retrained.")
+
+
+def _data_section(r: _Report, doc: Doc) -> None:
+    """Class counts per split, skipped files, example images (full report only)."""
+    doc.h(2, "Data")
+    fig_class_distribution(r.st, r.fig_dir / "fig1_class_distribution.png")
+    doc.figure(r.fig_dir / "fig1_class_distribution.png", "figures/fig1_class_distribution.png",
+               "Figure 1. Images per class (count and share of all images), coloured by split.")
+    doc.table(["class", "images", "%", "train", "val", "test"],
+              [[c, f"{r.data['class_counts'][c]:,}", f"{100 * r.data['class_counts'][c] / r.data['n_images']:.1f}"]
+               + [f"{r.data['split_by_class'][c][s]:,}" for s in D.SPLITS] for c in r.data["classes"]])
+    if r.data["skipped"]:
+        doc.p("Skipped files:")
+        doc.bullets([f"`{s['path']}`: {s['reason']}" for s in r.data["skipped"]])
+    else:
+        doc.p("No file was skipped.")
+    doc.h(3, "Example images")
+    if r.public:
+        doc.p(PRIVATE_NOTE)
+    else:
+        fig_example_grid(r.st, r.fig_dir / "example_grid.png")
+        doc.figure(r.fig_dir / "example_grid.png", "figures/example_grid.png",
+                   "Example grid: six random training images per class (dataset images; not for "
+                   "committing).")
+
+
+def _accuracy_section(r: _Report, doc: Doc) -> None:
+    """Accuracy per generation and split against the study's, learning curves."""
+    doc.h(2, "Accuracy of the six generations")
+    fig_accuracy(r.gens, r.fig_dir / "fig2_accuracy.png")
+    doc.figure(r.fig_dir / "fig2_accuracy.png", "figures/fig2_accuracy.png",
+               "Figure 2. Accuracy on train/val/test per generation (all three measured after "
+               "training, without augmentation); black dashes: the study's test accuracy "
+               "(ResNet50 for generations 5-6; the study reports none for generation 5).")
+    rows = []
+    for g in r.gens:
+        ev = g["eval"]["splits"]
+        lo, hi = ev["test"].get("accuracy_ci95", [float("nan")] * 2)
+        rv, rt = STUDY_REF.get(g["model"], (None, None))
+        rows.append([_label(g), _pct(ev["train"]["accuracy"]), _pct(ev["val"]["accuracy"]),
+                     _pct(ev["test"]["accuracy"]), f"{100 * lo:.1f}–{100 * hi:.1f}",
+                     f"{ev['test']['macro_f1']:.3f}", _pct(rv, 1), _pct(rt, 0)])
+    doc.table(["generation", "train", "val", "test", "test 95 % CI", "test macro F1", "study val",
+               "study test"], rows)
+    fig_learning_curves(r.gens, r.fig_dir / "fig2b_learning_curves.png")
+    doc.figure(r.fig_dir / "fig2b_learning_curves.png", "figures/fig2b_learning_curves.png",
+               "Figure 2b. Learning curves: train (with augmentation where the model has it) and "
+               "validation accuracy per epoch.")
+
+
+def _errors_section(r: _Report, doc: Doc) -> None:
+    """Confusion matrices and the most confident mistakes of the best generation."""
+    doc.h(2, f"Errors of the best generation ({_label(r.best)})")
+    fig_confusion(r.best, r.fig_dir / "fig3_confusion_pct.png", r.fig_dir / "fig3b_errors.png")
+    doc.figure(r.fig_dir / "fig3_confusion_pct.png", "figures/fig3_confusion_pct.png",
+               "Figure 3. Test-set confusion matrix of the best generation, each row in % of its true class.")
+    doc.figure(r.fig_dir / "fig3b_errors.png", "figures/fig3b_errors.png",
+               "Figure 3b. The same matrix as absolute counts of the misclassified images only.")
+    doc.h(3, "Most confident mistakes")
+    if r.public:
+        doc.p(PRIVATE_NOTE)
+        mis = most_confident_mistakes(r.best, 16)
+        if mis:
+            doc.p("Their labels and probabilities (file names only):")
+            doc.table(["file", "true", "predicted", "probability"],
+                      [[f"`{m['path']}`", m["true"], m["predicted"], f"{m['prob']:.3f}"] for m in mis],
+                      align=["l", "l", "l", "r"])
+    else:
+        n = fig_mistakes(r.st, r.best, r.fig_dir / "fig4_mistakes.png")
+        doc.figure(r.fig_dir / "fig4_mistakes.png", "figures/fig4_mistakes.png",
+                   f"Figure 4. The best generation's {n} most confident mistakes on the test set "
+                   "(dataset images; not for committing).")
+
+
+def _per_class_section(r: _Report, doc: Doc) -> None:
+    """Table 1: per-class metrics of every generation."""
+    doc.h(2, "Table 1: per-class metrics on the test set, best generation first")
+    f1_rows = []
+    for c in r.best["eval"]["splits"]["test"]["classes"]:
+        sf1 = STUDY_F1.get(c)
+        f1_rows.append([c] + [f"{g['eval']['splits']['test']['per_class'][c]['f1']:.3f}" for g in r.order]
+                       + [f"{sf1[0]:.2f}" if sf1 else "–"])
+    f1_rows.append(["**macro**"] + [f"**{g['eval']['splits']['test']['macro_f1']:.3f}**" for g in r.order]
+                   + [f"{np.mean([v[0] for v in STUDY_F1.values()]):.2f}"])
+    doc.p("F1 of every generation at a glance (last column: the study's generation 6, ResNet50):")
+    doc.table(["class"] + [g["model"] for g in r.order] + ["study gen 6"], f1_rows)
+    for g in r.order:
+        ev = g["eval"]["splits"]["test"]
+        lo, hi = ev.get("accuracy_ci95", [float("nan")] * 2)
+        doc.h(3, f"{_label(g)}: accuracy {_pct(ev['accuracy'])} (95 % bootstrap CI "
+                 f"{100 * lo:.1f}–{100 * hi:.1f} %), n = {ev['n_images']:,}")
+        pc = ev["per_class"]
+        rows = [[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]]
+                for c, v in pc.items()]
+        rows.append(["**macro average**",
+                     f"{np.mean([v['precision'] for v in pc.values()]):.3f}",
+                     f"{np.mean([v['recall'] for v in pc.values()]):.3f}",
+                     f"{ev['macro_f1']:.3f}", sum(v["support"] for v in pc.values())])
+        doc.table(["class", "precision", "recall", "F1", "support"], rows)
 
 
 def write_report(study_dir, target=None, public: bool = False, screen_report=None) -> Path:
@@ -726,138 +798,13 @@ def write_report(study_dir, target=None, public: bool = False, screen_report=Non
     if not gens:
         raise ValueError(f"{study_dir}: no evaluated generation yet; run `bloodcell study` first")
     order = ranked(gens)
-    best = order[0]
-    d, cfg = st["data"], st["config"]
-    import matplotlib
-    import sklearn
-    versions = {**st.get("library_versions", {}), "matplotlib": matplotlib.__version__,
-                "scikit-learn": sklearn.__version__}
-
+    r = _Report(st, gens, order[0], order, fig_dir, public)
     doc = Doc()
-    doc.h(1, "The PBC blood-cell study, reproduced")
-    doc.p(f"Six model generations, from a dense net to a fine-tuned ImageNet backbone, trained on "
-          f"one shared split of the PBC dataset ({d['n_images']:,} images, 8 classes) and evaluated on "
-          f"train, validation and test. Best generation: **{_label(best)}**, test accuracy "
-          f"**{_pct(_acc(best, 'test'))}**. Everything below is generated by `bloodcell study` from the "
-          "files of the runs." + (" This is the public copy: it contains no dataset image." if public else ""))
-
-    doc.h(2, "How it was run")
-    doc.code(st.get("command") or "bloodcell study ...")
-    sizes = sorted({g["meta"].get("image_size") for g in gens})
-    doc.bullets([
-        f"data: `{d['root']}`, {d['n_images']:,} images in {len(d['classes'])} classes; "
-        f"{len(d['skipped'])} file(s) skipped (listed under Figure 1)",
-        f"split: stratified {'/'.join(str(round(100 * f)) for f in cfg['fractions'])} train/val/test, "
-        f"seed {cfg['seed']}: {d['split_counts']['train']:,} / {d['split_counts']['val']:,} / "
-        f"{d['split_counts']['test']:,} images; manifest `split.csv` (sha1 `{d['split_sha1'][:12]}`), "
-        "the same for every generation",
-        f"seed {cfg['seed']} (split and training); image size {', '.join(map(str, sizes))} px "
-        "(per generation in the table below); "
-        "Adam, early stopping on validation accuracy (patience 3) restoring the best epoch, "
-        "as in the study (learning rate and schedule per generation below); epochs per generation: "
-        + ", ".join(f"{m} ≤ {n}" for m, n in cfg.get("epochs_per_model", {}).items()),
-        "library versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())),
-        f"started {st.get('started', '?')}"
-        + (f"; this invocation took {_fmt_s(st['wall_s_this_invocation'])}"
-           if st.get("wall_s_this_invocation") else ""),
-    ])
-    doc.table(["generation", "px", "epochs run / max", "best epoch", "stopped by", "batch", "lr, schedule",
-               "precision", "train time", "img/s", "status"],
-              [_run_row(g, st) for g in gens], align=["l"] + ["r"] * 4 + ["r"] * 3 + ["r", "r", "l"])
-    doc.p("Train time is the sum of the epochs' wall times (training + validation pass); images/s is "
-          "the mean training throughput. A study that is interrupted continues where it stopped when "
-          "the same command is run again; finished generations are not retrained.")
-
-    doc.h(2, "Data")
-    fig_class_distribution(st, fig_dir / "fig1_class_distribution.png")
-    doc.figure(fig_dir / "fig1_class_distribution.png", "figures/fig1_class_distribution.png",
-               "Figure 1. Images per class (count and share of all images), coloured by split.")
-    doc.table(["class", "images", "%", "train", "val", "test"],
-              [[c, f"{d['class_counts'][c]:,}", f"{100 * d['class_counts'][c] / d['n_images']:.1f}"]
-               + [f"{d['split_by_class'][c][s]:,}" for s in D.SPLITS] for c in d["classes"]])
-    if d["skipped"]:
-        doc.p("Skipped files:")
-        doc.bullets([f"`{s['path']}`: {s['reason']}" for s in d["skipped"]])
-    else:
-        doc.p("No file was skipped.")
-    doc.h(3, "Example images")
-    if public:
-        doc.p(PRIVATE_NOTE)
-    else:
-        fig_example_grid(st, fig_dir / "example_grid.png")
-        doc.figure(fig_dir / "example_grid.png", "figures/example_grid.png",
-                   "Example grid: six random training images per class (dataset images; not for "
-                   "committing).")
-
-    doc.h(2, "Accuracy of the six generations")
-    fig_accuracy(gens, fig_dir / "fig2_accuracy.png")
-    doc.figure(fig_dir / "fig2_accuracy.png", "figures/fig2_accuracy.png",
-               "Figure 2. Accuracy on train/val/test per generation (all three measured after "
-               "training, without augmentation); black dashes: the study's test accuracy "
-               "(ResNet50 for generations 5-6; the study reports none for generation 5).")
-    rows = []
-    for g in gens:
-        ev = g["eval"]["splits"]
-        lo, hi = ev["test"].get("accuracy_ci95", [float("nan")] * 2)
-        rv, rt = STUDY_REF.get(g["model"], (None, None))
-        rows.append([_label(g), _pct(ev["train"]["accuracy"]), _pct(ev["val"]["accuracy"]),
-                     _pct(ev["test"]["accuracy"]), f"{100 * lo:.1f}–{100 * hi:.1f}",
-                     f"{ev['test']['macro_f1']:.3f}", _pct(rv, 1), _pct(rt, 0)])
-    doc.table(["generation", "train", "val", "test", "test 95 % CI", "test macro F1", "study val",
-               "study test"], rows)
-    fig_learning_curves(gens, fig_dir / "fig2b_learning_curves.png")
-    doc.figure(fig_dir / "fig2b_learning_curves.png", "figures/fig2b_learning_curves.png",
-               "Figure 2b. Learning curves: train (with augmentation where the model has it) and "
-               "validation accuracy per epoch.")
-
-    doc.h(2, f"Errors of the best generation ({_label(best)})")
-    fig_confusion(best, fig_dir / "fig3_confusion_pct.png", fig_dir / "fig3b_errors.png")
-    doc.figure(fig_dir / "fig3_confusion_pct.png", "figures/fig3_confusion_pct.png",
-               "Figure 3. Test-set confusion matrix of the best generation, each row in % of its true class.")
-    doc.figure(fig_dir / "fig3b_errors.png", "figures/fig3b_errors.png",
-               "Figure 3b. The same matrix as absolute counts of the misclassified images only.")
-    doc.h(3, "Most confident mistakes")
-    if public:
-        doc.p(PRIVATE_NOTE)
-        mis = most_confident_mistakes(best, 16)
-        if mis:
-            doc.p("Their labels and probabilities (file names only):")
-            doc.table(["file", "true", "predicted", "probability"],
-                      [[f"`{m['path']}`", m["true"], m["predicted"], f"{m['prob']:.3f}"] for m in mis],
-                      align=["l", "l", "l", "r"])
-    else:
-        n = fig_mistakes(st, best, fig_dir / "fig4_mistakes.png")
-        doc.figure(fig_dir / "fig4_mistakes.png", "figures/fig4_mistakes.png",
-                   f"Figure 4. The best generation's {n} most confident mistakes on the test set "
-                   "(dataset images; not for committing).")
-
-    doc.h(2, "Table 1: per-class metrics on the test set, best generation first")
-    f1_rows = []
-    for c in best["eval"]["splits"]["test"]["classes"]:
-        sf1 = STUDY_F1.get(c)
-        f1_rows.append([c] + [f"{g['eval']['splits']['test']['per_class'][c]['f1']:.3f}" for g in order]
-                       + [f"{sf1[0]:.2f}" if sf1 else "–"])
-    f1_rows.append(["**macro**"] + [f"**{g['eval']['splits']['test']['macro_f1']:.3f}**" for g in order]
-                   + [f"{np.mean([v[0] for v in STUDY_F1.values()]):.2f}"])
-    doc.p("F1 of every generation at a glance (last column: the study's generation 6, ResNet50):")
-    doc.table(["class"] + [g["model"] for g in order] + ["study gen 6"], f1_rows)
-    for g in order:
-        ev = g["eval"]["splits"]["test"]
-        lo, hi = ev.get("accuracy_ci95", [float("nan")] * 2)
-        doc.h(3, f"{_label(g)}: accuracy {_pct(ev['accuracy'])} (95 % bootstrap CI "
-                 f"{100 * lo:.1f}–{100 * hi:.1f} %), n = {ev['n_images']:,}")
-        pc = ev["per_class"]
-        rows = [[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", v["support"]]
-                for c, v in pc.items()]
-        rows.append(["**macro average**",
-                     f"{np.mean([v['precision'] for v in pc.values()]):.3f}",
-                     f"{np.mean([v['recall'] for v in pc.values()]):.3f}",
-                     f"{ev['macro_f1']:.3f}", sum(v["support"] for v in pc.values())])
-        doc.table(["class", "precision", "recall", "F1", "support"], rows)
-
+    for section in (_intro, _how_it_was_run, _data_section, _accuracy_section, _errors_section,
+                    _per_class_section):
+        section(r, doc)
     doc.h(2, "Discussion")
-    doc.bullets(discussion(st, gens, best))
-
+    doc.bullets(discussion(st, gens, r.best))
     screen = _find_screen(study_dir, screen_report)
     if screen is not None:
         _screen_section(doc, screen, fig_dir, "figures/", public)
