@@ -475,3 +475,16 @@ def test_unwritable_out_file_refused_before_work(clf, image_dir, tmp_path, monke
     finally:
         subprocess.run(["chattr", "-i", str(out)], capture_output=True)
         out.chmod(0o644)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_model_input_contract(model_dir, backend):
+    """A float batch in 0..1 used to be cast to uint8 (all 0s and 1s) and classified."""
+    clf = P.Classifier.load(model_dir, backend=backend, screen=None)
+    x = np.stack([synthetic_cell(k) for k in range(2)])
+    assert clf.predict_logits_arrays(x[:, ::-1]).shape == (2, len(CLASSES))  # a view is fine
+    with pytest.raises(ValueError, match=r"uint8 images \[N, 64, 64, 3\].*got dtype float32: scale"):
+        clf.predict_proba_arrays(x.astype(np.float32) / 255)
+    for bad in (x[:, :32, :32], x[0], np.concatenate([x, x[..., :1]], axis=3)):
+        with pytest.raises(ValueError, match=rf"got shape \[{', '.join(map(str, bad.shape))}\]"):
+            clf.predict_logits_arrays(bad)

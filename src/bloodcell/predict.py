@@ -176,8 +176,9 @@ class Classifier:
 
     # -- arrays in, probabilities out
     def predict_logits_arrays(self, batch: np.ndarray) -> np.ndarray:
-        """uint8 [N,S,S,3] already preprocessed -> raw logits [N,C] (float32)."""
-        batch = np.ascontiguousarray(batch, dtype=np.uint8)
+        """uint8 [N,S,S,3] already preprocessed -> raw logits [N,C] (float32); any other
+        dtype or shape is refused (``check_batch``)."""
+        batch = check_batch(batch, self.image_size)
         if self._session is not None:
             from .export import INPUT_NAME
             return self._session.run(None, {INPUT_NAME: batch})[0].astype(np.float32)
@@ -347,6 +348,20 @@ class Classifier:
 def _channels_last(model):
     import torch  # only ever called with a torch model, so torch is loaded already
     return model.eval().to(memory_format=torch.channels_last)
+
+
+def check_batch(batch, image_size: int) -> np.ndarray:
+    """The batch as a contiguous uint8 [N, S, S, 3] array, or a ValueError naming what is
+    wrong: a float image in 0..1 cast to uint8 would silently become 0s and 1s."""
+    a = np.asarray(batch)
+    want = f"uint8 images [N, {image_size}, {image_size}, 3] (RGB 0-255, as transforms.preprocess makes)"
+    if a.dtype != np.uint8:
+        hint = (": scale floats to 0-255 first, or pass the images through transforms.preprocess"
+                if a.dtype.kind == "f" else "")
+        raise ValueError(f"model input must be {want}, got dtype {a.dtype}{hint}")
+    if a.ndim != 4 or a.shape[1:] != (image_size, image_size, 3):
+        raise ValueError(f"model input must be {want}, got shape {list(a.shape)}")
+    return np.ascontiguousarray(a)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
