@@ -1,4 +1,11 @@
-"""Shared fixtures: synthetic images for unit tests, the real PBC folder when present."""
+"""Shared fixtures: synthetic images for unit tests, the real PBC folder when present.
+
+Skips and ``BLOODCELL_REQUIRE``: locally, tests that need ../shared/data/pbc
+(marker ``realdata``) or headless Chromium (marker ``browser``) skip when it is
+missing. CI must not go green that way: ``BLOODCELL_REQUIRE=data,browser``
+(set by .ci/run) turns every skip of such a test into a failure. A required
+dependency (fastapi, selenium, ...) is imported plainly, so a broken install
+fails collection instead of skipping tests."""
 from __future__ import annotations
 
 import os
@@ -13,6 +20,34 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte",
            "neutrophil", "platelet"]
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pbc"
+# what must be there (comma-separated): data = ../shared/data/pbc, browser = headless Chromium
+REQUIRED = {k.strip() for k in os.environ.get("BLOODCELL_REQUIRE", "").split(",") if k.strip()}
+_REQUIRE_MARKERS = {"realdata": "data", "browser": "browser"}
+if REQUIRED - set(_REQUIRE_MARKERS.values()):
+    raise ValueError(f"BLOODCELL_REQUIRE={os.environ['BLOODCELL_REQUIRE']}: "
+                     f"known values are {', '.join(sorted(_REQUIRE_MARKERS.values()))}")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:  # a test reading the real data is a realdata test, marked or not
+        if "real_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.realdata)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With BLOODCELL_REQUIRE, a skipped realdata/browser test is a failure."""
+    outcome = yield
+    rep = outcome.get_result()
+    if not rep.skipped or hasattr(rep, "wasxfail"):
+        return
+    need = sorted(kind for marker, kind in _REQUIRE_MARKERS.items()
+                  if kind in REQUIRED and item.get_closest_marker(marker))
+    if need:
+        why = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.outcome = "failed"
+        rep.longrepr = (f"BLOODCELL_REQUIRE={','.join(sorted(REQUIRED))} needs {', '.join(need)}, "
+                        f"but the test was skipped: {why}")
 
 
 def synthetic_cell(label: int, size: int = 64, seed: int = 0) -> np.ndarray:
@@ -51,7 +86,10 @@ def synthetic_dataset(tmp_path):
 @pytest.fixture
 def real_data():
     if not REAL_DATA.is_dir():
-        pytest.skip(f"real PBC data not found at {REAL_DATA}")
+        msg = f"real PBC data not found at {REAL_DATA}"
+        if "data" in REQUIRED:  # also for a test that forgot its realdata marker
+            pytest.fail(f"BLOODCELL_REQUIRE includes data: {msg}")
+        pytest.skip(msg)
     return REAL_DATA
 
 

@@ -91,6 +91,35 @@ def test_atomic_write_leaves_no_partial(tmp_path):
     assert [f.name for f in tmp_path.iterdir()] == ["out.json"]
 
 
+def test_atomic_write_that_fails_half_way_keeps_the_old_file(tmp_path):
+    """A write that dies half-way (here: the file-size limit is reached, EFBIG, in a child
+    process) leaves the previous file whole and no temporary file behind. Fails if
+    atomic_write_bytes writes in place (Path.write_bytes truncates the old file, then
+    stops with part of the new one)."""
+    import errno
+    import subprocess
+    import sys
+    import textwrap
+    target = tmp_path / "results.json"
+    target.write_text('{"old": true}\n')
+    script = textwrap.dedent(f"""
+        import resource, signal
+        from bloodcell.data import atomic_write_bytes, atomic_write_json
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failing write() instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+        for write, data in ((atomic_write_bytes, b"x" * 100_000), (atomic_write_json, ["y" * 100] * 1000)):
+            try:
+                write({str(target)!r}, data)
+            except OSError as e:
+                print("failed:", e.errno)
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["failed:", str(errno.EFBIG)] * 2  # both writers hit the limit
+    assert target.read_text() == '{"old": true}\n'
+    assert [f.name for f in tmp_path.iterdir()] == ["results.json"]
+
+
 def test_scan_names_folders_that_are_not_classes(synthetic_dataset, caplog):
     (synthetic_dataset / "weird").mkdir()
     ds = D.scan(synthetic_dataset, classes=["basophil", "ig"])

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +12,6 @@ from bloodcell import modelfile as MF
 from bloodcell import export as E
 from bloodcell import predict as P
 from test_predict import make_model
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture
 def model_dir(tmp_path):
@@ -80,19 +76,10 @@ def test_temperature_applied_by_onnx_backend(model_dir):
     assert (p1.argmax(1) == p3.argmax(1)).all() and p3.max(1).mean() < p1.max(1).mean()
 
 
-def _trained_model():
-    for c in (MF.BUNDLED_DIR / "model.json", ROOT / "runs" / "recipe-s42" / "model.json"):
-        if c.exists():
-            return c
-    return None
-
-
 @pytest.mark.realdata
 def test_torch_and_onnx_same_classes_on_real_test_images(real_data, tmp_path):
-    """A small real subset through both backends, with the trained model when there is one."""
-    model = _trained_model()
-    if model is None:
-        pytest.skip("no trained model (bundled or runs/recipe-s42)")
+    """A small real subset through both backends, with the bundled model."""
+    model = MF.BUNDLED_DIR / "model.json"
     files = []
     for d in sorted(p for p in real_data.iterdir() if p.is_dir()):
         files += sorted(f for f in d.glob("*.jpg") if not f.name.startswith("."))[:6]

@@ -58,7 +58,6 @@ def test_bundled_model_default_path(model_dir, monkeypatch, tmp_path):
     assert r["status"] == "ok" and r["class"] in CLASSES
 
 
-@pytest.mark.skipif(not (MF.BUNDLED_DIR / "model.json").exists(), reason="no bundled model yet")
 def test_shipped_bundled_model_predicts():
     clf = P.Classifier.load(backend="torch")
     (r,) = clf.predict(synthetic_cell(3, size=clf.image_size))
@@ -68,8 +67,6 @@ def test_shipped_bundled_model_predicts():
 def test_shipped_int8_file_belongs_to_the_bundled_weights():
     """The bundled int8 ONNX file is the bundled model quantised: it loads (provenance
     checked against the weights) and mostly agrees with the float model."""
-    if not (MF.BUNDLED_DIR / "model.int8.onnx").exists():
-        pytest.skip("no int8 file bundled")
     q = P.Classifier.load(backend="onnx-int8", screen=None)
     t = P.Classifier.load(backend="torch", screen=None)
     x = np.stack([synthetic_cell(k % 8, size=t.image_size, seed=k) for k in range(16)])
@@ -309,7 +306,6 @@ def test_cli_predict_json_and_csv(model_dir, image_dir, tmp_path, capsys):
     assert main(["predict", str(image_dir), "--model", str(model_dir), "--out", str(tmp_path / "o.txt")]) == 2
 
 
-@pytest.mark.skipif(not (MF.BUNDLED_DIR / "screen.json").exists(), reason="no bundled screen")
 def test_bundled_screen_adds_flags(model_dir, image_dir):
     clf = P.Classifier.load(model_dir, backend="torch")  # screen="auto": the bundled one
     assert clf.screen is not None

@@ -20,8 +20,7 @@ from torch import nn
 from conftest import CLASSES, synthetic_cell
 
 warnings.filterwarnings("ignore", message=".*`httpx`.*")  # starlette prefers httpx2; httpx works
-fastapi = pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402  (a core dependency: never skipped)
 
 from bloodcell.models import create_model, save_model  # noqa: E402
 from bloodcell.predict import Classifier  # noqa: E402

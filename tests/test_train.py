@@ -54,6 +54,64 @@ def test_early_stopping_restores_best(synthetic_dataset, tmp_path):
     assert s["epochs_run"] == 2 and s["best"]["epoch"] == 1
 
 
+def _val_log_loss(run, data) -> float:
+    m = evaluate(run, data, split="val", progress=False)
+    return float(-np.log(np.clip(m["_probs"][np.arange(len(m["_y"])), m["_y"]], 1e-12, None)).mean())
+
+
+def test_early_stopping_keeps_the_best_epochs_weights(synthetic_dataset, tmp_path):
+    """With a learning rate that changes the model every epoch, the saved model is the
+    best epoch's, not the last one's: its validation loss is the one logged for the best
+    epoch. Fails if the weights are saved after every epoch instead of only the best."""
+    from safetensors.torch import load_file
+    run = tmp_path / "es"
+    s = train(_cfg(synthetic_dataset, run, epochs=6, patience=1, lr=0.03, precision="fp32"))
+    best, last = s["history"][s["best"]["epoch"] - 1], s["history"][-1]
+    assert s["best"]["epoch"] < s["epochs_run"], "precondition: training stopped after a worse epoch"
+    assert abs(best["val_loss"] - last["val_loss"]) > 0.01, "precondition: the epochs differ"
+    assert _val_log_loss(run, synthetic_dataset) == pytest.approx(best["val_loss"], abs=1e-3)
+    saved = load_file(str(run / "model.safetensors"))
+    last_state = load_file(str(run / "checkpoint" / "last.safetensors"))  # the last epoch's
+    assert any(not np.allclose(v.numpy(), last_state[f"model.{k}"].numpy()) for k, v in saved.items())
+
+
+def test_saved_batchnorm_statistics_are_those_of_the_training_images(synthetic_dataset, tmp_path):
+    """Precise BN: after training, every BatchNorm layer's running mean/variance are the
+    statistics of its inputs over the (un-augmented) training images, not a running
+    average lagging behind the weights. Fails if the re-estimation after each epoch is
+    turned off."""
+    import torch
+
+    from bloodcell import data as D
+    run = tmp_path / "bn"
+    # fp32: on a CPU with native bf16 the training would compute the statistics in bf16
+    train(_cfg(synthetic_dataset, run, model="lite0-recipe", epochs=1, max_steps_per_epoch=2,
+               lr=1e-3, precision="fp32"))
+    model, meta = load_model(run)
+    ds = D.scan(synthetic_dataset)
+    images, _ = D.load_images(ds, meta["image_size"], progress=False)
+    splits = D.apply_manifest(ds, D.read_manifest(run / "split.csv"))
+    x = np.asarray(images[D.split_indices(splits, "train")])
+    assert len(x) <= 64, "one batch of training images, so the statistics are exact"
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) > 40
+    saved = {m: (m.running_mean.clone(), m.running_var.clone()) for m in bns}
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.__setitem__(m, a[0].detach())) for m in bns]
+    for m in bns:
+        m.train()  # normalise with the batch's statistics, as the re-estimation does
+    from bloodcell.transforms import to_tensor
+    with torch.no_grad():
+        model(to_tensor(x))
+    for h in hooks:
+        h.remove()
+    for m in bns:
+        inp = seen[m].transpose(0, 1).flatten(1)  # channels x values
+        mean, var = saved[m]
+        assert torch.allclose(mean, inp.mean(1), rtol=1e-3, atol=1e-4), m
+        assert torch.allclose(var, inp.var(1, unbiased=True), rtol=1e-3, atol=1e-4), m
+
+
 def test_resume_continues_from_last_epoch(synthetic_dataset, tmp_path):
     full = train(_cfg(synthetic_dataset, tmp_path / "full", epochs=3))
     part = tmp_path / "part"

@@ -86,6 +86,18 @@ def load_screen(screen="auto"):
     return Screen.load(screen)
 
 
+def screen_fingerprint(screen) -> str | None:
+    """What decides a screen's flags: its whole saved form (mixture, threshold, params,
+    image size), hashed; a refitted screen.json must not reuse a journal's flags."""
+    if screen is None:
+        return None
+    if not hasattr(screen, "to_dict"):  # a stand-in without a saved form: its type and size
+        return f"{type(screen).__name__}/{getattr(screen, 'image_size', None)}"
+    import hashlib
+    blob = json.dumps(screen.to_dict(), sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()
+
+
 class Classifier:
     """A loaded model plus its metadata (classes, image size, temperature)."""
 
@@ -170,8 +182,7 @@ class Classifier:
         """What decides a record: a resumed run only reuses records made with the same."""
         return {"weights_sha1": weights_sha1(self.weights_path) if self.weights_path else None,
                 "temperature": self.temperature, "review_threshold": self.review_threshold,
-                "screen": type(self.screen).__name__ if self.screen is not None else None,
-                "screen_size": getattr(self.screen, "image_size", None),
+                "screen": screen_fingerprint(self.screen),
                 "input_check": self.input_check.fingerprint()}
 
     # -- arrays in, probabilities out
