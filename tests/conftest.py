@@ -9,6 +9,7 @@ fails collection instead of skipping tests."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ if REQUIRED - set(_REQUIRE_MARKERS.values()):
 
 def pytest_collection_modifyitems(items):
     for item in items:  # a test reading the real data is a realdata test, marked or not
-        if "real_data" in getattr(item, "fixturenames", ()):
+        if {"real_data", "real_test_split"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.realdata)
 
 
@@ -48,6 +49,10 @@ def pytest_runtest_makereport(item, call):
         rep.outcome = "failed"
         rep.longrepr = (f"BLOODCELL_REQUIRE={','.join(sorted(REQUIRED))} needs {', '.join(need)}, "
                         f"but the test was skipped: {why}")
+
+
+# `bloodcell ARGS...` as a process, with this interpreter (and its PYTHONPATH)
+BLOODCELL = [sys.executable, "-c", "import sys; from bloodcell.cli import main; sys.exit(main())"]
 
 
 def synthetic_cell(label: int, size: int = 64, seed: int = 0) -> np.ndarray:
@@ -83,14 +88,48 @@ def synthetic_dataset(tmp_path):
     return root
 
 
-@pytest.fixture
-def real_data():
+def _need_real_data() -> Path:
     if not REAL_DATA.is_dir():
         msg = f"real PBC data not found at {REAL_DATA}"
         if "data" in REQUIRED:  # also for a test that forgot its realdata marker
             pytest.fail(f"BLOODCELL_REQUIRE includes data: {msg}")
         pytest.skip(msg)
     return REAL_DATA
+
+
+@pytest.fixture
+def real_data():
+    return _need_real_data()
+
+
+@pytest.fixture(scope="session")
+def real_test_split(tmp_path_factory):
+    """[(path, class)] of the held-out test split of ../shared/data/pbc that
+    `bloodcell evaluate --split test` uses (seed 42, 64/16/20: 2,393 images), checked
+    to be the very split the bundled model was trained with (split-manifest hash)."""
+    import json
+
+    from bloodcell import data as D
+    from bloodcell.predict import BUNDLED_DIR
+    ds = D.scan(_need_real_data())
+    splits = D.make_split(ds)
+    sha = D.write_manifest(tmp_path_factory.mktemp("split") / "split.csv", ds, splits)
+    assert sha == json.loads((BUNDLED_DIR / "model.json").read_text())["split_manifest_sha1"]
+    return [(ds.root / ds.samples[i].path, ds.classes[ds.samples[i].label])
+            for i in D.split_indices(splits, "test")]
+
+
+@pytest.fixture(scope="session")
+def _shared_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("shared-cache")
+
+
+@pytest.fixture
+def shared_cache(_shared_cache_dir, monkeypatch):
+    """One cache for the tests of the bundled model and the processes they start, so
+    its ONNX export is made once per session, not once per test."""
+    monkeypatch.setenv("BLOODCELL_CACHE", str(_shared_cache_dir))
+    return _shared_cache_dir
 
 
 @pytest.fixture(autouse=True)

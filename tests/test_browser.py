@@ -108,7 +108,7 @@ def chrome(width=1440, height=1000):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def _wait(driver, cond, timeout=30, msg=""):
+def _wait(driver, cond, timeout=90, msg=""):  # generous: CI boxes can be busy
     from selenium.webdriver.support.ui import WebDriverWait
     return WebDriverWait(driver, timeout, poll_frequency=0.1).until(cond, msg)
 

@@ -78,6 +78,8 @@ def test_health_model_card_docs(client):
     h = client.get("/api/health").json()
     assert h["status"] == "ok" and h["model"] == "cnn3" and h["classes"] == 8
     assert h["multi_cell_screen"] is False
+    # ONNX Runtime by default; a silent fallback to torch would show here
+    assert h["backend"] == "onnx" and client.app.state.lab.clf.backend == "onnx"
     m = client.get("/api/model").json()
     assert m["classes"] == CLASSES and m["image_size"] == 64 and m["version"] == "test-1"
     assert m["metrics"]["accuracy"] == 0.5  # metrics.json beside the model

@@ -47,6 +47,7 @@ def _found(row, kind: str, key: str) -> dict:
 def health(L: Lab = Depends(lab)):
     return {"status": "ok", "version": __version__, "model": L.card["architecture"],
             "model_version": L.card["version"], "classes": len(L.clf.classes),
+            "backend": L.clf.backend,  # onnx unless it fell back to torch (logged)
             "multi_cell_screen": L.clf.screen is not None}
 
 
