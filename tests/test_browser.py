@@ -256,6 +256,39 @@ def test_page_upload_correct_reload(tmp_path):
 
 
 @needs_chromium
+def test_page_with_the_bundled_model_on_real_cells(real_test_split, shared_cache, tmp_path):
+    """The page as it ships (bundled model through ONNX, bundled multi-cell screen) on
+    2 held-out real cells of each class: the cards show the right classes, confidently,
+    and the differential table holds every class, as the server counts them."""
+    pytest.importorskip("selenium")
+    import httpx
+    from selenium.webdriver.common.by import By
+
+    from bloodcell.serve import create_app
+    by_class: dict = {}
+    for path, cls in real_test_split:
+        by_class.setdefault(cls, []).append(path)
+    cells = {p.name: cls for cls in CLASSES for p in by_class[cls][:2]}
+    app = create_app(db_path=tmp_path / "lab.sqlite3")
+    with live_server(app) as url, chrome() as driver:
+        assert httpx.get(f"{url}/api/health").json()["backend"] == "onnx"
+        driver.get(url + "/")
+        _wait(driver, lambda d: d.find_element(By.ID, "sample-select"), msg="page did not load")
+        _upload(driver, [p for cls in CLASSES for p in by_class[cls][:2]])
+        _wait(driver, lambda d: len(_cards(d)) == 16, msg="grid did not show 16 cells")
+        shown = {c.find_element(By.CSS_SELECTOR, ".fname").text:
+                 c.find_element(By.CSS_SELECTOR, ".card-class-name").text for c in _cards(driver)}
+        assert sum(shown[name] == cls for name, cls in cells.items()) >= 14, (shown, cells)
+        assert int(driver.find_element(By.ID, "n-review").text) <= 3  # confident answers
+        counts = _diff_counts(driver)
+        assert sum(k > 0 for k in counts.values()) >= 7, counts  # a mixed differential
+        sid = httpx.get(f"{url}/api/samples").json()["samples"][0]["id"]
+        assert httpx.get(f"{url}/api/samples/{sid}").json()["differential"]["counts"] == counts
+        severe = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not severe, severe
+
+
+@needs_chromium
 def test_long_sample_name_does_not_widen_the_page(tmp_path):
     """A 200-character sample name: shown cut short (full name on hover), the header and
     its export buttons stay inside a 1280 px window (it used to widen the page to 2,775 px)."""

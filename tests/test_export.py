@@ -126,3 +126,36 @@ def test_int8_backend_finds_its_file_and_refuses_stale_ones(model_dir, tmp_path)
     E.default_int8_path(ow).write_bytes(q.read_bytes())  # an int8 file of other weights
     with pytest.raises(ValueError, match="other weights"):
         P.Classifier.load(other, backend="onnx-int8", screen=None)
+
+
+def test_export_int8_cli_calibrated_on_training_images_only(synthetic_dataset, tmp_path, capsys):
+    """`bloodcell export --format onnx-int8`: the quantised file lands next to the weights,
+    keeps their provenance, runs as --backend onnx-int8 and leaves no float copy behind;
+    its calibration images are training-split images of the model's run, never val/test."""
+    import onnx
+
+    from bloodcell import data as D
+    from bloodcell.cli import main
+    model = make_model(tmp_path / "model", gain=200.0)
+    ds = D.scan(synthetic_dataset)
+    images, _ = D.load_images(ds, 64, progress=False)
+    splits = D.make_split(ds, seed=3)  # the run's own split (not the default seed's)
+    D.write_manifest(model / "split.csv", ds, splits)
+
+    calib = E.train_images(model, synthetic_dataset, n=1000)
+    key = {s: {np.asarray(images[i]).tobytes() for i in D.split_indices(splits, s)} for s in D.SPLITS}
+    assert {x.tobytes() for x in calib} == key["train"]  # n > the split: all of it, nothing else
+    assert len(E.train_images(model, synthetic_dataset, n=10)) == 10
+
+    assert main(["export", "--model", str(model), "--format", "onnx-int8", "--data", str(synthetic_dataset),
+                 "--calib-images", "24"]) == 0
+    assert "same classes" in capsys.readouterr().out
+    q = model / "model.int8.onnx"
+    assert sorted(f.name for f in model.glob("*.onnx")) == ["model.int8.onnx"]
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(q)).graph.node)
+    assert E.onnx_metadata(q)["bloodcell_weights_sha1"] == E.weights_sha1(model / "model.safetensors")
+    clf = P.Classifier.load(model, backend="onnx-int8", screen=None)
+    assert clf.onnx_path == q
+    x = np.stack([synthetic_cell(k % 8, seed=k) for k in range(16)])
+    ref = P.Classifier.load(model, backend="torch", screen=None).predict_proba_arrays(x)
+    assert (clf.predict_proba_arrays(x).argmax(1) == ref.argmax(1)).mean() >= 0.75

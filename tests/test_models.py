@@ -87,3 +87,18 @@ def test_save_load_roundtrip_same_predictions(tmp_path, fp16):
 def test_load_model_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="model file not found"):
         load_model(tmp_path)
+
+
+def test_models_cli_lists_the_registry(capsys):
+    """`bloodcell models`: every registered architecture, the study's six generations numbered."""
+    from bloodcell.cli import main
+    from bloodcell.models import REGISTRY
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[0] for ln in lines] == list(REGISTRY)
+    assert set(REGISTRY) >= {"dnn", "cnn", "cnn-aug", "cnn3", "lite0-frozen", "lite0-finetune",
+                             "lite0-recipe", "resnet50"}
+    gens = {ln.split()[0]: ln.split()[2] for ln in lines if ln.split()[1] == "gen"}
+    assert gens == {"dnn": "1", "cnn": "2", "cnn-aug": "3", "cnn3": "4", "lite0-frozen": "5",
+                    "lite0-finetune": "6"}
+    assert all(REGISTRY[n].description in ln for n, ln in zip(REGISTRY, lines))

@@ -212,3 +212,22 @@ def test_per_model_image_size_and_epoch_caps():
                      ("8", "too small")):
         with pytest.raises((ValueError, KeyError), match=msg):
             parse_image_size(bad)
+
+
+def test_report_cli_rebuilds_the_report_without_training(study, tmp_path, capsys):
+    """`bloodcell report --public`: report.md/.html and figures rebuilt from the study
+    folder's files (the numbers are the runs'), nothing trained, no figure with dataset
+    images."""
+    _, rep, _ = study
+    weights = {p: p.stat().st_mtime_ns for p in (rep / "runs").rglob("*.safetensors")}
+    pub = tmp_path / "public"
+    assert cli.main(["report", "--study", str(rep), "--out", str(pub), "--public"]) == 0
+    assert f"wrote {pub / 'report.md'}" in capsys.readouterr().out
+    assert {p.name for p in (pub / "figures").glob("*.png")} == set(FULL_FIGS) - PRIVATE_FIGS
+    md = (pub / "report.md").read_text()
+    for m in MODELS:
+        acc = json.loads((rep / "runs" / m / "study_eval.json").read_text())["splits"]
+        row = " | ".join(f"{100 * acc[s]['accuracy']:.1f} %" for s in ("train", "val", "test"))
+        assert re.search(rf"\| Gen \d: {re.escape(m)} \| {row} \|", md), (m, row)
+    assert (pub / "report.html").read_text().count("data:image/png;base64,") == len(FULL_FIGS) - len(PRIVATE_FIGS) + 1
+    assert weights == {p: p.stat().st_mtime_ns for p in (rep / "runs").rglob("*.safetensors")}
