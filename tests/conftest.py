@@ -2,10 +2,11 @@
 
 Skips and ``BLOODCELL_REQUIRE``: locally, tests that need ../shared/data/pbc
 (marker ``realdata``) or headless Chromium (marker ``browser``) skip when it is
-missing. CI must not go green that way: ``BLOODCELL_REQUIRE=data,browser``
-(set by .ci/run) turns every skip of such a test into a failure. A required
-dependency (fastapi, selenium, ...) is imported plainly, so a broken install
-fails collection instead of skipping tests."""
+missing, and those of the optional extras (Ray, MLflow) when they do not import.
+CI must not go green that way: ``BLOODCELL_REQUIRE=data,browser,deps`` (set by
+.ci/run) turns every skip of a realdata/browser test into a failure and stops the
+run at once when an extra does not import. A core dependency (fastapi, ...) is
+imported plainly, so a broken install fails collection instead of skipping tests."""
 from __future__ import annotations
 
 import os
@@ -21,12 +22,20 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte",
            "neutrophil", "platelet"]
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pbc"
-# what must be there (comma-separated): data = ../shared/data/pbc, browser = headless Chromium
+# what must be there (comma-separated): data = ../shared/data/pbc, browser = headless
+# Chromium (and selenium), deps = the extras `make install` installs ([test,scale])
 REQUIRED = {k.strip() for k in os.environ.get("BLOODCELL_REQUIRE", "").split(",") if k.strip()}
 _REQUIRE_MARKERS = {"realdata": "data", "browser": "browser"}
-if REQUIRED - set(_REQUIRE_MARKERS.values()):
+_REQUIRE_IMPORTS = {"browser": ("selenium",), "deps": ("httpx", "selenium", "ray", "mlflow", "pyarrow")}
+if REQUIRED - {"data", "browser", "deps"}:
     raise ValueError(f"BLOODCELL_REQUIRE={os.environ['BLOODCELL_REQUIRE']}: "
-                     f"known values are {', '.join(sorted(_REQUIRE_MARKERS.values()))}")
+                     "known values are data, browser, deps")
+for _mod in sorted({m for k in REQUIRED for m in _REQUIRE_IMPORTS.get(k, ())}):
+    try:  # an optional extra that does not import would skip its tests (importorskip)
+        __import__(_mod)
+    except ImportError as e:
+        raise ImportError(f"BLOODCELL_REQUIRE={os.environ['BLOODCELL_REQUIRE']}: "
+                          f"{_mod} does not import ({e})") from e
 
 
 def pytest_collection_modifyitems(items):

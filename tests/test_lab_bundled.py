@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import BLOODCELL, CLASSES, REAL_DATA, synthetic_cell
 from test_browser import free_port
 
-from bloodcell.predict import WHITE_CELLS, Classifier
+from bloodcell.predict import WHITE_CELLS, Classifier, example_files
 from bloodcell.serve import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,16 +51,25 @@ def same_as_predict(results: list[dict], datas: list[bytes]) -> None:
 
 
 def test_lab_page_runs_the_bundled_model_and_screen(shared_cache, tmp_path):
-    """Defaults of `bloodcell serve`: bundled model through ONNX Runtime, bundled screen.
+    """Defaults of `bloodcell serve` (bundled model through ONNX Runtime, bundled screen)
+    on the 16 example cells shipped in the package (real PBC cells, 2 per class; no
+    ../shared needed): right and confident on nearly all, every class in the count.
     Fails if ONNX cannot load and the server quietly falls back to torch."""
+    files = example_files()
     with TestClient(create_app(db_path=tmp_path / "lab.sqlite3")) as c:
         h = c.get("/api/health").json()
         assert h["backend"] == "onnx" and h["model"] == "lite0-recipe"
         assert h["multi_cell_screen"] is True and h["classes"] == 8
-        datas = [png(synthetic_cell(k, size=128, seed=k)) for k in range(4)]
-        body = post(c, [(f"c{k}.png", d) for k, d in enumerate(datas)], "synthetic").json()
-        assert body["n_ok"] == 4
-        same_as_predict(body["results"], datas)
+        datas = [f.read_bytes() for f in files] + [png(synthetic_cell(3, size=128, seed=1))]
+        body = post(c, [(f.name, d) for f, d in zip(files, datas)] + [("synthetic.png", datas[-1])],
+                    "examples").json()
+        assert body["n_ok"] == 17
+        res = body["results"]
+        assert sum(r["class"] == f.parent.name for r, f in zip(res, files)) >= 15
+        assert sum(not r["needs_review"] for r in res[:16]) >= 13  # confident answers
+        same_as_predict(res, datas)
+        d = c.get(f"/api/samples/{body['sample_id']}").json()["differential"]
+        assert sum(k > 0 for k in d["counts"].values()) >= 7  # a mixed differential
 
 
 def _checkset_multi(n: int) -> list[Path]:
