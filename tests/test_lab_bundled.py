@@ -24,6 +24,7 @@ from bloodcell.predict import WHITE_CELLS, Classifier, example_files
 from bloodcell.serve import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
+LOCAL = "http://127.0.0.1:8000"  # a Host name the server answers to
 
 
 def png(arr) -> bytes:
@@ -56,7 +57,7 @@ def test_lab_page_runs_the_bundled_model_and_screen(shared_cache, tmp_path):
     ../shared needed): right and confident on nearly all, every class in the count.
     Fails if ONNX cannot load and the server quietly falls back to torch."""
     files = example_files()
-    with TestClient(create_app(db_path=tmp_path / "lab.sqlite3")) as c:
+    with TestClient(create_app(db_path=tmp_path / "lab.sqlite3"), base_url=LOCAL) as c:
         h = c.get("/api/health").json()
         assert h["backend"] == "onnx" and h["model"] == "lite0-recipe"
         assert h["multi_cell_screen"] is True and h["classes"] == 8
@@ -88,7 +89,7 @@ def test_lab_page_on_real_cells(real_test_split, shared_cache, tmp_path):
     cells = [(p, cls) for cls in CLASSES for p in by_class[cls][:3]]
     multi = _checkset_multi(3)
     files = [(p.name, p.read_bytes()) for p, _ in cells] + [(p.name, p.read_bytes()) for p in multi]
-    with TestClient(create_app(db_path=tmp_path / "lab.sqlite3")) as c:
+    with TestClient(create_app(db_path=tmp_path / "lab.sqlite3"), base_url=LOCAL) as c:
         body = post(c, files, "real smear").json()
         assert body["n_ok"] == len(files) == 27
         res = body["results"]
