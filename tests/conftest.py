@@ -119,7 +119,7 @@ def real_test_split(tmp_path_factory):
     import json
 
     from bloodcell import data as D
-    from bloodcell.predict import BUNDLED_DIR
+    from bloodcell.modelfile import BUNDLED_DIR
     ds = D.scan(_need_real_data())
     splits = D.make_split(ds)
     sha = D.write_manifest(tmp_path_factory.mktemp("split") / "split.csv", ds, splits)

@@ -153,7 +153,7 @@ def test_export_int8_cli_calibrated_on_training_images_only(synthetic_dataset, t
     q = model / "model.int8.onnx"
     assert sorted(f.name for f in model.glob("*.onnx")) == ["model.int8.onnx"]
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(q)).graph.node)
-    assert E.onnx_metadata(q)["bloodcell_weights_sha1"] == E.weights_sha1(model / "model.safetensors")
+    assert E.onnx_metadata(q)["bloodcell_weights_sha1"] == MF.weights_sha1(model / "model.safetensors")
     clf = P.Classifier.load(model, backend="onnx-int8", screen=None)
     assert clf.onnx_path == q
     x = np.stack([synthetic_cell(k % 8, seed=k) for k in range(16)])

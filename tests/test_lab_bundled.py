@@ -20,7 +20,8 @@ from PIL import Image
 from conftest import BLOODCELL, CLASSES, REAL_DATA, synthetic_cell
 from test_browser import free_port
 
-from bloodcell.predict import WHITE_CELLS, Classifier, example_files
+from bloodcell.differential import WHITE_CELLS
+from bloodcell.predict import Classifier, example_files
 from bloodcell.serve import create_app
 
 ROOT = Path(__file__).resolve().parents[1]
