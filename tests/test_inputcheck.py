@@ -12,7 +12,6 @@ from PIL import Image
 from conftest import synthetic_cell
 from test_predict import make_model
 
-from bloodcell import modelfile as MF
 from bloodcell.cli.predict import format_summary
 from bloodcell.differential import differential_count
 from bloodcell import predict as P
