@@ -158,6 +158,9 @@ class Classifier:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = threads or (os.cpu_count() or 1)
         so.inter_op_num_threads = 1
+        # no pre-planned block for the whole graph: peak memory of `bloodcell predict` over
+        # 600 files 537 -> 392 MB, no slower (ORT's arena still reuses the buffers)
+        so.enable_mem_pattern = False
         so.log_severity_level = 3  # errors only: graph-optimiser notes are not the user's business
         # no busy-waiting between ops: the decode threads need those cycles
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
