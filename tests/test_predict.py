@@ -484,3 +484,18 @@ def test_model_input_contract(model_dir, backend):
     for bad in (x[:, :32, :32], x[0], np.concatenate([x, x[..., :1]], axis=3)):
         with pytest.raises(ValueError, match=rf"got shape \[{', '.join(map(str, bad.shape))}\]"):
             clf.predict_logits_arrays(bad)
+
+
+def test_onnx_path_does_not_import_torch(tmp_path):
+    """`bloodcell predict` on ONNX Runtime runs without PyTorch (start-up time and memory):
+    the bundled int8 file needs no export, so the whole command stays torch-free."""
+    import subprocess
+    import sys
+    if not (MF.BUNDLED_DIR / "model.int8.onnx").exists():
+        pytest.skip("no int8 file bundled")
+    code = ("import sys; from bloodcell.cli import main; "
+            f"rc = main(['predict', {str(P.example_files()[0])!r}, '--backend', 'onnx-int8', "
+            f"'--out', {str(tmp_path / 'r.csv')!r}, '--no-progress']); "
+            "print('torch' in sys.modules, rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "False 0", out.stderr[-2000:]

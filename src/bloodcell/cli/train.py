@@ -7,11 +7,12 @@ from pathlib import Path
 
 from ..data import DEFAULT_SEED
 from ..evaluate import evaluate, print_report, track
-from ..models import REGISTRY
 from ..predict import BACKENDS
 from ..tracking import MLFLOW_HELP, Tracker
-from ..train import TrainConfig, train
 from .args import data_or_default
+
+# models and train import torch: loaded by their commands only, so that building the
+# parser (every command, `bloodcell predict` on ONNX Runtime too) does not
 
 
 def _add_train_args(p, model_required=True):
@@ -45,6 +46,7 @@ def _add_train_args(p, model_required=True):
 
 
 def cmd_train(args):
+    from ..train import TrainConfig, train
     pretrained = False if args.no_pretrained else (args.weights or True)
     if args.model == "resnet50" and not args.weights:
         pretrained = False if args.no_pretrained else True
@@ -77,6 +79,7 @@ def cmd_evaluate(args):
 
 
 def cmd_models(args):
+    from ..models import REGISTRY
     for name, spec in REGISTRY.items():
         gen = f"gen {spec.generation}" if spec.generation else "      "
         print(f"{name:<16}{gen}  {spec.description}")
