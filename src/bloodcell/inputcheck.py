@@ -54,9 +54,15 @@ def colour_features(images: np.ndarray) -> np.ndarray:
 
 
 def fit_input_check(images: np.ndarray, index: np.ndarray | None = None,
-                    quantile: float = DEFAULT_QUANTILE, batch: int = 512) -> dict:
+                    quantile: float = DEFAULT_QUANTILE, batch: int = 512, predictive: bool = False) -> dict:
     """Colour statistics of (training) images -> the ``input_check`` entry of model.json.
-    ``index`` picks rows of ``images`` (read in batches: it may be a large memory map)."""
+    ``index`` picks rows of ``images`` (read in batches: it may be a large memory map).
+
+    ``predictive``: for a handful of images (``bloodcell adapt``), where the largest
+    distance seen says little about the next image and the covariance itself is
+    uncertain, the threshold is at least the ``quantile`` of a new image's distance
+    under a Gaussian with estimated mean and covariance (Hotelling's prediction
+    bound: d^2 ~ p(n+1)(n-1)/(n(n-p)) F(p, n-p)); it tends to the chi bound as n grows."""
     index = np.arange(len(images)) if index is None else np.asarray(index)
     if len(index) < 2 * len(FEATURES):
         raise ValueError(f"need at least {2 * len(FEATURES)} images to fit the input check, got {len(index)}")
@@ -64,8 +70,19 @@ def fit_input_check(images: np.ndarray, index: np.ndarray | None = None,
     mean, cov = f.mean(0), np.cov(f.T)
     cov += np.eye(len(FEATURES)) * 1e-6 * np.trace(cov)  # never singular (e.g. constant channels)
     d = _mahalanobis(f, mean, np.linalg.inv(cov))
+    threshold = float(np.quantile(d, quantile))
+    if predictive:
+        threshold = max(threshold, _prediction_bound(len(f), len(FEATURES), quantile))
     return {"features": FEATURES, "mean": mean.tolist(), "cov": cov.tolist(),
-            "quantile": quantile, "threshold": float(np.quantile(d, quantile)), "n_images": int(len(f))}
+            "quantile": quantile, "threshold": threshold, "n_images": int(len(f)),
+            **({"threshold_rule": "max(empirical quantile, Hotelling prediction bound)"} if predictive else {})}
+
+
+def _prediction_bound(n: int, p: int, quantile: float) -> float:
+    """Mahalanobis distance a new Gaussian draw stays under with probability ``quantile``
+    when mean and covariance were estimated from n draws (n > p)."""
+    from scipy.stats import f as f_dist
+    return float(np.sqrt(p * (n + 1) * (n - 1) / (n * (n - p)) * f_dist.ppf(quantile, p, n - p)))
 
 
 def _mahalanobis(f: np.ndarray, mean: np.ndarray, cov_inv: np.ndarray) -> np.ndarray:
@@ -86,6 +103,8 @@ class InputCheck:
             self.mean = np.asarray(stats["mean"], np.float64)
             self.cov_inv = np.linalg.inv(np.asarray(stats["cov"], np.float64))
             self.threshold = float(stats["threshold"])
+        # an adapted model knows its lab's image size: that is not "small" for it
+        self.small_side = min(self.image_size, int((stats or {}).get("min_side", self.image_size)))
 
     @classmethod
     def from_meta(cls, meta: dict) -> "InputCheck":
@@ -130,7 +149,7 @@ class InputCheck:
                 frames = source[2] if len(source) > 2 else 1
                 if frames > 1:
                     w.append(f"{frames} frames or pages: only the first was classified")
-                if min(iw, ih) < self.image_size:
+                if min(iw, ih) < self.small_side:
                     w.append(f"small image ({iw}x{ih} px, upscaled to {self.image_size})")
                 if max(iw, ih) > MAX_ASPECT * min(iw, ih):
                     w.append(f"not square ({iw}x{ih} px): only the centre square was classified")

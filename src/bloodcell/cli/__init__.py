@@ -11,12 +11,12 @@ import logging
 import sys
 
 from .. import __version__
-from . import calibrate, data, export, predict, screen, serve, study, train
+from . import adapt, calibrate, data, export, predict, screen, serve, study, train
 
 log = logging.getLogger("bloodcell")
 
 # in the order `bloodcell --help` lists them
-COMMAND_MODULES = [predict, screen, train, calibrate, export, study, serve, data]
+COMMAND_MODULES = [predict, screen, train, calibrate, adapt, export, study, serve, data]
 
 
 def build_parser() -> argparse.ArgumentParser:

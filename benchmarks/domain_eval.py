@@ -1,0 +1,149 @@
+"""Other labs' cells: zero-shot accuracy and adaptation curves per external folder.
+
+    PYTHONPATH=src python benchmarks/domain_eval.py ../shared/data/wbc_cellavision \
+        [--model RUN] [--ks 5,10,20] [--draws 3] [--json out.json] [--set adabn=0.5 ...]
+
+Each FOLDER holds class sub-folders named like the model's classes (any letter case).
+Per folder:
+- zero shot: 8-way accuracy, 5-way accuracy (argmax over the five white-cell
+  classes, on the images of those classes) and the share flagged by the input
+  checks (the images `bloodcell predict` leaves out of the differential count);
+- adaptation curve: for k in --ks and --draws random draws (seed = draw number),
+  k cells of each class with at least k+5 images adapt the model
+  (``bloodcell.adapt``, settings --set), and the rest of the folder -- including the
+  classes left out of the adaptation set -- is the test set: 8-way, 5-way, share
+  flagged by the refitted input check, the adaptation's own seconds.
+Prints a table (mean +- sd over the draws) and writes everything as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+
+from bloodcell.adapt import AdaptSettings, adapt, load_folder
+from bloodcell.predict import Classifier
+
+WHITE = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
+
+
+def scores(clf: Classifier, images: np.ndarray, labels: np.ndarray, sources) -> dict:
+    """8-way, 5-way accuracy and the share with input warnings (the images `bloodcell
+    predict` leaves out of the differential count; the multi-cell screen is not run)."""
+    probs = np.concatenate([clf.predict_proba_arrays(images[i:i + 64]) for i in range(0, len(images), 64)])
+    white = [clf.classes.index(c) for c in WHITE]
+    in5 = np.isin(labels, white)
+    pred5 = np.array(white)[probs[:, white].argmax(1)]
+    warns = clf.check_inputs(images, sources)
+    return {"n": int(len(labels)), "acc8": float((probs.argmax(1) == labels).mean()),
+            "acc5": float((pred5[in5] == labels[in5]).mean()) if in5.any() else float("nan"),
+            "flagged": float(np.mean([bool(w) for w in warns])),
+            "needs_review": float(np.mean([(p.max() < clf.review_threshold) or bool(w)
+                                           for p, w in zip(probs, warns)]))}
+
+
+def draw(labels: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """k cells of each class with >= k+5 images for adaptation; the rest for the test."""
+    rng = np.random.default_rng(seed)
+    train = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) >= k + 5:
+            train.extend(rng.choice(idx, k, replace=False))
+    train = np.sort(np.array(train, dtype=np.int64))
+    return train, np.setdiff1d(np.arange(len(labels)), train)
+
+
+def curve(model, cells, k: int, draws: int, settings: AdaptSettings) -> dict:
+    runs = []
+    for d in range(draws):
+        tr, te = draw(cells.labels, k, d)
+        if len(np.unique(cells.labels[tr])) < 2:
+            return {"skipped": f"fewer than 2 classes with >= {k + 5} images"}
+        s = AdaptSettings(**{**asdict(settings), "seed": d})
+        t0 = time.perf_counter()
+        a = adapt(model, cells.subset(tr), s)
+        secs = time.perf_counter() - t0
+        clf = Classifier(a.model, a.meta)
+        r = scores(clf, cells.images[te], cells.labels[te], [cells.sources[i] for i in te])
+        r.update(draw=d, n_adapt=int(len(tr)), adapt_classes=a.report["class_counts"], seconds=round(secs, 1),
+                 temperature=a.meta["temperature"], cross_fitted=a.report.get("cross_fitted"))
+        print(f"    k={k} draw {d}: 8-way {r['acc8']:.3f}, 5-way {r['acc5']:.3f}, flagged {r['flagged']:.2f}, "
+              f"T {r['temperature']:.2f}, {secs:.0f} s", flush=True)
+        runs.append(r)
+    out = {"runs": runs}
+    for key in ("acc8", "acc5", "flagged", "seconds"):
+        v = np.array([r[key] for r in runs], dtype=float)
+        out[key] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+    return out
+
+
+def parse_settings(pairs: list[str]) -> AdaptSettings:
+    types = {f.name: f.type for f in fields(AdaptSettings)}
+    kw = {}
+    for p in pairs:
+        k, _, v = p.partition("=")
+        if k not in types:
+            sys.exit(f"--set {p}: unknown setting; one of {', '.join(types)}")
+        kw[k] = float(v) if types[k] in (float, "float") else int(v)
+    return AdaptSettings(**kw)
+
+
+def fmt(c: dict, key: str) -> str:
+    if "skipped" in c:
+        return "-"
+    return f"{c[key]['mean']:.3f} ± {c[key]['sd']:.3f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+")
+    ap.add_argument("--model", default=None, help="base model (default: the bundled one)")
+    ap.add_argument("--ks", default="5,10,20")
+    ap.add_argument("--draws", type=int, default=3)
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="adapt settings")
+    ap.add_argument("--json", help="write the results here")
+    a = ap.parse_args()
+    import logging
+
+    import torch
+    torch.set_num_threads(2)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    settings = parse_settings(a.set)
+    ks = [int(k) for k in a.ks.split(",") if k]
+    base = Classifier.load(a.model, screen=None)
+    results = {"model": a.model or "bundled", "settings": asdict(settings), "draws": a.draws, "folders": {}}
+    for folder in a.folders:
+        cells = load_folder(folder, base.classes, base.image_size, base.framing)
+        zero = scores(base, cells.images, cells.labels, cells.sources)
+        print(f"{folder}: {zero['n']} images {cells.class_counts()}; zero-shot 8-way {zero['acc8']:.3f}, "
+              f"5-way {zero['acc5']:.3f}, flagged {zero['flagged']:.2f}", flush=True)
+        res = {"class_counts": cells.class_counts(), "zero_shot": zero, "k": {}}
+        for k in ks:
+            res["k"][str(k)] = curve(a.model, cells, k, a.draws, settings)
+        results["folders"][folder] = res
+    print(f"\nmodel: {results['model']}; adapt settings: {json.dumps(asdict(settings))}")
+    head = "| folder | zero-shot 8-way | 5-way | flagged | " + " | ".join(
+        f"k={k} 8-way | k={k} 5-way | k={k} flagged" for k in ks) + " |"
+    print(head)
+    print("|---" * (4 + 3 * len(ks)) + "|")
+    for folder, res in results["folders"].items():
+        z = res["zero_shot"]
+        cols = [f"{z['acc8']:.3f}", f"{z['acc5']:.3f}", f"{z['flagged']:.2f}"]
+        for k in ks:
+            c = res["k"][str(k)]
+            cols += [fmt(c, "acc8"), fmt(c, "acc5"), fmt(c, "flagged")]
+        print(f"| {Path(folder).name} | " + " | ".join(cols) + " |")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()

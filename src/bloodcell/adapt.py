@@ -1,0 +1,412 @@
+"""Adapt a model to another lab's cells from a handful of labelled ones (issue 12).
+
+A model trained on one lab's smears reads that lab's stain, optics and zoom as
+part of each class. Given 5-20 labelled cells per class from the new lab (a
+class-folder FOLDER, or the reviewed cells of the lab page's database), this:
+
+1. preprocesses them with the base model's own preprocessing (its framing too);
+2. optionally re-estimates the BatchNorm statistics on them (AdaBN, Li et al. 2016;
+   ``adabn``: the new lab's share, blended with the base model's; off by default:
+   on 10 cells per class it lowered accuracy on wbc_cellavision);
+3. fits the top of the network -- by default the 8-class head, ``train_from`` for
+   more of the last blocks -- on features cached from several augmented views of
+   each cell (the model's own training augmentation): the network below is run
+   once per view, so fitting costs seconds where a full fine-tune costs minutes
+   per step on a busy 2-core CPU; an L2 pull towards the base weights (L2-SP,
+   Li et al. 2018) keeps what the base model knew about the classes the new lab
+   did not label;
+4. refits the temperature on **cross-fitted** logits: each cell is scored by a
+   model adapted without it (``folds``), so the temperature is not fitted on
+   cells the model has memorised (that would make it over-confident); these
+   out-of-fold models see fewer cells than the final one, which errs on the
+   cautious (under-confident) side;
+5. refits the input check's colour statistics on the new lab's cells, with a
+   small-sample threshold (``inputcheck.fit_input_check(predictive=True)``), and
+   records the lab's image size, so its cells are not all flagged as unusual;
+6. keeps the 8-class head, the base model's review threshold and preprocessing,
+   and records provenance (base weights' sha1, each cell's sha1, seed, settings).
+
+The result is an ordinary model (same architecture and model.json format), so
+``--model RUN`` works in predict, evaluate and serve.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .locate import Framing
+from .tensorops import to_tensor
+from .transforms import ImageError, SourceInfo, prepare
+
+log = logging.getLogger("bloodcell")
+
+MIN_IMAGES = 12  # the colour check fits 6 means + a 6x6 covariance
+
+
+@dataclass
+class LabelledCells:
+    """The new lab's labelled cells, preprocessed for one model."""
+    images: np.ndarray                 # uint8 [N, S, S, 3], the model's own preprocessing
+    labels: np.ndarray                 # int64 [N], indices into ``classes``
+    classes: list[str]                 # the model's classes (all of them)
+    names: list[str]                   # where each came from (relative path or cell id)
+    sha1s: list[str]                   # content hash of each source image
+    source: str                        # the folder or database
+    sources: list[SourceInfo]          # each input's size before preprocessing (input checks)
+    skipped: list[dict] = field(default_factory=list)   # {path, reason}
+
+    def class_counts(self) -> dict[str, int]:
+        n = np.bincount(self.labels, minlength=len(self.classes))
+        return {c: int(k) for c, k in zip(self.classes, n) if k}
+
+    def subset(self, idx) -> "LabelledCells":
+        idx = np.asarray(idx, dtype=np.int64)
+        return LabelledCells(self.images[idx], self.labels[idx], self.classes,
+                             [self.names[i] for i in idx], [self.sha1s[i] for i in idx], self.source,
+                             [self.sources[i] for i in idx])
+
+
+@dataclass
+class AdaptSettings:
+    """How the adaptation runs (recorded in model.json). Defaults: what measured best on
+    ../shared/data/wbc_cellavision over three draws (docs/other-labs.md)."""
+    seed: int = 0
+    views: int = 8             # views of each cell whose features are cached (1 as is, the rest augmented)
+    steps: int = 300           # optimiser steps on the cached features
+    batch_size: int = 32
+    lr: float = 1e-2
+    l2sp: float = 0.01         # pull towards the base weights (sum of squares, times this)
+    label_smoothing: float = 0.1
+    adabn: float = 0.0         # BatchNorm statistics: share of the new lab's (0 = the base model's)
+    train_from: int = 17       # first trained block of EfficientNet-Lite0 (16 blocks; 17: the head only)
+    folds: int = 3             # cross-fitting for the temperature (0: keep the base temperature)
+
+
+@dataclass
+class Adapted:
+    model: torch.nn.Module
+    meta: dict                 # the new model.json
+    report: dict               # what was done and measured (also in meta["adaptation"])
+
+
+# ----------------------------------------------------------------------------- labelled cells
+
+def match_class_folders(names: list[str], classes: list[str], where: str) -> dict[str, int]:
+    """Folder name -> class index, in any letter case; unknown names are an error naming them."""
+    lower = {c.lower(): i for i, c in enumerate(classes)}
+    unknown = sorted(n for n in names if n.lower() not in lower)
+    if unknown:
+        raise ValueError(f"{where}: folder(s) {', '.join(repr(n) for n in unknown)} are not classes of "
+                         f"the model (use any of: {', '.join(classes)}; letter case does not matter)")
+    return {n: lower[n.lower()] for n in names}
+
+
+def _preprocess_all(items, size: int, framing: Framing | None):
+    """[(name, source, label, sha1)] -> kept arrays + skipped [{path, reason}]."""
+    images, kept, skipped = [], [], []
+    for name, src, label, sha1 in items:
+        try:
+            prep = prepare(src, size, framing)
+            images.append(prep.image)
+            kept.append((name, label, sha1, prep.source))
+        except ImageError as e:
+            skipped.append({"path": name, "reason": e.reason})
+    return images, kept, skipped
+
+
+def _finish(images, kept, skipped, classes, source) -> LabelledCells:
+    if skipped:
+        log.warning("skipped %d image(s):\n%s", len(skipped),
+                    "\n".join(f"  {s['path']}: {s['reason']}" for s in skipped))
+    if len(kept) < MIN_IMAGES:
+        raise ValueError(f"{source}: {len(kept)} usable labelled image(s); adapt needs at least "
+                         f"{MIN_IMAGES} (5-20 per class is typical)")
+    return LabelledCells(np.stack(images), np.array([k[1] for k in kept], dtype=np.int64), list(classes),
+                         [k[0] for k in kept], [k[2] for k in kept], str(source), [k[3] for k in kept],
+                         skipped)
+
+
+def load_folder(folder, classes: list[str], size: int, framing: Framing | None = None) -> LabelledCells:
+    """FOLDER/<class>/<images>, class folders named like the model's classes in any case,
+    any subset of them. Bad files are skipped with the reason."""
+    from .data import file_digest, iter_image_files
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"adaptation folder not found: {root}" if not root.exists()
+                                else f"not a folder: {root}")
+    dirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not dirs:
+        raise ValueError(f"{root}: no class sub-folders (expected {root}/<class>/<images>, "
+                         f"class one of: {', '.join(classes)})")
+    index = match_class_folders(dirs, classes, str(root))
+    items, skipped = [], []
+    for d in dirs:
+        for p, reason in iter_image_files(root / d):
+            rel = p.relative_to(root).as_posix()
+            if reason:
+                skipped.append({"path": rel, "reason": reason})
+            else:
+                items.append((rel, p, index[d], file_digest(p)))
+    images, kept, bad = _preprocess_all(items, size, framing)
+    return _finish(images, kept, skipped + bad, classes, root)
+
+
+def load_reviewed(db, classes: list[str], size: int, framing: Framing | None = None,
+                  sample: str | None = None) -> LabelledCells:
+    """The lab page's reviewed cells (a reviewer set or corrected their class) as labelled
+    cells: every sample's, or only those of the sample named ``sample``."""
+    import hashlib
+
+    from .serve import Store
+    path = Path(db)
+    if not path.is_file():
+        raise FileNotFoundError(f"database not found: {path}")
+    store = Store(path)
+    try:
+        samples = store.list_samples()
+        if sample is not None:
+            samples = [s for s in samples if s["name"] == sample]
+            if not samples:
+                raise ValueError(f"{path}: no sample named {sample!r}")
+        lower = {c.lower(): i for i, c in enumerate(classes)}
+        items, skipped = [], []
+        for s in samples:
+            for c in store.cells(s["id"]):
+                if not c["corrected"]:
+                    continue
+                name = f"{s['name']}/{c['file_name']} (cell {c['id']})"
+                if c["true_class"].lower() not in lower:
+                    skipped.append({"path": name, "reason": f"class {c['true_class']!r} is not the model's"})
+                    continue
+                data = store.cell_image(c["id"])[0]
+                items.append((name, data, lower[c["true_class"].lower()], hashlib.sha1(data).hexdigest()))
+    finally:
+        store.close()
+    if not items and not skipped:
+        raise ValueError(f"{path}: no reviewed cells" + (f" in sample {sample!r}" if sample else "")
+                         + "; set cells' classes on the lab page first")
+    images, kept, bad = _preprocess_all(items, size, framing)
+    return _finish(images, kept, skipped + bad, classes, path)
+
+
+# ----------------------------------------------------------------------------- the network's two parts
+
+class _Upper(torch.nn.Module):
+    """The trained top of a models.Classifier: blocks[train_from:] (Lite0) -> head."""
+
+    def __init__(self, model, train_from: int):
+        super().__init__()
+        bb = model.backbone
+        self.lite0 = hasattr(bb, "_blocks") and train_from <= len(bb._blocks)
+        self.blocks = torch.nn.ModuleList(bb._blocks[train_from:]) if self.lite0 else torch.nn.ModuleList()
+        self.conv_head = bb._conv_head if self.lite0 else None
+        self.bn1 = bb._bn1 if self.lite0 else None
+        self.pool, self.dropout, self.head = model.pool, model.dropout, model.head
+
+    def forward(self, h):
+        if self.lite0:
+            for b in self.blocks:
+                h = b(h)
+            h = self.pool(F.relu6(self.bn1(self.conv_head(h)))).flatten(1)
+        return self.head(self.dropout(h))
+
+
+def _lower(model, x, train_from: int):
+    """Input -> what :class:`_Upper` takes (pooled features for non-Lite0 backbones)."""
+    bb = model.backbone
+    h = model.normalize(x)
+    if not hasattr(bb, "_blocks") or train_from > len(bb._blocks):
+        return model.flatten(model.pool(bb(h)))
+    h = F.relu6(bb._bn0(bb._conv_stem(h)))
+    for b in bb._blocks[:train_from]:
+        h = b(h)
+    return h
+
+
+def _bn_layers(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def adapt_batchnorm(model, images: np.ndarray, share: float, batch_size: int = 64) -> None:
+    """AdaBN: BatchNorm statistics re-estimated on ``images`` (and their 90-degree turns,
+    so a handful of cells gives steadier estimates), blended with the model's own."""
+    from .train import recalibrate_bn
+    if share <= 0:
+        return
+    bns = _bn_layers(model)
+    old = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    turns = np.concatenate([np.rot90(images, k, axes=(1, 2)) for k in range(4)])
+    recalibrate_bn(model, np.ascontiguousarray(turns), np.arange(len(turns)), batch_size=batch_size)
+    for m, (mean, var) in zip(bns, old):
+        m.running_mean.mul_(share).add_(mean, alpha=1 - share)
+        m.running_var.mul_(share).add_(var, alpha=1 - share)
+
+
+@torch.no_grad()
+def cached_views(model, images: np.ndarray, s: AdaptSettings, batch_size: int = 64) -> torch.Tensor:
+    """Lower-network features of ``s.views`` views per image [V, N, ...]: view 0 as is, the
+    others through the model's own training augmentation (its stain/zoom jitter)."""
+    aug = getattr(model, "augment", None)
+    model.eval()
+    out = []
+    for v in range(s.views):
+        feats = []
+        for i in range(0, len(images), batch_size):
+            x = to_tensor(images[i:i + batch_size])
+            if v and aug is not None:
+                aug.train()
+                x = aug(x)
+                aug.eval()
+            feats.append(_lower(model, x, s.train_from).contiguous())
+        out.append(torch.cat(feats))
+    return torch.stack(out)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The fit's tensors are small: one thread. On a busy 2-core CPU a second thread makes
+    each small op wait for a core (measured: a 1280x8 head step 0.02 s on one thread, 0.58 s
+    on two; the last Lite0 block, batch 32, 1.6 s vs 3.4 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit_upper(upper: _Upper, feats: torch.Tensor, labels: np.ndarray, s: AdaptSettings, seed: int) -> None:
+    """Train the upper part on cached view features [V, N, ...] (class-balanced batches,
+    BatchNorm statistics frozen, cosine learning rate, L2-SP towards the start)."""
+    with _one_thread():
+        _fit_upper(upper, feats, labels, s, seed)
+
+
+def _fit_upper(upper: _Upper, feats: torch.Tensor, labels: np.ndarray, s: AdaptSettings, seed: int) -> None:
+    from .train import lr_at
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    y = torch.from_numpy(labels)
+    present = np.unique(labels)
+    per_class = {k: np.flatnonzero(labels == k) for k in present}
+    params = [p for p in upper.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
+    v_count = feats.shape[0]
+    for step in range(s.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, s.steps, s.lr, "onecycle")
+        cls = rng.choice(present, size=s.batch_size)
+        idx = np.array([rng.choice(per_class[k]) for k in cls])
+        views = torch.randint(0, v_count, (len(idx),), generator=gen)
+        upper.train()
+        for m in _bn_layers(upper):
+            m.eval()  # a handful of cells per batch: keep the (adapted) running statistics
+        logits = upper(feats[views, torch.from_numpy(idx)])
+        loss = F.cross_entropy(logits, y[idx], label_smoothing=s.label_smoothing)
+        if s.l2sp:
+            loss = loss + s.l2sp * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    upper.eval()
+
+
+@torch.no_grad()
+def _upper_logits(upper: _Upper, feats: torch.Tensor) -> np.ndarray:
+    upper.eval()
+    return upper(feats).float().numpy()
+
+
+def _folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold of each cell, stratified: each class' cells dealt round-robin in random order."""
+    rng = np.random.default_rng(seed)
+    fold = np.zeros(len(labels), dtype=np.int64)
+    start = 0
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        fold[idx] = (np.arange(len(idx)) + start) % k
+        start += len(idx)  # small classes do not all land in fold 0
+    return fold
+
+
+def cross_fitted_logits(upper: _Upper, feats: torch.Tensor, labels: np.ndarray,
+                        s: AdaptSettings) -> np.ndarray:
+    """Out-of-fold logits of the un-augmented view: each cell scored by a copy of the
+    (un-adapted) upper part fitted without it."""
+    fold = _folds(labels, s.folds, s.seed)
+    out = np.zeros((len(labels), upper.head.out_features), np.float32)
+    for f in range(s.folds):
+        tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
+        if not len(te) or not len(tr):
+            continue
+        part = copy.deepcopy(upper)
+        fit_upper(part, feats[:, torch.from_numpy(tr)], labels[tr], s, s.seed + 1 + f)
+        out[te] = _upper_logits(part, feats[0, torch.from_numpy(te)])
+    return out
+
+
+# ----------------------------------------------------------------------------- adapt
+
+def adapt(base_path, cells: LabelledCells, settings: AdaptSettings | None = None) -> Adapted:
+    """Adapt the model at ``base_path`` (None: the bundled one) to ``cells``."""
+    from .calibrate import fit_temperature, nll
+    from .inputcheck import fit_input_check
+    from .modelfile import bundled_model_path, resolve_model_path, weights_sha1
+    from .models import load_model
+    s = settings or AdaptSettings()
+    t0 = time.perf_counter()
+    torch.manual_seed(s.seed)
+    base_path = Path(base_path) if base_path is not None else bundled_model_path()
+    weights, _ = resolve_model_path(base_path)
+    model, meta = load_model(base_path)
+    if list(meta["classes"]) != list(cells.classes):
+        raise ValueError(f"{cells.source}: cells were labelled for classes {cells.classes}, "
+                         f"the model has {meta['classes']}")
+    adapt_batchnorm(model, cells.images, s.adabn)
+    t1 = time.perf_counter()
+    feats = cached_views(model, cells.images, s)
+    log.info("adapt: BatchNorm statistics %.1f s, %d views' features %.1f s", t1 - t0,
+             s.views, time.perf_counter() - t1)
+    upper = _Upper(model, s.train_from)
+    report = {"n_images": len(cells.labels), "class_counts": cells.class_counts()}
+    temperature = float(meta.get("temperature", 1.0))
+    if s.folds >= 2:
+        oof = cross_fitted_logits(upper, feats, cells.labels, s)
+        temperature = fit_temperature(oof, cells.labels)
+        report["cross_fitted"] = {"folds": s.folds, "accuracy": float((oof.argmax(1) == cells.labels).mean()),
+                                  "nll": nll(oof, cells.labels, temperature)}
+    fit_upper(upper, feats, cells.labels, s, s.seed)
+    log.info("adapt: fitted in %.1f s", time.perf_counter() - t0)
+    model.eval()
+    check = fit_input_check(cells.images, predictive=True)
+    check["min_side"] = int(min(min(src[0], src[1]) for src in cells.sources))
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    new = {k: v for k, v in meta.items() if k not in ("calibration", "metrics", "history", "best")}
+    new.update(temperature=temperature, input_check=check, adaptation={
+        "base_model": str(base_path), "base_weights_sha1": weights_sha1(weights),
+        "base_temperature": meta.get("temperature"), "data": cells.source,
+        "settings": asdict(s), "temperature_fit": "cross-fitted out-of-fold logits" if s.folds >= 2
+        else "kept the base model's", **report,
+        "images": [{"name": n, "class": cells.classes[y], "sha1": h}
+                   for n, y, h in zip(cells.names, cells.labels, cells.sha1s)],
+        "skipped": cells.skipped})
+    return Adapted(model, new, report)
+
+
+def save_adapted(adapted: Adapted, out) -> Path:
+    """A run folder (model.safetensors + model.json) that ``--model`` accepts."""
+    from .models import library_versions, save_model
+    out = Path(out)
+    meta = {**adapted.meta, "library_versions": library_versions()}
+    save_model(adapted.model, meta, out)
+    return out

@@ -1,0 +1,59 @@
+"""``bloodcell adapt``: a model adapted to another lab from a handful of labelled cells."""
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+from ..adapt import AdaptSettings, adapt, load_folder, load_reviewed, save_adapted
+from .args import ranged
+
+
+def cmd_adapt(args):
+    from ..predict import Classifier
+    out = Path(args.out)
+    if (out / "model.json").exists() and not args.overwrite:
+        raise ValueError(f"{out} already holds a model; choose another --out or pass --overwrite")
+    base = Classifier.load(args.model, screen=None)
+    if args.data:
+        cells = load_folder(args.data, base.classes, base.image_size, base.framing)
+    else:
+        cells = load_reviewed(args.db, base.classes, base.image_size, base.framing, sample=args.sample)
+    settings = AdaptSettings(**{f.name: getattr(args, f.name) for f in fields(AdaptSettings)
+                                if getattr(args, f.name, None) is not None})
+    counts = ", ".join(f"{c} {n}" for c, n in cells.class_counts().items())
+    print(f"adapting {args.model or 'the bundled model'} to {len(cells.labels)} labelled cells ({counts}) "
+          f"from {cells.source}" + (f"; skipped {len(cells.skipped)}" if cells.skipped else ""))
+    a = adapt(args.model, cells, settings)
+    save_adapted(a, out)
+    cf = a.report.get("cross_fitted")
+    if cf:
+        print(f"cross-validated accuracy on the labelled cells ({cf['folds']} folds): {cf['accuracy']:.3f}; "
+              f"temperature {a.meta['temperature']:.3f} fitted on those out-of-fold logits")
+    ic = a.meta["input_check"]
+    print(f"input check refitted on the new lab's cells: threshold {ic['threshold']:.2f}, "
+          f"images from {ic['min_side']} px up are not 'small'")
+    print(f"adapted in {a.report['seconds']:.0f} s; model in {out}/model.safetensors + model.json "
+          f"(use --model {out} with predict, evaluate, serve)")
+
+
+def add_commands(sub):
+    p = sub.add_parser("adapt", help="fine-tune a model to another lab from a handful of labelled cells")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="folder of class sub-folders (any letter case, any subset of the "
+                     "classes), 5-20 images each")
+    src.add_argument("--db", help="the lab page's database: its reviewed cells are the labelled cells")
+    p.add_argument("--sample", help="with --db: only this sample's reviewed cells")
+    p.add_argument("--out", required=True, help="run folder for the adapted model")
+    p.add_argument("--model", help="base model: run folder or model file (default: the bundled model)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    d = AdaptSettings()
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--steps", type=ranged(int, 1), help=f"optimiser steps (default {d.steps})")
+    p.add_argument("--views", type=ranged(int, 1), help=f"augmented views per cell (default {d.views})")
+    p.add_argument("--folds", type=ranged(int, 0), help="cross-fitting folds for the temperature "
+                   f"(default {d.folds}; 0 keeps the base model's temperature)")
+    p.add_argument("--adabn", type=ranged(float, 0, 1), help="share of the new lab's BatchNorm "
+                   f"statistics (default {d.adabn})")
+    p.add_argument("--train-from", type=ranged(int, 0), help="first trained block of an EfficientNet-Lite0 "
+                   f"(default {d.train_from}: the head only; lower is slower)")
+    p.set_defaults(func=cmd_adapt)

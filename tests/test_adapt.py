@@ -1,0 +1,219 @@
+"""bloodcell adapt: a few labelled cells of another lab -> an adapted run folder."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bloodcell import adapt as A
+from bloodcell.cli import main
+from bloodcell.inputcheck import InputCheck, _prediction_bound, fit_input_check
+from bloodcell.predict import Classifier
+
+from conftest import CLASSES, synthetic_cell
+
+FAST = ["--steps", "20", "--views", "2", "--folds", "2"]
+WBC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wbc_cellavision"
+
+
+def _lab_cell(label: int, seed: int) -> np.ndarray:
+    """A synthetic cell from 'another lab': bluish stain, larger in the frame."""
+    a = synthetic_cell(label, size=96, seed=seed).astype(np.float32)
+    return np.clip(a * (0.8, 0.9, 1.1) + (0, 10, 5), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A small EfficientNet-Lite0 (64 px, random weights: fast) with a PBC-like input check."""
+    from bloodcell.inputcheck import fit_input_check
+    from bloodcell.models import create_model, save_model
+    torch.manual_seed(0)
+    m = create_model("lite0-recipe", len(CLASSES), 64, pretrained=False).eval()
+    pbc_like = np.stack([synthetic_cell(i % 8, seed=1000 + i) for i in range(40)])
+    d = tmp_path_factory.mktemp("base")
+    save_model(m, {"architecture": "lite0-recipe", "classes": CLASSES, "image_size": 64, "temperature": 1.5,
+                   "review_threshold": 0.9, "input_check": fit_input_check(pbc_like)}, d)
+    return d
+
+
+@pytest.fixture
+def lab_folder(tmp_path):
+    """Three classes in odd letter case, 5 images each, plus a broken and a hidden file."""
+    root = tmp_path / "lab"
+    for name, label in (("NEUTROPHIL", 6), ("Lymphocyte", 4), ("monocyte", 5)):
+        d = root / name
+        d.mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(_lab_cell(label, 100 * label + i)).save(d / f"c{i}.png")
+    (root / "monocyte" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (root / "Lymphocyte" / ".DS_Store").write_bytes(b"junk")
+    return root
+
+
+def test_adapt_folder_writes_a_loadable_run_with_provenance(base, lab_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["adapt", "--data", str(lab_folder), "--out", str(out), "--model", str(base),
+                 "--seed", "3", *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "15 labelled cells" in printed and "skipped 2" in printed
+    clf = Classifier.load(out, screen=None)
+    base_clf = Classifier.load(base, screen=None)
+    assert clf.classes == CLASSES and clf.model.head.out_features == 8
+    ad = clf.meta["adaptation"]
+    assert ad["base_weights_sha1"] == hashlib.sha1((base / "model.safetensors").read_bytes()).hexdigest()
+    assert ad["settings"]["seed"] == 3 and ad["settings"]["steps"] == 20
+    assert ad["class_counts"] == {"lymphocyte": 5, "monocyte": 5, "neutrophil": 5}
+    shas = {e["name"]: e["sha1"] for e in ad["images"]}
+    assert len(shas) == 15
+    assert shas["NEUTROPHIL/c0.png"] == hashlib.sha1((lab_folder / "NEUTROPHIL" / "c0.png").read_bytes()).hexdigest()
+    assert {s["path"] for s in ad["skipped"]} == {"monocyte/broken.jpg", "Lymphocyte/.DS_Store"}
+    # the weights changed, the preprocessing did not
+    assert clf.meta.get("preprocess") == base_clf.meta.get("preprocess") and clf.image_size == 64
+    changed = [k for k, v in clf.model.state_dict().items()
+               if v.is_floating_point() and not np.allclose(v.numpy(), base_clf.model.state_dict()[k].numpy())]
+    assert any(k.startswith("head.") for k in changed)
+    # input check refitted on the 15 cells: its statistics are theirs, and it does not flag them
+    ic = clf.meta["input_check"]
+    assert ic["n_images"] == 15 and ic["mean"] != base_clf.meta["input_check"]["mean"]
+    imgs = np.stack([clf.preprocess(p) for p in sorted(lab_folder.rglob("c*.png"))])
+    assert not any(clf.check_inputs(imgs))
+    assert sum(bool(w) for w in base_clf.check_inputs(imgs)) > 0  # the base model did flag these colours
+    assert clf.temperature > 0 and ad["cross_fitted"]["folds"] == 2
+
+
+def test_predict_accepts_the_adapted_run(base, lab_folder, tmp_path):
+    out = tmp_path / "run"
+    assert main(["adapt", "--data", str(lab_folder), "--out", str(out), "--model", str(base), *FAST]) == 0
+    csv = tmp_path / "pred.csv"
+    assert main(["predict", str(lab_folder / "monocyte"), "--model", str(out), "--out", str(csv),
+                 "--backend", "torch"]) == 0
+    rows = csv.read_text().splitlines()
+    assert len(rows) == 1 + 6 and sum("skipped" in r for r in rows) == 1  # 5 cells + the broken file
+
+
+def test_bad_folders_give_clear_errors(base, tmp_path, capsys):
+    root = tmp_path / "lab"
+    for name in ("neutrophil", "Neutrofil", "blasts"):
+        (root / name).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"'Neutrofil', 'blasts' are not classes of the model"):
+        A.load_folder(root, CLASSES, 128)
+    assert main(["adapt", "--data", str(root), "--out", str(tmp_path / "r"), "--model", str(base)]) == 2
+    assert "Neutrofil" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="not found"):
+        A.load_folder(tmp_path / "nowhere", CLASSES, 128)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        A.load_folder(empty, CLASSES, 128)
+    few = tmp_path / "few"
+    (few / "neutrophil").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(synthetic_cell(6, seed=i)).save(few / "neutrophil" / f"{i}.png")
+    with pytest.raises(ValueError, match="3 usable labelled image.*at least 12"):
+        A.load_folder(few, CLASSES, 128)
+
+
+def test_out_folder_holding_a_model_is_not_overwritten_unasked(base, lab_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.json").write_text("{}")
+    assert main(["adapt", "--data", str(lab_folder), "--out", str(out), "--model", str(base)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (out / "model.json").read_text() == "{}"
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _lab_db(path: Path) -> dict[str, list[str]]:
+    """A lab database made by the server's store: two samples, some cells reviewed."""
+    from bloodcell.serve import Store
+    store = Store(path)
+    ids: dict[str, list[str]] = {}
+    for sname, offset in (("smear A", 0), ("smear B", 50)):
+        sid = store.sample_for_name(sname)["id"]
+        rows = []
+        for j, label in enumerate([6, 4, 5] * 5):
+            img = _png(_lab_cell(label, offset + j))
+            rows.append({"id": f"{sname[-1]}{j:02d}", "sample_id": sid, "file_name": f"cell{j}.png",
+                         "media_type": "image/png", "image": img, "created": "2026-01-01T00:00:00+00:00",
+                         "model_version": "test", "predicted_class": "platelet", "probability": 0.5,
+                         "probabilities": json.dumps({c: 1 / 8 for c in CLASSES}), "top3": "[]",
+                         "needs_review": 1, "multi_cell": None, "multi_cell_score": None, "n_regions": None,
+                         "input_warnings": "[]", "image_sha1": hashlib.sha1(img).hexdigest()})
+        store.add_cells(rows)
+        ids[sname] = [r["id"] for r in rows]
+        for j, r in enumerate(rows[:13]):  # 13 reviewed per sample, the rest not
+            store.correct(r["id"], CLASSES[[6, 4, 5][j % 3]].upper() if j == 0 else CLASSES[[6, 4, 5][j % 3]])
+    store.correct(ids["smear B"][12], None)  # a correction taken back: no longer labelled
+    store.close()
+    return ids
+
+
+def test_reviewed_cells_of_the_lab_database_are_the_labelled_cells(base, tmp_path):
+    db = tmp_path / "lab.sqlite3"
+    _lab_db(db)
+    cells = A.load_reviewed(db, CLASSES, 128)
+    assert len(cells.labels) == 25
+    assert cells.class_counts() == {"lymphocyte": 8, "monocyte": 8, "neutrophil": 9}
+    one = A.load_reviewed(db, CLASSES, 128, sample="smear A")
+    assert len(one.labels) == 13 and all(n.startswith("smear A/") for n in one.names)
+    with pytest.raises(ValueError, match="no sample named 'smear C'"):
+        A.load_reviewed(db, CLASSES, 128, sample="smear C")
+    with pytest.raises(FileNotFoundError):
+        A.load_reviewed(tmp_path / "missing.db", CLASSES, 128)
+    out = tmp_path / "run"
+    assert main(["adapt", "--db", str(db), "--sample", "smear A", "--out", str(out), "--model", str(base),
+                 *FAST]) == 0
+    ad = Classifier.load(out, screen=None).meta["adaptation"]
+    assert ad["n_images"] == 13 and ad["data"] == str(db)
+
+
+def test_class_matching_and_folds():
+    assert A.match_class_folders(["IG", "Neutrophil"], CLASSES, "x") == {"IG": 3, "Neutrophil": 6}
+    labels = np.array([0] * 5 + [1] * 4 + [2] * 1)
+    fold = A._folds(labels, 3, seed=0)
+    for c in (0, 1):  # every fold holds some of each class that has enough cells
+        assert set(fold[labels == c]) == {0, 1, 2}
+
+
+def test_small_sample_threshold_of_the_input_check():
+    rng = np.random.default_rng(0)
+    imgs = np.clip(rng.normal(150, 30, (15, 32, 32, 3)) + rng.normal(0, 10, (15, 1, 1, 3)), 0, 255).astype(np.uint8)
+    plain, pred = fit_input_check(imgs), fit_input_check(imgs, predictive=True)
+    assert pred["threshold"] >= plain["threshold"] and pred["threshold"] >= _prediction_bound(15, 6, 0.999)
+    # the bound shrinks towards the chi bound (sqrt of chi2_6 at 0.999 = 4.74) with more images
+    assert _prediction_bound(15, 6, 0.999) > _prediction_bound(100, 6, 0.999) > 4.74
+    # a lab's own image size is not "small" for the model adapted to it
+    stats = {**pred, "min_side": 100}
+    assert InputCheck(stats, 128).warnings(imgs[0], (100, 100)) == []
+    assert any("small" in w for w in InputCheck(stats, 128).warnings(imgs[0], (90, 90)))
+    assert any("small" in w for w in InputCheck(pred, 128).warnings(imgs[0], (100, 100)))
+
+
+def test_wbc_cellavision_folders_map_to_the_model_classes():
+    if not WBC.is_dir():
+        pytest.skip(f"{WBC} not found")
+    dirs = [d.name for d in WBC.iterdir() if d.is_dir()]
+    assert set(A.match_class_folders(dirs, CLASSES, str(WBC)).values()) <= set(range(8))
+
+
+def test_deeper_adaptation_and_adabn_change_what_they_should(base, lab_folder):
+    clf = Classifier.load(base, screen=None)
+    cells = A.load_folder(lab_folder, clf.classes, clf.image_size, clf.framing)
+    s = A.AdaptSettings(views=1, steps=2, folds=0, train_from=15, adabn=1.0)
+    a = A.adapt(base, cells, s)
+    new, old = a.model.state_dict(), clf.model.state_dict()
+    differs = lambda k: not torch.allclose(new[k], old[k])  # noqa: E731
+    assert differs("backbone._blocks.15._project_conv.weight")      # the trained block
+    assert not differs("backbone._blocks.14._project_conv.weight")  # below it: kept
+    assert differs("backbone._bn0.running_mean")                    # AdaBN: the new lab's statistics
+    assert a.meta["temperature"] == 1.5 and "cross_fitted" not in a.report  # folds=0 keeps T
