@@ -135,7 +135,7 @@ def _png(a: np.ndarray) -> bytes:
 
 def _lab_db(path: Path) -> dict[str, list[str]]:
     """A lab database made by the server's store: two samples, some cells reviewed."""
-    from bloodcell.serve import Store
+    from bloodcell.serve.store import Store
     store = Store(path)
     ids: dict[str, list[str]] = {}
     for sname, offset in (("smear A", 0), ("smear B", 50)):

@@ -83,11 +83,12 @@ class AdaptSettings:
     steps: int = 300           # optimiser steps on the cached features
     batch_size: int = 32
     lr: float = 1e-2
-    l2sp: float = 0.01         # pull towards the base weights (sum of squares, times this)
+    l2sp: float = 0.3          # pull towards the base weights (sum of squares, times this)
     label_smoothing: float = 0.1
     adabn: float = 0.0         # BatchNorm statistics: share of the new lab's (0 = the base model's)
     train_from: int = 17       # first trained block of EfficientNet-Lite0 (16 blocks; 17: the head only)
     folds: int = 3             # cross-fitting for the temperature (0: keep the base temperature)
+    present_only: bool = False  # the loss's softmax over the labelled classes only (measured worse)
 
 
 @dataclass
@@ -165,11 +166,11 @@ def load_reviewed(db, classes: list[str], size: int, framing: Framing | None = N
     cells: every sample's, or only those of the sample named ``sample``."""
     import hashlib
 
-    from .serve import Store
+    from .serve.store import Store
     path = Path(db)
     if not path.is_file():
         raise FileNotFoundError(f"database not found: {path}")
-    store = Store(path)
+    store = Store(path, exclusive=False)  # read while the lab page may be running on it
     try:
         samples = store.list_samples()
         if sample is not None:
@@ -295,8 +296,10 @@ def _fit_upper(upper: _Upper, feats: torch.Tensor, labels: np.ndarray, s: AdaptS
     from .train import lr_at
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    y = torch.from_numpy(labels)
     present = np.unique(labels)
+    keep = torch.from_numpy(present)
+    # targets as positions among the present classes when the loss sees only those
+    target = torch.from_numpy(np.searchsorted(present, labels) if s.present_only else labels)
     per_class = {k: np.flatnonzero(labels == k) for k in present}
     params = [p for p in upper.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params]
@@ -312,7 +315,9 @@ def _fit_upper(upper: _Upper, feats: torch.Tensor, labels: np.ndarray, s: AdaptS
         for m in _bn_layers(upper):
             m.eval()  # a handful of cells per batch: keep the (adapted) running statistics
         logits = upper(feats[views, torch.from_numpy(idx)])
-        loss = F.cross_entropy(logits, y[idx], label_smoothing=s.label_smoothing)
+        if s.present_only:  # absent classes: no gradient from cells that are never theirs
+            logits = logits[:, keep]
+        loss = F.cross_entropy(logits, target[idx], label_smoothing=s.label_smoothing)
         if s.l2sp:
             loss = loss + s.l2sp * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
         opt.zero_grad(set_to_none=True)
