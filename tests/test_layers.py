@@ -22,7 +22,7 @@ LAYERS = [
                "bloodcell.distributed"]),
     ("inference", ["bloodcell.predict", "bloodcell.ray_engine"]),
     ("tasks", ["bloodcell.evaluate", "bloodcell.calibrate", "bloodcell.train", "bloodcell.report"]),
-    ("apps", ["bloodcell.study", "bloodcell.serve"]),
+    ("apps", ["bloodcell.study", "bloodcell.serve", "bloodcell.adapt"]),
     ("cli", ["bloodcell.cli", "bloodcell.__main__"]),
 ]
 # The package root holds __version__, CLASSES and a lazy ``bloodcell.Classifier``: any
