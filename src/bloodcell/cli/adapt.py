@@ -4,11 +4,12 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
-from ..adapt import AdaptSettings, adapt, load_folder, load_reviewed, save_adapted
 from .args import ranged
 
 
 def cmd_adapt(args):
+    # torch is imported by the command only: `bloodcell predict` on ONNX Runtime stays torch-free
+    from ..adapt import AdaptSettings, adapt, load_folder, load_reviewed, save_adapted
     from ..predict import Classifier
     out = Path(args.out)
     if (out / "model.json").exists() and not args.overwrite:
@@ -46,14 +47,14 @@ def add_commands(sub):
     p.add_argument("--out", required=True, help="run folder for the adapted model")
     p.add_argument("--model", help="base model: run folder or model file (default: the bundled model)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
-    d = AdaptSettings()
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps", type=ranged(int, 1), help=f"optimiser steps (default {d.steps})")
-    p.add_argument("--views", type=ranged(int, 1), help=f"augmented views per cell (default {d.views})")
+    # defaults: bloodcell.adapt.AdaptSettings (not imported here: it needs torch)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=ranged(int, 1), help="optimiser steps (default 300)")
+    p.add_argument("--views", type=ranged(int, 1), help="augmented views per cell (default 8)")
     p.add_argument("--folds", type=ranged(int, 0), help="cross-fitting folds for the temperature "
-                   f"(default {d.folds}; 0 keeps the base model's temperature)")
+                   "(default 3; 0 keeps the base model's temperature)")
     p.add_argument("--adabn", type=ranged(float, 0, 1), help="share of the new lab's BatchNorm "
-                   f"statistics (default {d.adabn})")
+                   "statistics (default 0)")
     p.add_argument("--train-from", type=ranged(int, 0), help="first trained block of an EfficientNet-Lite0 "
-                   f"(default {d.train_from}: the head only; lower is slower)")
+                   "(default 17: the head only; lower is slower)")
     p.set_defaults(func=cmd_adapt)
