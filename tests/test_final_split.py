@@ -53,3 +53,31 @@ def test_writes_a_manifest_train_reads(fs, tmp_path):
     assert Counter(s for _, s in m.values()) == {"train": 32, "test": 10, "val": 8}
     with pytest.raises(ValueError, match="between 0 and 1"):
         fs.final_rows(rows(), 1.0, seed=0)
+
+
+def test_last_epoch_model_is_the_last_checkpoints_weights(synthetic_dataset, tmp_path):
+    """scripts/last_epoch_model.py: the written model holds the last epoch's weights (not
+    the best-on-val ones), drops the stale calibration, and loads like any model."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from bloodcell.models import load_model
+    from bloodcell.train import TrainConfig, train
+    spec = importlib.util.spec_from_file_location("last_epoch_model", SCRIPT.with_name("last_epoch_model.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run, out = tmp_path / "run", tmp_path / "last"
+    train(TrainConfig(model="cnn", data=str(synthetic_dataset), out=str(run), image_size=32, epochs=3,
+                      batch_size=16, lr=3e-3, patience=0, progress=False, pretrained=False))
+    assert mod.main([str(run), str(out)]) == 0
+    ckpt = load_file(str(run / "checkpoint" / "last.safetensors"))
+    got = load_file(str(out / "model.safetensors"))
+    assert got and all(torch.equal(v, ckpt[f"model.{k}"]) for k, v in got.items())
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["best"]["epoch"] == 3 and "temperature" not in meta
+    model, _ = load_model(out)
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 8)
+    with pytest.raises(SystemExit):
+        mod.main([str(tmp_path / "nothing"), str(tmp_path / "x")])
