@@ -65,6 +65,24 @@ def test_onnx_cache_reused_and_refreshed(model_dir):
     assert np.abs(o2.predict_proba_arrays(x) - t2.predict_proba_arrays(x)).max() < 1e-4
 
 
+def test_cached_export_opened_once(model_dir, monkeypatch):
+    """The cached file's metadata is read from the session that then runs it: one ONNX
+    Runtime session per Classifier, and a stale file re-exported in place is not run."""
+    P.Classifier.load(model_dir, backend="onnx", screen=None)  # makes the cached export
+    opened = []
+    real = P.Classifier._ort_session
+    monkeypatch.setattr(P.Classifier, "_ort_session",
+                        staticmethod(lambda path, threads: opened.append(path) or real(path, threads)))
+    P.Classifier.load(model_dir, backend="onnx", screen=None)
+    assert opened == [model_dir / "model.onnx"]
+    make_model(model_dir, seed=1, gain=200.0)  # new weights: the stale export is redone
+    opened.clear()
+    o = P.Classifier.load(model_dir, backend="onnx", screen=None)
+    assert len(opened) == 2 and E.onnx_metadata(o.onnx_path)["bloodcell_weights_sha1"] \
+        == o._session.get_modelmeta().custom_metadata_map["bloodcell_weights_sha1"] \
+        == MF.weights_sha1(model_dir / "model.safetensors")
+
+
 def test_temperature_applied_by_onnx_backend(model_dir):
     import json
     j = model_dir / "model.json"

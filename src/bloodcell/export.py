@@ -202,6 +202,9 @@ def export_onnx(model, meta: dict, out: str | os.PathLike, weights_sha: str = ""
 
 
 def onnx_metadata(path: str | os.PathLike) -> dict:
+    """The file's metadata_props (bloodcell_weights_sha1, ...). ``ensure_onnx`` and
+    ``find_int8`` take another reader: prediction reads them from its ONNX Runtime
+    session instead, so its start-up neither imports onnx nor parses the file twice."""
     import onnx
     proto = onnx.load(str(path), load_external_data=False)
     return {p.key: p.value for p in proto.metadata_props}
@@ -212,11 +215,12 @@ def default_onnx_path(weights_path: Path) -> Path:
 
 
 def ensure_onnx(weights_path: str | os.PathLike, model, meta: dict,
-                onnx_path: str | os.PathLike | None = None) -> Path:
+                onnx_path: str | os.PathLike | None = None, metadata=onnx_metadata) -> Path:
     """The ONNX file for a saved model: ``onnx_path`` if given (used as is), else a
     cached ``<stem>.onnx`` next to the weights, re-exported when missing or made
     from other weights (``model`` None: loaded from the weights only then). A
-    read-only model folder (an installed package) falls back to the user cache."""
+    read-only model folder (an installed package) falls back to the user cache.
+    ``metadata``: path -> the file's metadata (see ``onnx_metadata``)."""
     if onnx_path is not None:
         p = Path(onnx_path)
         if not p.exists():
@@ -229,7 +233,7 @@ def ensure_onnx(weights_path: str | os.PathLike, model, meta: dict,
     for c in candidates:
         if c.exists():
             try:
-                md = onnx_metadata(c)
+                md = metadata(c)
                 if (md.get("bloodcell_weights_sha1") == sha
                         and md.get("bloodcell_export_version") == EXPORT_VERSION):
                     return c
@@ -253,14 +257,14 @@ def default_int8_path(weights_path: Path) -> Path:
     return Path(weights_path).with_suffix(".int8.onnx")
 
 
-def find_int8(weights_path: str | os.PathLike) -> Path:
+def find_int8(weights_path: str | os.PathLike, metadata=onnx_metadata) -> Path:
     """The int8 ONNX file made for these weights (``bloodcell export --format onnx-int8``).
     Unlike the float export it cannot be made on the fly: it needs calibration images."""
     p = default_int8_path(Path(weights_path))
     hint = f"make it with `bloodcell export --format onnx-int8 --model {weights_path} --data DATA`"
     if not p.exists():
         raise FileNotFoundError(f"no int8 model next to {weights_path} ({p}); {hint}")
-    if onnx_metadata(p).get("bloodcell_weights_sha1") != weights_sha1(weights_path):
+    if metadata(p).get("bloodcell_weights_sha1") != weights_sha1(weights_path):
         raise ValueError(f"{p} was made from other weights than {weights_path}; {hint}")
     return p
 

@@ -130,18 +130,9 @@ class Classifier:
             import torch
             torch.set_num_threads(int(threads))
         if backend in ("onnx", "onnx-int8"):
-            from .export import ensure_onnx, find_int8
             if onnx_path is None and self.weights_path is None:
                 raise ValueError(f"backend {backend!r} needs a saved model or an onnx_path")
-            if backend == "onnx-int8" and onnx_path is None:
-                self.onnx_path = find_int8(self.weights_path)
-            else:
-                self.onnx_path = ensure_onnx(self.weights_path, self._model, meta, onnx_path)
-            try:
-                self._session = self._ort_session(self.onnx_path, threads)
-            except Exception as e:  # onnxruntime's own error types for a damaged or foreign file
-                raise ValueError(f"{self.onnx_path}: not a usable ONNX model ({type(e).__name__}: "
-                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else e})") from None
+            self.onnx_path, self._session = self._open_onnx(onnx_path, threads)
 
     @property
     def model(self):
@@ -150,6 +141,38 @@ class Classifier:
             from .models import load_model
             self._model = _channels_last(load_model(self.weights_path)[0])
         return self._model
+
+    def _open_onnx(self, onnx_path, threads):
+        """(ONNX file, ONNX Runtime session). The file's metadata (which weights it was made
+        from) is read from the session opened on it, which is then kept: one parse of the
+        file and no import of the onnx package on the way to the first image."""
+        from .export import ensure_onnx, find_int8
+        opened, tried = {}, []
+
+        def stamp(p):
+            st = os.stat(p)
+            return st.st_ino, st.st_mtime_ns, st.st_size
+
+        def metadata(p):
+            tried.append(p)
+            s = self._ort_session(p, threads)
+            opened[p] = (stamp(p), s)  # a stale file re-exported in place is a new file
+            return dict(s.get_modelmeta().custom_metadata_map)
+
+        path = None
+        try:
+            if self.backend == "onnx-int8" and onnx_path is None:
+                path = find_int8(self.weights_path, metadata)
+            else:
+                path = ensure_onnx(self.weights_path, self._model, self.meta, onnx_path, metadata)
+            st, session = opened.get(path, (None, None))
+            return path, session if st == stamp(path) else self._ort_session(path, threads)
+        except (OSError, ValueError):  # ours: missing file, other weights
+            raise
+        except Exception as e:  # onnxruntime's own error types for a damaged or foreign file
+            raise ValueError(f"{path or (tried and tried[-1]) or onnx_path}: not a usable ONNX model "
+                             f"({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else e})") from None
 
     @staticmethod
     def _ort_session(path, threads):

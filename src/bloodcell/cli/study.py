@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 from ..data import DEFAULT_SEED
-from ..report import write_report
 from ..study import (STUDY_MODELS, StudyConfig, parse_epochs_cap, parse_image_size, parse_models, run_study,
                      track_study)
 from ..tracking import MLFLOW_HELP, Tracker
@@ -75,6 +74,7 @@ def _add_study(sub):
 
 
 def cmd_report(args):
+    from ..report import write_report  # matplotlib, scikit-learn: not on other commands' start-up
     p = write_report(args.study, target=args.out, public=args.public,
                      screen_report=args.screen_report)
     print(f"wrote {p} and {p.with_suffix('.html')}")
