@@ -52,6 +52,15 @@ def files_of(root: Path, n: int) -> list[Path]:
     return out[:n]
 
 
+def cpu_model() -> str | None:
+    """The CPU's name as `lscpu` gives it (Linux), for the figures' record."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def timed(fn, repeat=1):
     """Best wall time of ``repeat`` runs, and the process CPU time (all threads) of that run."""
     best, cpu = float("inf"), float("nan")
@@ -64,8 +73,9 @@ def timed(fn, repeat=1):
     return best, cpu
 
 
-def run_process(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak resident MB of one child process (its own rusage, not the sum)."""
+def run_process(cmd: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, peak resident MB (its own rusage, not the sum) and CPU seconds (user +
+    system, all its threads) of one child process."""
     import subprocess
     t = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -73,7 +83,7 @@ def run_process(cmd: list[str]) -> tuple[float, float]:
     wall = time.perf_counter() - t
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{p.stderr.read().decode()[-2000:]}")
-    return wall, ru.ru_maxrss / 1024  # Linux: kilobytes
+    return wall, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime  # Linux: kilobytes
 
 
 def whole_process(files: list[Path], extra: list[str], repeat: int) -> None:
@@ -88,20 +98,24 @@ def whole_process(files: list[Path], extra: list[str], repeat: int) -> None:
             (folder / f"{i:06d}_{f.name}").symlink_to(f.resolve())
         cmd = [sys.executable, "-m", "bloodcell", "predict", "--no-progress", *extra]
         run_process(cmd + [str(next(folder.iterdir())), "--out", f"{tmp}/warm.csv"])  # ONNX export, caches
-        one = min(run_process(cmd + [str(next(folder.iterdir())), "--out", f"{tmp}/one.csv"])[0]
+        one = min(run_process(cmd + [str(next(folder.iterdir())), "--out", f"{tmp}/one.csv"])[:3:2]
                   for _ in range(repeat))
+        load0 = os.getloadavg()[0]
         runs = [run_process(cmd + [str(folder), "--out", f"{tmp}/r.csv"]) for _ in range(repeat)]
-        wall, rss = min(runs)
+        wall, _, cpu = min(runs)
         rss = max(r[1] for r in runs)
+        # right after the runs: the decode-only rate under the same load
         t, _ = timed(lambda: [decode(f, 128) for f in files])
+        load1 = os.getloadavg()[0]
     n = len(files)
     print("| files | whole process (s) | images/s incl. start-up | start-up, 1 image (s) "
-          "| peak RSS (MB) | decode-only, 1 thread (img/s) | ratio |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    print(f"| {n} | {wall:.1f} | {n / wall:.0f} | {one:.2f} | {rss:.0f} | {n / t:.0f} "
-          f"| {(n / wall) / (n / t):.2f} |")
+          "| peak RSS (MB) | CPU ms/image (start-up incl.) | decode-only, 1 thread (img/s) | ratio |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {n} | {wall:.1f} | {n / wall:.0f} | {one[0]:.2f} (CPU {one[1]:.2f}) | {rss:.0f} "
+          f"| {1000 * cpu / n:.2f} | {n / t:.0f} | {(n / wall) / (n / t):.2f} |")
     print(f"\ncommand: {' '.join(cmd)} FOLDER --out r.csv; best of {repeat}; decode-only = "
-          f"transforms.preprocess(file, 128) in one thread over the same {n} files")
+          f"transforms.preprocess(file, 128) in one thread over the same {n} files, right after; "
+          f"load average {load0:.1f} before the runs, {load1:.1f} after the decode-only pass")
 
 
 def main(argv=None):
@@ -130,7 +144,7 @@ def main(argv=None):
         f.read_bytes()
     n = len(files)
     print(f"model {model}; {n} files from {data}; {os.cpu_count()} CPU(s), "
-          f"{platform.processor() or platform.machine()}; load average {os.getloadavg()[0]:.2f} "
+          f"{cpu_model() or platform.processor() or platform.machine()}; load average {os.getloadavg()[0]:.2f} "
           "(background jobs lower these figures)\n")
     if a.whole_process:
         return whole_process(files, (["--model", a.model] if a.model else []) + extra, a.repeat)

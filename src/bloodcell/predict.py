@@ -239,11 +239,21 @@ class Classifier:
     def record(self, name: str, probs: np.ndarray, screen: dict | None = None,
                input_warnings: Sequence[str] = (), cell=None) -> dict:
         """One result; an image with input warnings (see ``check_inputs``) always needs review."""
-        order = np.argsort(-probs)
-        p = float(probs[order[0]])
-        rec = {"path": name, "status": "ok", "class": self.classes[order[0]], "probability": p,
-               "top3": [{"class": self.classes[i], "probability": float(probs[i])} for i in order[:3]],
-               "probabilities": {c: float(v) for c, v in zip(self.classes, probs)},
+        return self.records([name], np.asarray(probs)[None], [screen], [input_warnings], [cell])[0]
+
+    def records(self, names: Sequence[str], probs: np.ndarray, screens: Sequence[dict | None],
+                input_warnings: Sequence[Sequence[str]], cells: Sequence) -> list[dict]:
+        """:meth:`record` for a batch: probabilities [N, C] ranked and made Python floats
+        once per batch, not per image (per-image numpy calls cost ~4 % of predict's CPU)."""
+        top3 = np.argsort(-probs, axis=1)[:, :3].tolist()
+        return [self._record(*row) for row in zip(names, probs.tolist(), top3, screens,
+                                                      input_warnings, cells)]
+
+    def _record(self, name, probs: list[float], top3: list[int], screen, input_warnings, cell) -> dict:
+        p = probs[top3[0]]
+        rec = {"path": name, "status": "ok", "class": self.classes[top3[0]], "probability": p,
+               "top3": [{"class": self.classes[i], "probability": probs[i]} for i in top3],
+               "probabilities": dict(zip(self.classes, probs)),
                "needs_review": p < self.review_threshold or bool(input_warnings),
                "input_warnings": list(input_warnings)}
         if cell is not None:  # a framing model: was the cell found, or the whole image used?
@@ -327,8 +337,10 @@ class Classifier:
                 batch = np.stack([a["model"] for _, _, a in pending])
                 probs = self.predict_proba_arrays(batch)
                 warns = self.check_inputs(batch, [a["source"] for _, _, a in pending])
-                for (i, name, a), pr, w in zip(pending, probs, warns):
-                    done.append((i, self.record(name, pr, a["screen"], w, a["cell"])))
+                recs = self.records([name for _, name, _ in pending], probs,
+                                    [a["screen"] for _, _, a in pending], warns,
+                                    [a["cell"] for _, _, a in pending])
+                done.extend((i, rec) for (i, _, _), rec in zip(pending, recs))
                 pending.clear()
 
         def take():
