@@ -1,0 +1,102 @@
+"""Static int8 variants of the bundled model against its float32 ONNX export, on the
+held-out test split of its seed-42 split (2,393 PBC images): errors, agreement with
+fp32 and model-only CPU ms per image (one thread, batch 64). Int8 becomes the default
+only if it stays within 0.1 point of fp32 (<= 2 more wrong images of 2,393).
+
+    python benchmarks/onnx_int8_variants.py [--data ../shared/data/pbc] [VARIANT ...]
+
+Variants keep some layers in float (the stem convolution, the classifier head), use
+more calibration images (training split only) or another calibration method. The
+bundled ``model.int8.onnx`` (all layers, 300 images, MinMax) is measured beside them.
+"""
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bloodcell import data as D
+from bloodcell.export import INPUT_NAME, ensure_onnx, train_images
+from bloodcell.modelfile import bundled_model_path, read_meta, resolve_model_path
+from bloodcell.predict import Classifier
+
+# name -> (calibration images, float nodes: "stem", "head", "stem3" = the first 3 convs, method)
+VARIANTS = {
+    "float-stem-head-300": (300, ("stem", "head"), "MinMax"),
+    "float-stem-head-1000": (1000, ("stem", "head"), "MinMax"),
+    "float-stem-head-1000-percentile": (1000, ("stem", "head"), "Percentile"),
+    "float-stem-head-1000-entropy": (1000, ("stem", "head"), "Entropy"),
+    "float-stem3-head-1000": (1000, ("stem3", "head"), "MinMax"),
+}
+
+
+def quantize(fp32: Path, out: Path, calib: np.ndarray, keep_float: tuple, method: str) -> Path:
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
+    g = onnx.load(str(fp32)).graph
+    convs = [n.name for n in g.node if n.op_type == "Conv"]
+    head = [n.name for n in g.node if n.op_type in ("Gemm", "MatMul")]
+    exclude = ((convs[:1] if "stem" in keep_float else []) + (convs[:3] if "stem3" in keep_float else [])
+               + (head if "head" in keep_float else []))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{INPUT_NAME: calib[i:i + 32]} for i in range(0, len(calib), 32)])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    # the same settings as export.quantize_int8 (QDQ, per-channel 7-bit weights), plus the exclusions
+    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    nodes_to_exclude=exclude, calibrate_method=getattr(CalibrationMethod, method))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("variants", nargs="*", help=f"some of: {', '.join(VARIANTS)} (default: all)")
+    ap.add_argument("--data", default=str(D.default_data_dir() or "../shared/data/pbc"))
+    a = ap.parse_args()
+    unknown = sorted(set(a.variants) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}: use {', '.join(VARIANTS)}")
+    model = bundled_model_path()
+    weights, meta_file = resolve_model_path(model)
+    meta = read_meta(meta_file)
+    fp32 = ensure_onnx(weights, None, meta)
+    ds = D.scan(a.data, classes=meta["classes"])
+    images, _ = D.load_images(ds, meta["image_size"], progress=False)
+    test = D.split_indices(D.model_splits(ds, meta.get("train_args", {}), model), "test")
+    x, y = np.asarray(images[test]), ds.labels[test]
+
+    def classes(onnx_file):
+        clf = Classifier.load(model, backend="onnx", onnx_path=onnx_file, screen=None, threads=1)
+        t = time.process_time()
+        logits = np.concatenate([clf.predict_logits_arrays(x[i:i + 64]) for i in range(0, len(x), 64)])
+        return logits.argmax(1), 1000 * (time.process_time() - t) / len(x)
+
+    ref, ms = classes(fp32)
+    print(f"{len(y)} test images (seed-42 split of {a.data}); one thread, batch 64\n")
+    print("| model | test accuracy | wrong | agrees with fp32 | CPU ms/image |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| fp32 | {100 * np.mean(ref == y):.2f} % | {np.sum(ref != y)} | - | {ms:.2f} |")
+
+    def row(name, pred, ms):
+        print(f"| {name} | {100 * np.mean(pred == y):.2f} % | {np.sum(pred != y)} "
+              f"| {100 * np.mean(pred == ref):.2f} % | {ms:.2f} |", flush=True)
+
+    row("int8 bundled (all layers, 300 images, MinMax)", *classes(weights.with_suffix(".int8.onnx")))
+    calib = {}
+    with tempfile.TemporaryDirectory() as td:
+        for name in a.variants or VARIANTS:
+            n, keep, method = VARIANTS[name]
+            if n not in calib:
+                calib[n] = train_images(model, a.data, n=n)
+            row(name, *classes(quantize(fp32, Path(td) / f"{name}.onnx", calib[n], keep, method)))
+
+
+if __name__ == "__main__":
+    main()
