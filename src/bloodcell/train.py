@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,54 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from . import data as D
 from . import distributed as dist
-from .models import create_model, get_spec, library_versions, save_model
 from .locate import Framing
+from .modelfile import resolve_model_path
+from .models import create_model, library_versions, save_model
+from .trainconfig import TrainConfig
 from .transforms import PREPROCESS_DESCRIPTION, PREPROCESS_VERSION, to_tensor
 
 log = logging.getLogger("bloodcell")
-
-
-@dataclass
-class TrainConfig:
-    model: str
-    data: str
-    out: str
-    epochs: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    image_size: int | None = None
-    patience: int | None = None          # early stopping on val accuracy; 0 = off
-    weight_decay: float | None = None
-    label_smoothing: float | None = None
-    schedule: str | None = None          # constant | onecycle
-    optimizer: str | None = None         # adam | adamw
-    ema: float | None = None             # decay of a weight EMA that is validated and saved; 0 = off
-    subclass_aux: float | None = None    # weight of an auxiliary file-name sub-type head; 0 = off
-    framing: bool | None = None          # cell-centred framing (bloodcell.locate) in the preprocessing
-    seed: int = D.DEFAULT_SEED
-    split_seed: int = D.DEFAULT_SEED
-    split_file: str | None = None
-    fractions: tuple = D.DEFAULT_FRACTIONS
-    precision: str = "auto"              # auto | fp32 | bf16
-    pretrained: bool | str = True        # True, False or a local weights file
-    cache_dir: str | None = None
-    resume: bool = False
-    max_steps_per_epoch: int | None = None   # for smoke tests
-    progress: bool = True
-    extra: dict = field(default_factory=dict)
-
-    def resolved(self) -> "TrainConfig":
-        """Fill unset hyper-parameters with the model's registered defaults."""
-        d = get_spec(self.model).defaults
-        out = TrainConfig(**asdict(self))
-        for k in ("epochs", "batch_size", "lr", "image_size", "patience", "weight_decay",
-                  "label_smoothing", "schedule", "optimizer", "ema", "subclass_aux", "framing"):
-            if getattr(out, k) is None:
-                setattr(out, k, d[k])
-        return out
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -214,7 +178,170 @@ def recalibrate_bn(model, images: np.ndarray, idx: np.ndarray, batch_size: int =
     return True
 
 
-def _save_training_state(run: Path, model, opt, epoch, history, best, extra=None):
+# ----------------------------------------------------------------------------- the run's parts
+
+@dataclass
+class TrainData:
+    """The dataset, its split and its decoded images (the same for every rank)."""
+    ds: D.Dataset
+    images: np.ndarray       # uint8 [N,S,S,3], memory-mapped from the cache
+    splits: list[str]
+    cache_info: dict
+    manifest_hash: str | None
+    tr: np.ndarray = field(init=False)
+    va: np.ndarray = field(init=False)
+    y: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.tr, self.va = D.split_indices(self.splits, "train"), D.split_indices(self.splits, "val")
+        self.y = torch.from_numpy(self.ds.labels)
+
+    def split_counts(self) -> dict[str, int]:
+        return {s: int(len(D.split_indices(self.splits, s))) for s in D.SPLITS}
+
+
+class SubtypeHead:
+    """Auxiliary sub-type head (band vs segmented neutrophil, pro-/myelo-/metamyelocyte):
+    a finer target on the pooled features during training only; the saved model keeps
+    its 8-class head, so prediction and export do not change."""
+
+    def __init__(self, model, ds: D.Dataset, weight: float, label_smoothing: float, device):
+        self.names, sub_y = D.subclass_labels(ds)
+        self.y = torch.from_numpy(sub_y)
+        self.linear = torch.nn.Linear(model.head.in_features, len(self.names)).to(device)
+        self.weight, self.label_smoothing, self.device = weight, label_smoothing, device
+        self._features = None
+        model.dropout.register_forward_hook(self._keep_features)
+
+    def _keep_features(self, module, inputs, output):
+        self._features = output
+
+    def loss(self, idx) -> torch.Tensor:
+        """The weighted sub-type loss of the batch the model has just seen."""
+        return self.weight * F.cross_entropy(self.linear(self._features).float(), self.y[idx].to(self.device),
+                                             label_smoothing=self.label_smoothing)
+
+    @classmethod
+    def for_run(cls, cfg: TrainConfig, model, ds: D.Dataset, world: dist.World, device):
+        """The head ``cfg.subclass_aux`` asks for, or None."""
+        if not cfg.subclass_aux:
+            return None
+        if world.distributed:
+            raise ValueError("--subclass-aux is not available under torchrun; train it in one process")
+        if not hasattr(model, "head") or not hasattr(model, "dropout"):
+            raise ValueError(f"--subclass-aux needs a Classifier model, not {cfg.model}")
+        head = cls(model, ds, cfg.subclass_aux, cfg.label_smoothing, device)
+        log.info("auxiliary sub-types (weight %g): %s", cfg.subclass_aux, ", ".join(head.names))
+        return head
+
+
+class WeightEMA:
+    """Polyak/EMA weights: an average over the last ~1/(1-decay) steps is a cheap
+    ensemble along the trajectory; it is the model that gets validated and saved."""
+
+    def __init__(self, model, decay: float):
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        self.averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+    def update(self, model) -> None:
+        self.averaged.update_parameters(model)
+
+    @property
+    def module(self):
+        return self.averaged.module
+
+
+@dataclass
+class Trainer:
+    """What every epoch uses: settings, data, the network and its optimiser."""
+    cfg: TrainConfig
+    world: dist.World
+    device: torch.device
+    precision: str
+    data: TrainData
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    ema: WeightEMA | None
+    aux: SubtypeHead | None
+    steps_per_epoch: int
+    net: torch.nn.Module | None = None  # what a step calls: the model, or DDP around it
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
+
+    @property
+    def kept(self) -> torch.nn.Module:
+        """The network that is validated and saved: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def checkpointed(self) -> dict[str, torch.nn.Module]:
+        """Modules saved beside the model and optimiser in the training checkpoint."""
+        return {k: v for k, v in (("ema", self.ema and self.ema.averaged),
+                                  ("aux", self.aux and self.aux.linear)) if v is not None}
+
+
+@dataclass
+class Progress:
+    """The epochs done so far: what early stopping, the model file and --resume need."""
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"val_accuracy": -1.0, "epoch": 0})
+    epoch: int = 0  # the last completed epoch
+
+    @property
+    def bad_epochs(self) -> int:
+        """Epochs since the best one."""
+        return self.epoch - self.best["epoch"] if self.history else 0
+
+    def add(self, rec: dict, val_acc: float, has_val: bool) -> bool:
+        """Record an epoch; True when it is the best so far (always, without a val split)."""
+        self.history.append(rec)
+        self.epoch = rec["epoch"]
+        improved = val_acc > self.best["val_accuracy"] or not has_val
+        if improved:
+            self.best = {"val_accuracy": val_acc, "epoch": rec["epoch"]}
+        return improved
+
+
+@dataclass
+class EpochStats:
+    """Training loss and accuracy of one epoch, summed over the ranks."""
+    loss_sum: float
+    correct: float
+    seen: int
+    started: float    # time.perf_counter() at the start of the epoch
+    train_seconds: float
+
+
+class GracefulStop:
+    """Ctrl-C / SIGTERM finish the current step, then save: --resume continues from there."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        if threading_main():  # signal handlers can only be set from the main thread
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        log.warning("signal %d: stopping after this epoch's checkpoint", signum)
+
+    def agree(self, world: dist.World, device) -> None:
+        """A signal seen by any rank stops all at the same step."""
+        if world.distributed:
+            self.requested = dist.total([float(self.requested)], world, device)[0] > 0
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run: Path, model, opt, progress: Progress, extra=None):
     """Last completed epoch: model (+ ``extra`` modules: EMA, auxiliary head) + optimizer
     tensors in safetensors, the rest in JSON."""
     from safetensors.torch import save as st_save
@@ -229,7 +356,7 @@ def _save_training_state(run: Path, model, opt, epoch, history, best, extra=None
     tensors["rng.torch"] = torch.get_rng_state()
     D.atomic_write_bytes(run / "checkpoint" / "last.safetensors", st_save(tensors))
     D.atomic_write_json(run / "checkpoint" / "last.json", {
-        "epoch": epoch, "history": history, "best": best,
+        "epoch": progress.epoch, "history": progress.history, "best": progress.best,
         "param_groups": osd["param_groups"], "numpy_rng": _np_rng_to_json()})
 
 
@@ -238,7 +365,8 @@ def _np_rng_to_json():
     return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
 
 
-def _load_training_state(run: Path, model, opt, extra=None):
+def load_checkpoint(run: Path, model, opt, extra=None) -> Progress:
+    """Restore what ``save_checkpoint`` wrote, random streams included."""
     from safetensors.torch import load_file
     meta = json.loads((run / "checkpoint" / "last.json").read_text())
     t = load_file(str(run / "checkpoint" / "last.safetensors"))
@@ -257,8 +385,12 @@ def _load_training_state(run: Path, model, opt, extra=None):
     torch.set_rng_state(t["rng.torch"])
     s = meta["numpy_rng"]
     np.random.set_state((s[0], np.array(s[1], dtype=np.uint32), s[2], s[3], s[4]))
-    return meta
+    log.info("resumed from epoch %d (best val acc %.4f at epoch %d)", meta["epoch"],
+             meta["best"]["val_accuracy"], meta["best"]["epoch"])
+    return Progress(meta["history"], meta["best"], meta["epoch"])
 
+
+# ----------------------------------------------------------------------------- setting up
 
 def prepare_data(cfg: TrainConfig, run: Path | None = None):
     """Scan, split (or reuse a manifest), load cached images. Shared with evaluate/study."""
@@ -273,6 +405,144 @@ def prepare_data(cfg: TrainConfig, run: Path | None = None):
     if run is not None:
         manifest_hash = D.write_manifest(run / "split.csv", ds, splits)
     return ds, images, splits, cache_info, manifest_hash
+
+
+def load_data(cfg: TrainConfig, run: Path, world: dist.World) -> TrainData:
+    """``prepare_data`` for a run: rank 0 builds the image cache and writes the split."""
+    if cfg.resume and (run / "split.csv").exists() and not cfg.split_file:
+        cfg.split_file = str(run / "split.csv")  # a resumed run keeps its own split
+    if not world.main:
+        dist.barrier(world)  # rank 0 builds the image cache once; the others then load it
+    data = TrainData(*prepare_data(cfg, run if world.main else None))
+    if world.main:
+        dist.barrier(world)
+    if len(data.tr) == 0:
+        raise ValueError("the training split is empty")
+    log.info("%d images (%d train / %d val / %d test), %d skipped; cache %s in %.1fs",
+             len(data.ds), len(data.tr), len(data.va), len(D.split_indices(data.splits, "test")),
+             len(data.ds.skipped), "built" if data.cache_info["built"] else "loaded",
+             data.cache_info["seconds"])
+    return data
+
+
+def build_trainer(cfg: TrainConfig, world: dist.World, device, precision: str,
+                  data: TrainData) -> Trainer:
+    """Model, precision (probed on "auto"), auxiliary head, optimiser, EMA, steps per epoch."""
+    model = create_model(cfg.model, len(data.ds.classes), cfg.image_size, pretrained=cfg.pretrained,
+                         **cfg.extra).to(device).to(memory_format=torch.channels_last)
+    if cfg.precision == "auto" and precision == "bf16" and device.type == "cpu":
+        probe = data.tr[:cfg.batch_size]
+        precision = probe_precision(model, to_tensor(data.images[probe]), data.y[torch.as_tensor(probe)],
+                                    device, key=f"{cfg.model}@{cfg.image_size}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    aux = SubtypeHead.for_run(cfg, model, data.ds, world, device)
+    if aux is not None:
+        params += list(aux.linear.parameters())
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = WeightEMA(model, cfg.ema) if cfg.ema else None
+    n = len(data.tr)
+    steps = math.ceil(n / cfg.batch_size)
+    if world.distributed and 0 < n % cfg.batch_size < 2 * world.size:
+        steps -= 1  # a last batch too small for every rank to get 2 images
+    if cfg.max_steps_per_epoch:
+        steps = min(steps, cfg.max_steps_per_epoch)
+    return Trainer(cfg, world, device, precision, data, model, opt, ema, aux, steps)
+
+
+def model_metadata(t: Trainer) -> dict:
+    """model.json, less the history and best epoch that each save adds."""
+    cfg, ds = t.cfg, t.data.ds
+    meta = {
+        "architecture": cfg.model, "classes": ds.classes, "image_size": cfg.image_size,
+        "preprocess": {"version": PREPROCESS_VERSION, "description": PREPROCESS_DESCRIPTION,
+                       "framing": Framing().to_dict() if cfg.framing else None},
+        "input": "float32 NCHW RGB 0..255 (normalisation inside the model)",
+        "temperature": 1.0, "train_args": {**asdict(cfg), "precision": t.precision},
+        "data": {"root": str(ds.root), "n_images": len(ds), "skipped": ds.skipped,
+                 "class_counts": ds.class_counts(), "split_counts": t.data.split_counts()},
+        "split_manifest_sha1": t.data.manifest_hash, "library_versions": library_versions(),
+    }
+    if t.aux is not None:
+        meta["auxiliary_subclasses"] = t.aux.names
+    return meta
+
+
+# ----------------------------------------------------------------------------- one epoch
+
+def train_one_epoch(t: Trainer, epoch: int, stop: GracefulStop) -> EpochStats:
+    """One pass over a fresh shuffle of the training split (stops early on a signal)."""
+    cfg, data, device = t.cfg, t.data, t.device
+    t.model.train()
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    order = data.tr[torch.randperm(len(data.tr), generator=g).numpy()]
+    t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+    bar = tqdm(range(t.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
+               disable=not cfg.progress, mininterval=2.0)
+    for b in bar:
+        idx = dist.shard(np.sort(order[b * cfg.batch_size:(b + 1) * cfg.batch_size]), t.world)
+        x = to_tensor(data.images[idx]).to(device)
+        target = data.y[idx].to(device)
+        for group in t.opt.param_groups:  # the step's rate, a pure function of the step
+            group["lr"] = lr_at((epoch - 1) * t.steps_per_epoch + b, t.total_steps, cfg.lr, cfg.schedule)
+        with autocast(device, t.precision):
+            logits = t.net(x)
+            loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+            if t.aux is not None:
+                loss = loss + t.aux.loss(idx)
+        t.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t.opt.step()
+        if t.ema is not None:
+            t.ema.update(t.model)
+        seen += len(idx)
+        loss_sum += float(loss.detach()) * len(idx)
+        correct += int((logits.argmax(1) == target).sum())
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        stop.agree(t.world, device)
+        if stop.requested:
+            break
+    bar.close()
+    loss_sum, correct, seen = dist.total([loss_sum, correct, seen], t.world, device)
+    return EpochStats(loss_sum, correct, int(seen), t0, time.perf_counter() - t0)
+
+
+def validate(t: Trainer, epoch: int) -> dict:
+    """The epoch's validation figures. Rank 0 validates; DDP hands its re-estimated
+    BatchNorm statistics to the others."""
+    d = t.data
+    val_acc, val_loss = dist.total(list(_validate(t.kept, d.images, d.tr, d.va, d.ds.labels, t.device,
+                                                  t.precision, epoch)) if t.world.main else
+                                   [0.0, 0.0], t.world, t.device)
+    out = {"val_loss": val_loss, "val_accuracy": val_acc}
+    if t.ema is not None and t.world.main:  # the raw weights too, to see what the average adds
+        out["val_accuracy_raw"] = _validate(t.model, d.images, d.tr, d.va, d.ds.labels, t.device,
+                                            t.precision, epoch)[0]
+    return out
+
+
+def _validate(model, images, tr, va, labels, device, precision, epoch) -> tuple[float, float]:
+    """(accuracy, log loss) on the val split, after precise-BN on training images."""
+    if not len(va):
+        return float("nan"), float("nan")
+    recalibrate_bn(model, images, tr, device=device, precision=precision, seed=epoch)
+    probs = predict_proba_arrays(model, images[va], device=device, precision=precision)
+    acc = float((probs.argmax(1) == labels[va]).mean())
+    loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
+                            torch.from_numpy(labels[va])))
+    return acc, loss
+
+
+def epoch_record(t: Trainer, epoch: int, stats: EpochStats, val: dict) -> dict:
+    """One line of history.jsonl."""
+    rec = {"epoch": epoch, "train_loss": round(stats.loss_sum / stats.seen, 5),
+           "train_accuracy": round(stats.correct / stats.seen, 5), "val_loss": round(val["val_loss"], 5),
+           "val_accuracy": round(val["val_accuracy"], 5), "lr": t.opt.param_groups[0]["lr"],
+           "seconds": round(time.perf_counter() - stats.started, 1),
+           "images_per_s": round(stats.seen / stats.train_seconds, 1)}
+    if "val_accuracy_raw" in val:
+        rec["val_accuracy_raw"] = round(val["val_accuracy_raw"], 5)
+    return rec
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -292,6 +562,45 @@ def _train(cfg: TrainConfig, tracker, world: dist.World) -> dict:
     cfg = cfg.resolved()
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
+    device, precision = _start(cfg, world)
+    t = build_trainer(cfg, world, device, precision, load_data(cfg, run, world))
+    progress = Progress()
+    if cfg.resume and (run / "checkpoint" / "last.json").exists():
+        progress = load_checkpoint(run, t.model, t.opt, t.checkpointed())
+    if world.rank:  # each rank its own augmentation draws (DDP gives all rank 0's weights)
+        torch.manual_seed(cfg.seed * 1000 + 7919 * world.rank + progress.epoch + 1)
+    t.net = dist.wrap(t.model, world, device)
+    meta = model_metadata(t)
+    tracker.params({**meta["train_args"], "data": meta["data"]["split_counts"]})
+    for rec in progress.history:  # a resumed run's earlier epochs: the tracked curve is whole
+        tracker.metrics(rec, step=rec["epoch"])
+
+    with GracefulStop() as stop:
+        for epoch in range(progress.epoch + 1, cfg.epochs + 1):
+            if cfg.patience and progress.bad_epochs >= cfg.patience:
+                break
+            stats = train_one_epoch(t, epoch, stop)
+            if stop.requested and stats.seen < min(len(t.data.tr), t.steps_per_epoch * cfg.batch_size):
+                log.warning("interrupted mid-epoch %d: last completed epoch %d is checkpointed",
+                            epoch, epoch - 1)
+                break
+            val = validate(t, epoch)
+            rec = epoch_record(t, epoch, stats, val)
+            improved = progress.add(rec, val["val_accuracy"], len(t.data.va) > 0)
+            tracker.metrics(rec, step=epoch)
+            log.info("epoch %d: %s", epoch, json.dumps(rec))
+            if world.main:
+                _write_history(run, progress.history)
+                if improved:
+                    save_model(t.kept, {**meta, "history": progress.history, "best": progress.best}, run)
+                save_checkpoint(run, t.model, t.opt, progress, t.checkpointed())
+            if stop.requested:
+                break
+    return _finish(t, run, progress, not stop.requested, tracker)
+
+
+def _start(cfg: TrainConfig, world: dist.World) -> tuple[torch.device, str]:
+    """Device and precision, this rank's logging, the seeds."""
     device, precision = choose_device_precision(cfg.precision)
     device = dist.start(world) or device
     if not world.main:  # the other ranks compute; rank 0 reports
@@ -300,193 +609,21 @@ def _train(cfg: TrainConfig, tracker, world: dist.World) -> dict:
     log.info("training %s on %s (%s, %d threads)\n%s", cfg.model, device, precision,
              torch.get_num_threads(), json.dumps(asdict(cfg), indent=1))
     seed_everything(cfg.seed)
+    return device, precision
 
-    # ---- data
-    if cfg.resume and (run / "split.csv").exists() and not cfg.split_file:
-        cfg.split_file = str(run / "split.csv")  # a resumed run keeps its own split
-    if not world.main:
-        dist.barrier(world)  # rank 0 builds the image cache once; the others then load it
-    ds, images, splits, cache_info, manifest_hash = prepare_data(cfg, run if world.main else None)
-    if world.main:
-        dist.barrier(world)
-    tr, va = D.split_indices(splits, "train"), D.split_indices(splits, "val")
-    if len(tr) == 0:
-        raise ValueError("the training split is empty")
-    y = torch.from_numpy(ds.labels)
-    log.info("%d images (%d train / %d val / %d test), %d skipped; cache %s in %.1fs",
-             len(ds), len(tr), len(va), len(D.split_indices(splits, "test")), len(ds.skipped),
-             "built" if cache_info["built"] else "loaded", cache_info["seconds"])
 
-    # ---- model and optimiser
-    model = create_model(cfg.model, len(ds.classes), cfg.image_size, pretrained=cfg.pretrained,
-                         **cfg.extra).to(device).to(memory_format=torch.channels_last)
-    if cfg.precision == "auto" and precision == "bf16" and device.type == "cpu":
-        probe = tr[:cfg.batch_size]
-        precision = probe_precision(model, to_tensor(images[probe]), y[torch.as_tensor(probe)], device,
-                                    key=f"{cfg.model}@{cfg.image_size}")
-    params = [p for p in model.parameters() if p.requires_grad]
-    # Auxiliary sub-type head (band vs segmented neutrophil, pro-/myelo-/metamyelocyte):
-    # a finer target on the pooled features during training only; the saved model
-    # keeps its 8-class head, so prediction and export do not change.
-    aux, feats = None, {}
-    if cfg.subclass_aux:
-        if world.distributed:
-            raise ValueError("--subclass-aux is not available under torchrun; train it in one process")
-        if not hasattr(model, "head") or not hasattr(model, "dropout"):
-            raise ValueError(f"--subclass-aux needs a Classifier model, not {cfg.model}")
-        sub_names, sub_y = D.subclass_labels(ds)
-        sub_y = torch.from_numpy(sub_y)
-        aux = torch.nn.Linear(model.head.in_features, len(sub_names)).to(device)
-        model.dropout.register_forward_hook(lambda m, i, o: feats.__setitem__("x", o))
-        params += list(aux.parameters())
-        log.info("auxiliary sub-types (weight %g): %s", cfg.subclass_aux, ", ".join(sub_names))
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # Polyak/EMA weights: an average over the last ~1/(1-decay) steps is a cheap
-    # ensemble along the trajectory; it is the model that gets validated and saved.
-    ema = None
-    if cfg.ema:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=False)
-    extra = {k: v for k, v in (("ema", ema), ("aux", aux)) if v is not None}
-    steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
-    if world.distributed and 0 < len(tr) % cfg.batch_size < 2 * world.size:
-        steps_per_epoch -= 1  # a last batch too small for every rank to get 2 images
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    total_steps = steps_per_epoch * cfg.epochs
-
-    history: list[dict] = []
-    best = {"val_accuracy": -1.0, "epoch": 0}
-    start_epoch = 1
-    if cfg.resume and (run / "checkpoint" / "last.json").exists():
-        state = _load_training_state(run, model, opt, extra)
-        history, best, start_epoch = state["history"], state["best"], state["epoch"] + 1
-        log.info("resumed from epoch %d (best val acc %.4f at epoch %d)", state["epoch"],
-                 best["val_accuracy"], best["epoch"])
-    if world.rank:  # each rank its own augmentation draws (DDP gives all rank 0's weights)
-        torch.manual_seed(cfg.seed * 1000 + 7919 * world.rank + start_epoch)
-    net = dist.wrap(model, world, device)
-
-    meta = {
-        "architecture": cfg.model, "classes": ds.classes, "image_size": cfg.image_size,
-        "preprocess": {"version": PREPROCESS_VERSION, "description": PREPROCESS_DESCRIPTION,
-                       "framing": Framing().to_dict() if cfg.framing else None},
-        "input": "float32 NCHW RGB 0..255 (normalisation inside the model)",
-        "temperature": 1.0, "train_args": {**asdict(cfg), "precision": precision},
-        "data": {"root": str(ds.root), "n_images": len(ds), "skipped": ds.skipped,
-                 "class_counts": ds.class_counts(),
-                 "split_counts": {s: int(len(D.split_indices(splits, s))) for s in D.SPLITS}},
-        "split_manifest_sha1": manifest_hash, "library_versions": library_versions(),
-    }
-    if aux is not None:
-        meta["auxiliary_subclasses"] = sub_names
-    tracker.params({**meta["train_args"], "data": meta["data"]["split_counts"]})
-    for rec in history:  # a resumed run's earlier epochs: the tracked curve is whole
-        tracker.metrics(rec, step=rec["epoch"])
-
-    # Ctrl-C / SIGTERM finish the current step, then save: --resume continues from there
-    stop = {"flag": False}
-
-    def _graceful(signum, frame):
-        stop["flag"] = True
-        log.warning("signal %d: stopping after this epoch's checkpoint", signum)
-    old = {s: signal.signal(s, _graceful) for s in (signal.SIGINT, signal.SIGTERM)} \
-        if threading_main() else {}
-
-    from tqdm import tqdm
-    bad_epochs = 0 if not history else (history[-1]["epoch"] - best["epoch"])
-    step = (start_epoch - 1) * steps_per_epoch
-    try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
-            if cfg.patience and bad_epochs >= cfg.patience:
-                break
-            model.train()
-            g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            order = tr[torch.randperm(len(tr), generator=g).numpy()]
-            t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
-                       disable=not cfg.progress, mininterval=2.0)
-            for b in bar:
-                idx = dist.shard(np.sort(order[b * cfg.batch_size:(b + 1) * cfg.batch_size]), world)
-                x = to_tensor(images[idx]).to(device)
-                target = y[idx].to(device)
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, total_steps, cfg.lr, cfg.schedule)
-                with autocast(device, precision):
-                    logits = net(x)
-                    loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
-                    if aux is not None:
-                        loss = loss + cfg.subclass_aux * F.cross_entropy(
-                            aux(feats["x"]).float(), sub_y[idx].to(device),
-                            label_smoothing=cfg.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                step += 1
-                seen += len(idx)
-                loss_sum += float(loss.detach()) * len(idx)
-                correct += int((logits.argmax(1) == target).sum())
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-                if world.distributed:  # a signal seen by any rank stops all at the same step
-                    stop["flag"] = dist.total([float(stop["flag"])], world, device)[0] > 0
-                if stop["flag"]:
-                    break
-            bar.close()
-            loss_sum, correct, seen = dist.total([loss_sum, correct, seen], world, device)
-            seen = int(seen)
-            if stop["flag"] and seen < min(len(tr), steps_per_epoch * cfg.batch_size):
-                log.warning("interrupted mid-epoch %d: last completed epoch %d is checkpointed",
-                            epoch, epoch - 1)
-                break
-            train_time = time.perf_counter() - t0
-            keep = ema.module if ema is not None else model  # the network that is validated and saved
-            # rank 0 validates; DDP hands its re-estimated BatchNorm statistics to the others
-            val_acc, val_loss = dist.total(list(_validate(keep, images, tr, va, ds.labels, device,
-                                                          precision, epoch)) if world.main else
-                                           [0.0, 0.0], world, device)
-            rec = {"epoch": epoch, "train_loss": round(loss_sum / seen, 5),
-                   "train_accuracy": round(correct / seen, 5), "val_loss": round(val_loss, 5),
-                   "val_accuracy": round(val_acc, 5), "lr": opt.param_groups[0]["lr"],
-                   "seconds": round(time.perf_counter() - t0, 1),
-                   "images_per_s": round(seen / train_time, 1)}
-            if ema is not None and world.main:  # the raw weights too, to see what the average adds
-                rec["val_accuracy_raw"] = round(_validate(model, images, tr, va, ds.labels, device,
-                                                          precision, epoch)[0], 5)
-            history.append(rec)
-            tracker.metrics(rec, step=epoch)
-            log.info("epoch %d: %s", epoch, json.dumps(rec))
-            improved = val_acc > best["val_accuracy"] or not len(va)
-            if improved:
-                best = {"val_accuracy": val_acc, "epoch": epoch}
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-            if world.main:
-                _write_history(run, history)
-                if improved:
-                    save_model(keep, {**meta, "history": history, "best": best}, run)
-                _save_training_state(run, model, opt, epoch, history, best, extra)
-            if stop["flag"]:
-                break
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-    done = not stop["flag"]
-    summary = {"run": str(run), "best": best, "epochs_run": len(history), "finished": done,
-               "history": history, "precision": precision, "cache": cache_info,
-               "processes": world.size}
-    if not world.main:
+def _finish(t: Trainer, run: Path, progress: Progress, done: bool, tracker) -> dict:
+    """train_summary.json; a finished run's model.json gets the whole history."""
+    summary = {"run": str(run), "best": progress.best, "epochs_run": len(progress.history),
+               "finished": done, "history": progress.history, "precision": t.precision,
+               "cache": t.data.cache_info, "processes": t.world.size}
+    if not t.world.main:
         return summary
     if done:
         # keep the metadata in sync with the full history; weights stay the best epoch's
-        from .modelfile import resolve_model_path
         _, j = resolve_model_path(run)
         m = json.loads(j.read_text())
-        m.update(history=history, best=best, finished=True)
+        m.update(history=progress.history, best=progress.best, finished=True)
         D.atomic_write_json(j, m)
     D.atomic_write_json(run / "train_summary.json", summary)
     tracker.artifacts([run / n for n in ("model.json", "train_summary.json", "history.jsonl",
@@ -494,20 +631,7 @@ def _train(cfg: TrainConfig, tracker, world: dist.World) -> dict:
     return summary
 
 
-def _validate(model, images, tr, va, labels, device, precision, epoch) -> tuple[float, float]:
-    """(accuracy, log loss) on the val split, after precise-BN on training images."""
-    if not len(va):
-        return float("nan"), float("nan")
-    recalibrate_bn(model, images, tr, device=device, precision=precision, seed=epoch)
-    probs = predict_proba_arrays(model, images[va], device=device, precision=precision)
-    acc = float((probs.argmax(1) == labels[va]).mean())
-    loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
-                            torch.from_numpy(labels[va])))
-    return acc, loss
-
-
 def threading_main() -> bool:
-    import threading
     return threading.current_thread() is threading.main_thread()
 
 

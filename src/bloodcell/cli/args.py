@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
+import typing
 
 from ..data import default_data_dir
 
@@ -34,3 +36,35 @@ def ranged(kind, lo, hi=None, lo_open=False):
             raise argparse.ArgumentTypeError(f"{text} is out of range (must be {want})")
         return v
     return parse
+
+
+def add_options(parser: argparse.ArgumentParser, config_cls) -> None:
+    """One option per field of the dataclass ``config_cls`` (``--field-name``), typed from
+    the annotation and described by the field's metadata (see ``trainconfig.option``):
+    a bool that defaults to True becomes ``--no-...``, another bool a switch; a field
+    without a default is required unless its metadata says otherwise."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        if meta.get("cli", True) is False:
+            continue
+        kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+        default = None if f.default is dataclasses.MISSING else f.default
+        kw = {"dest": f.name, "default": default,
+              "help": argparse.SUPPRESS if meta.get("hidden") else meta.get("help")}
+        if kind is bool:
+            kw["action"] = "store_false" if default is True else "store_true"
+        else:
+            kw["type"] = kind
+            if "choices" in meta:
+                kw["choices"] = meta["choices"]
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kw["required"] = meta.get("required", True)
+        parser.add_argument(meta.get("flag") or "--" + f.name.replace("_", "-"), **kw)
+
+
+def options_to_config(config_cls, args: argparse.Namespace, **overrides):
+    """The dataclass from parsed options (those ``add_options`` made), ``overrides`` on top."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+              if hasattr(args, f.name)}
+    return config_cls(**{**values, **overrides})

@@ -1,0 +1,65 @@
+"""``TrainConfig``: the settings of one training run, and the single source of
+``bloodcell train``'s options. No torch here: the command line builds its parser
+from these fields (type, default, ``help``/``choices`` metadata) without loading
+PyTorch, so that ``bloodcell predict`` on ONNX Runtime starts fast."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .data import DEFAULT_FRACTIONS, DEFAULT_SEED
+
+PER_MODEL = " (default: the model's own, from its registration in models.py)"
+
+
+def option(default=None, help: str | None = None, **cli):
+    """A field with its command-line option: ``help``, ``choices``, ``flag`` (the option's
+    name when it is not --field-name), ``hidden``, ``required``, or ``cli=False`` for none."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass
+class TrainConfig:
+    """Unset (None) hyper-parameters take the model's registered defaults (``resolved``)."""
+    model: str = field(metadata={"help": "architecture name (see `bloodcell models`)"})
+    data: str = field(metadata={"required": False, "help": "dataset folder of class sub-folders "
+                                "(default: ../shared/data/pbc)"})
+    out: str = field(metadata={"help": "run folder (checkpoints, logs, model files)"})
+    epochs: int | None = option(help="maximum number of epochs" + PER_MODEL)
+    batch_size: int | None = option(help="images per step" + PER_MODEL)
+    lr: float | None = option(help="peak learning rate" + PER_MODEL)
+    image_size: int | None = option(help="side of the square input in pixels" + PER_MODEL)
+    patience: int | None = option(help="early stopping patience on val accuracy, 0 = off" + PER_MODEL)
+    weight_decay: float | None = option(help="weight decay" + PER_MODEL)
+    label_smoothing: float | None = option(help="label smoothing of the loss" + PER_MODEL)
+    schedule: str | None = option(choices=["constant", "onecycle"],
+                                  help="learning-rate schedule" + PER_MODEL)
+    optimizer: str | None = option(choices=["adam", "adamw"], help="optimizer" + PER_MODEL)
+    ema: float | None = option(help="keep an exponential moving average of the weights with "
+                               "this decay per step (e.g. 0.998) and validate/save it; 0 = off")
+    subclass_aux: float | None = option(help="weight of an auxiliary loss on file-name sub-types "
+                                        "(PBC: BNE/SNE neutrophils, PMY/MY/MMY ig), training only; 0 = off")
+    framing: bool | None = option(cli=False)  # cell-centred framing (bloodcell.locate); per model
+    seed: int = option(DEFAULT_SEED, help="seed of initialisation, shuffling and augmentation")
+    split_seed: int = option(DEFAULT_SEED, help="seed of the train/val/test split")
+    split_file: str | None = option(help="reuse a split manifest (split.csv of another run)")
+    fractions: tuple = option(DEFAULT_FRACTIONS, cli=False)
+    precision: str = option("auto", choices=["auto", "fp32", "bf16"],
+                            help="auto: bf16 where it is faster on this machine, else fp32")
+    # True, False or a local weights file: two options (--weights, --no-pretrained) in cli/train.py
+    pretrained: bool | str = option(True, cli=False)
+    cache_dir: str | None = option(help="decoded-image cache (default ~/.cache/bloodcell)")
+    resume: bool = option(False, help="continue an interrupted run in --out")
+    max_steps_per_epoch: int | None = option(hidden=True)  # for smoke tests
+    progress: bool = option(True, flag="--no-progress", help="no progress bars")
+    extra: dict = field(default_factory=dict, metadata={"cli": False})  # create_model keywords
+
+    def resolved(self) -> "TrainConfig":
+        """Fill unset hyper-parameters with the model's registered defaults."""
+        from .models import get_spec  # torch: only when a run is set up, not for the parser
+        d = get_spec(self.model).defaults
+        out = TrainConfig(**asdict(self))
+        for k in ("epochs", "batch_size", "lr", "image_size", "patience", "weight_decay",
+                  "label_smoothing", "schedule", "optimizer", "ema", "subclass_aux", "framing"):
+            if getattr(out, k) is None:
+                setattr(out, k, d[k])
+        return out

@@ -1,0 +1,69 @@
+"""`bloodcell train`'s options are generated from TrainConfig's fields: every field has
+its option (or is marked as having none), with the field's type, default and help, and
+the parsed options make the same TrainConfig as the Python API."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from bloodcell.cli import build_parser
+from bloodcell.cli.args import add_options, options_to_config
+from bloodcell.trainconfig import TrainConfig
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]
+
+
+def test_every_field_is_an_option_with_its_type_default_and_help():
+    opts = {a.dest: a for a in _train_parser()._actions}
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("cli", True) is False:
+            assert f.name not in opts, f.name
+            continue
+        a = opts[f.name]
+        assert a.help, f"--{f.name} has no help"
+        if f.default is not dataclasses.MISSING:
+            assert a.default == f.default, f.name
+    assert opts["max_steps_per_epoch"].help == argparse.SUPPRESS
+    assert opts["lr"].type is float and opts["epochs"].type is int and opts["split_file"].type is str
+    assert opts["schedule"].choices == ["constant", "onecycle"]
+    assert opts["model"].required and opts["out"].required and not opts["data"].required
+    assert opts["progress"].option_strings == ["--no-progress"]
+
+
+def test_parsed_options_make_the_config_and_the_registry_fills_the_rest():
+    args = build_parser().parse_args(["train", "--model", "cnn3", "--data", "d", "--out", "o", "--lr", "0.01",
+                                      "--schedule", "onecycle", "--resume", "--no-progress",
+                                      "--max-steps-per-epoch", "2"])
+    cfg = options_to_config(TrainConfig, args, pretrained=False)
+    assert cfg == TrainConfig(model="cnn3", data="d", out="o", lr=0.01, schedule="onecycle", resume=True,
+                              progress=False, max_steps_per_epoch=2, pretrained=False)
+    r = cfg.resolved()
+    assert r.lr == 0.01 and r.schedule == "onecycle"   # given: kept
+    assert r.epochs is not None and r.batch_size is not None  # not given: the model's defaults
+
+
+def test_bad_values_are_refused_by_the_parser(capsys):
+    for bad in (["--lr", "fast"], ["--precision", "fp8"], ["--epochs", "2.5"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["train", "--model", "cnn3", "--out", "o", *bad])
+        assert bad[0] in capsys.readouterr().err
+
+
+def test_add_options_on_another_dataclass():
+    @dataclasses.dataclass
+    class Cfg:
+        name: str = dataclasses.field(metadata={"help": "a name"})
+        size: int | None = dataclasses.field(default=None, metadata={"help": "a size", "flag": "--px"})
+        quiet: bool = False
+        skip: list = dataclasses.field(default_factory=list, metadata={"cli": False})
+    p = argparse.ArgumentParser()
+    add_options(p, Cfg)
+    assert options_to_config(Cfg, p.parse_args(["--name", "a", "--px", "3", "--quiet"])) == Cfg("a", 3, True)
+    assert options_to_config(Cfg, p.parse_args(["--name", "b"])) == Cfg("b")
+    with pytest.raises(SystemExit):
+        p.parse_args([])  # --name is required: it has no default
