@@ -231,3 +231,39 @@ def test_report_cli_rebuilds_the_report_without_training(study, tmp_path, capsys
         assert re.search(rf"\| Gen \d: {re.escape(m)} \| {row} \|", md), (m, row)
     assert (pub / "report.html").read_text().count("data:image/png;base64,") == len(FULL_FIGS) - len(PRIVATE_FIGS) + 1
     assert weights == {p: p.stat().st_mtime_ns for p in (rep / "runs").rglob("*.safetensors")}
+
+
+def test_the_published_numbers_are_data_the_report_reads(monkeypatch):
+    """Every generation of the study has its published numbers in published_study.json,
+    and the report's sentences follow that file: changed numbers change the text."""
+    import dataclasses
+
+    from conftest import CLASSES
+
+    from bloodcell import published, report
+    from bloodcell.study import STUDY_MODELS
+    pub = published.study()
+    assert [g.model for g in pub.generations] == STUDY_MODELS
+    assert pub.generation("lite0-frozen").reference == ("val", 0.93)  # no test accuracy published
+    assert [c.cls for c in pub.class_f1] == CLASSES and pub.test_images == sum(c.support for c in pub.class_f1)
+    assert pub.backbone_generations == "5–6" and pub.val_only == "5"
+    st = {"data": {"n_images": 11959, "split_counts": {"test": 2392}},
+          "config": {"epochs_per_model": {}, "max_steps_per_epoch": None}}
+    gens = [_fake_gen(m, 0.9, CLASSES) for m in STUDY_MODELS]
+    text = " ".join(discussion(st, gens, gens[-1]))
+    assert "cnn3 test 90.0 % vs 95 %" in text and "of the 17,092** the study used" in text
+    assert "scored 63 % on validation but 20 % on test" in text
+    other = dataclasses.replace(pub, n_images=20000, generations=tuple(
+        dataclasses.replace(g, test_accuracy=0.5) if g.model == "cnn3" else g for g in pub.generations))
+    monkeypatch.setattr(report, "published", lambda: other)
+    text = " ".join(discussion(st, gens, gens[-1]))
+    assert "cnn3 test 90.0 % vs 50 %" in text and "of the 20,000** the study used" in text
+
+
+def test_a_broken_published_file_names_the_problem():
+    from bloodcell import published
+    raw = json.loads(published.SOURCE.read_text())
+    assert published.parse(raw) == published.study()
+    del raw["generations"][0]["val_accuracy"]
+    with pytest.raises(TypeError, match="val_accuracy"):
+        published.parse(raw)

