@@ -103,5 +103,5 @@ def test_models_cli_lists_the_registry(capsys):
                              "lite0-recipe", "resnet50"}
     gens = {ln.split()[0]: ln.split()[2] for ln in lines if ln.split()[1] == "gen"}
     assert gens == {"dnn": "1", "cnn": "2", "cnn-aug": "3", "cnn3": "4", "lite0-frozen": "5",
-                    "lite0-finetune": "6"}
+                    "lite0-finetune": "6", "lite2-frozen": "5"}  # lite2-frozen: an alternative gen 5
     assert all(REGISTRY[n].description in ln for n, ln in zip(REGISTRY, lines))
