@@ -68,7 +68,9 @@ class PublishedStudy:
     @property
     def val_only(self) -> str:
         """The generations with a validation accuracy only, e.g. "5"."""
-        return ", ".join(str(r.generation) for r in self.generations if r.test_accuracy is None)
+        # one generation may have two stand-ins (generation 5: Lite0 or Lite2 frozen)
+        gens = sorted({r.generation for r in self.generations if r.test_accuracy is None})
+        return ", ".join(str(g) for g in gens)
 
     def generation(self, model: str) -> GenerationResult | None:
         return next((g for g in self.generations if g.model == model), None)
