@@ -21,7 +21,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,13 @@ def scores(clf: Classifier, images: np.ndarray, labels: np.ndarray, sources) -> 
     in5 = np.isin(labels, white)
     pred5 = np.array(white)[probs[:, white].argmax(1)]
     warns = clf.check_inputs(images, sources)
+    wrong = probs.argmax(1) != labels
+    errors = {}
+    for t, q in zip(labels[wrong], probs.argmax(1)[wrong]):  # what each class was mistaken for
+        key = f"{clf.classes[t]}->{clf.classes[q]}"
+        errors[key] = errors.get(key, 0) + 1
     return {"n": int(len(labels)), "acc8": float((probs.argmax(1) == labels).mean()),
+            "errors": dict(sorted(errors.items(), key=lambda kv: -kv[1])),
             "acc5": float((pred5[in5] == labels[in5]).mean()) if in5.any() else float("nan"),
             "flagged": float(np.mean([bool(w) for w in warns])),
             "needs_review": float(np.mean([(p.max() < clf.review_threshold) or bool(w)
@@ -74,7 +80,7 @@ def curve(model, cells, k: int, draws: int, settings: AdaptSettings) -> dict:
         r.update(draw=d, n_adapt=int(len(tr)), adapt_classes=a.report["class_counts"], seconds=round(secs, 1),
                  temperature=a.meta["temperature"], cross_fitted=a.report.get("cross_fitted"))
         print(f"    k={k} draw {d}: 8-way {r['acc8']:.3f}, 5-way {r['acc5']:.3f}, flagged {r['flagged']:.2f}, "
-              f"T {r['temperature']:.2f}, {secs:.0f} s", flush=True)
+              f"T {r['temperature']:.2f}, {secs:.0f} s; errors {r['errors']}", flush=True)
         runs.append(r)
     out = {"runs": runs}
     for key in ("acc8", "acc5", "flagged", "seconds"):
@@ -84,13 +90,14 @@ def curve(model, cells, k: int, draws: int, settings: AdaptSettings) -> dict:
 
 
 def parse_settings(pairs: list[str]) -> AdaptSettings:
-    types = {f.name: f.type for f in fields(AdaptSettings)}
-    kw = {}
-    for p in pairs:
-        k, _, v = p.partition("=")
-        if k not in types:
-            sys.exit(f"--set {p}: unknown setting; one of {', '.join(types)}")
-        kw[k] = float(v) if types[k] in (float, "float") else int(v)
+    kw = dict(p.partition("=")[::2] for p in pairs)
+    mode = kw.get("mode", "head")
+    defaults = asdict(AdaptSettings(mode=mode))  # the mode's values say each setting's type
+    for k, v in kw.items():
+        if k not in defaults:
+            sys.exit(f"--set {k}={v}: unknown setting; one of {', '.join(defaults)}")
+        kind = type(defaults[k])
+        kw[k] = v if kind is str else bool(int(v)) if kind is bool else kind(float(v))
     return AdaptSettings(**kw)
 
 

@@ -28,18 +28,22 @@ def _lab_cell(label: int, seed: int) -> np.ndarray:
     return np.clip(a * (0.8, 0.9, 1.1) + (0, 10, 5), 0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A small EfficientNet-Lite0 (64 px, random weights: fast) with a PBC-like input check."""
-    from bloodcell.inputcheck import fit_input_check
+def _save_lite0(d: Path, pretrained: bool, temperature: float) -> Path:
+    """A small EfficientNet-Lite0 (64 px) with a PBC-like input check, saved as a run folder."""
     from bloodcell.models import create_model, save_model
     torch.manual_seed(0)
-    m = create_model("lite0-recipe", len(CLASSES), 64, pretrained=False).eval()
+    m = create_model("lite0-recipe", len(CLASSES), 64, pretrained=pretrained).eval()
     pbc_like = np.stack([synthetic_cell(i % 8, seed=1000 + i) for i in range(40)])
-    d = tmp_path_factory.mktemp("base")
-    save_model(m, {"architecture": "lite0-recipe", "classes": CLASSES, "image_size": 64, "temperature": 1.5,
-                   "review_threshold": 0.9, "input_check": fit_input_check(pbc_like)}, d)
+    save_model(m, {"architecture": "lite0-recipe", "classes": CLASSES, "image_size": 64,
+                   "temperature": temperature, "review_threshold": 0.9,
+                   "input_check": fit_input_check(pbc_like)}, d)
     return d
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Random weights: fast."""
+    return _save_lite0(tmp_path_factory.mktemp("base"), pretrained=False, temperature=1.5)
 
 
 @pytest.fixture
@@ -217,3 +221,82 @@ def test_deeper_adaptation_and_adabn_change_what_they_should(base, lab_folder):
     assert not differs("backbone._blocks.14._project_conv.weight")  # below it: kept
     assert differs("backbone._bn0.running_mean")                    # AdaBN: the new lab's statistics
     assert a.meta["temperature"] == 1.5 and "cross_fitted" not in a.report  # folds=0 keeps T
+
+
+@pytest.fixture(scope="module")
+def imagenet_base(tmp_path_factory):
+    """Lite0 with its ImageNet backbone and an untrained 8-class head: the features can
+    tell the synthetic cells apart, the head cannot yet."""
+    return _save_lite0(tmp_path_factory.mktemp("imagenet_base"), pretrained=True, temperature=1.0)
+
+
+def _lab_cells(labels, per_class: int, seed0: int) -> A.LabelledCells:
+    imgs = [_lab_cell(y, seed0 + 10 * i + y) for y in labels for i in range(per_class)]
+    ys = np.repeat(labels, per_class)
+    return A.LabelledCells(np.stack(imgs), ys.astype(np.int64), CLASSES, [f"c{i}" for i in range(len(ys))],
+                           [f"{i:040x}" for i in range(len(ys))], "synthetic", [(96, 96)] * len(ys))
+
+
+def test_full_fine_tune_learns_the_new_lab_and_keeps_batchnorm_statistics(imagenet_base):
+    base = Classifier.load(imagenet_base, screen=None)
+    labels = [1, 4, 7]  # nuclei of clearly different sizes
+    train = _lab_cells(labels, 6, seed0=0)
+    train.images = np.stack([base.preprocess(a) for a in train.images])
+    test_imgs = np.stack([base.preprocess(_lab_cell(y, 5000 + 10 * i + y)) for y in labels for i in range(8)])
+    test_y = np.repeat(labels, 8)
+    before = (base.predict_proba_arrays(test_imgs).argmax(1) == test_y).mean()
+    s = A.AdaptSettings(mode="full", steps=15, lr=2e-3, folds=0, seed=1)
+    assert (s.train_from, s.batch_size, s.augment) == (0, 0, "turns")  # the mode's defaults
+    a = A.adapt(imagenet_base, train, s)
+    after = (Classifier(a.model, a.meta).predict_proba_arrays(test_imgs).argmax(1) == test_y).mean()
+    assert after >= 0.8 and after > before + 0.3, (before, after)
+    new, old = a.model.state_dict(), base.model.state_dict()
+    assert not torch.allclose(new["backbone._conv_stem.weight"], old["backbone._conv_stem.weight"])  # every layer
+    bn_stats = [k for k in old if k.endswith(("running_mean", "running_var"))]
+    assert bn_stats and all(torch.equal(new[k], old[k]) for k in bn_stats)  # statistics frozen
+    ad = a.meta["adaptation"]
+    assert ad["settings"]["mode"] == "full" and ad["settings"]["lr"] == 2e-3
+    assert ad["temperature_fit"] == "kept the base model's"
+
+
+def test_full_fine_tune_from_a_block_keeps_the_layers_below(base, lab_folder, tmp_path):
+    out = tmp_path / "run"
+    assert main(["adapt", "--data", str(lab_folder), "--out", str(out), "--model", str(base), "--mode", "full",
+                 "--train-from", "14", "--steps", "2", "--augment", "domain", "--folds", "2"]) == 0
+    clf, old = Classifier.load(out, screen=None), Classifier.load(base, screen=None).model.state_dict()
+    new = clf.model.state_dict()
+    assert not torch.allclose(new["backbone._blocks.14._project_conv.weight"],
+                              old["backbone._blocks.14._project_conv.weight"])
+    assert torch.equal(new["backbone._blocks.13._project_conv.weight"], old["backbone._blocks.13._project_conv.weight"])
+    ad = clf.meta["adaptation"]
+    assert ad["settings"]["augment"] == "domain" and ad["settings"]["mode"] == "full"
+    # the temperature comes from cells each out-of-fold copy did not train on
+    assert ad["cross_fitted"]["folds"] == 2 and ad["temperature_fit"].startswith("cross-fitted")
+    csv = tmp_path / "pred.csv"  # the run folder is a model predict accepts
+    assert main(["predict", str(lab_folder / "monocyte"), "--model", str(out), "--out", str(csv),
+                 "--backend", "torch"]) == 0
+    assert len(csv.read_text().splitlines()) == 1 + 6
+
+
+def test_turn_augment_keeps_the_cell_and_jitters_its_colours():
+    from bloodcell.augment import TurnAugment
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.stack([synthetic_cell(3, seed=i) for i in range(16)])).permute(0, 3, 1, 2).float()
+    aug = TurnAugment().train()
+    y = aug(x)
+    assert y.shape == x.shape and not torch.allclose(x, y)
+    # no resampling: the dark (nucleus) pixel count of each cell survives the turns and jitter
+    def dark(t):  # pixels darker than half-way between each image's darkest and brightest
+        g = t.mean(1).flatten(1)
+        return (g < ((g.amin(1) + g.amax(1)) / 2)[:, None]).sum(1).float()
+    assert torch.allclose(dark(y), dark(x), rtol=0.15)
+    assert torch.equal(aug.eval()(x), x)
+
+
+def test_settings_take_their_mode_defaults_and_refuse_unknown_values():
+    assert A.AdaptSettings().train_from == 17 and A.AdaptSettings(mode="full").train_from == 0
+    assert A.AdaptSettings(mode="full", lr=1e-3).lr == 1e-3
+    with pytest.raises(ValueError, match="mode 'deep'"):
+        A.AdaptSettings(mode="deep")
+    with pytest.raises(ValueError, match="augment 'rotate'"):
+        A.AdaptSettings(mode="full", augment="rotate")

@@ -74,21 +74,46 @@ class LabelledCells:
                              [self.sources[i] for i in idx])
 
 
+# Per-mode defaults of the settings left None (measured on ../shared/data/wbc_cellavision,
+# docs/other-labs.md section 4).
+MODE_DEFAULTS = {
+    "head": {"steps": 300, "lr": 1e-2, "l2sp": 0.3, "train_from": 17, "batch_size": 32, "augment": "model"},
+    "full": {"steps": 40, "lr": 2e-4, "l2sp": 0.01, "train_from": 0, "batch_size": 0, "augment": "turns"},
+}
+AUGMENTS = ("model", "domain", "turns", "none")
+
+
 @dataclass
 class AdaptSettings:
-    """How the adaptation runs (recorded in model.json). Defaults: what measured best on
-    ../shared/data/wbc_cellavision over three draws (docs/other-labs.md)."""
+    """How the adaptation runs (recorded in model.json). ``mode`` "head": the top of the
+    network fitted on cached features of augmented views (seconds); "full": every layer
+    from block ``train_from`` fine-tuned on freshly augmented images each step
+    (minutes). Settings left None take their mode's :data:`MODE_DEFAULTS`."""
     seed: int = 0
-    views: int = 8             # views of each cell whose features are cached (1 as is, the rest augmented)
-    steps: int = 300           # optimiser steps on the cached features
-    batch_size: int = 32
-    lr: float = 1e-2
-    l2sp: float = 0.3          # pull towards the base weights (sum of squares, times this)
+    mode: str = "head"
+    views: int = 8             # head mode: views of each cell whose features are cached
+    steps: int | None = None   # optimiser steps
+    batch_size: int | None = None  # cells per step, class-balanced (0: all of them, every step)
+    lr: float | None = None    # peak learning rate (warm-up over 10 % of the steps, then cosine)
+    l2sp: float | None = None  # pull towards the base weights (sum of squares, times this)
     label_smoothing: float = 0.1
     adabn: float = 0.0         # BatchNorm statistics: share of the new lab's (0 = the base model's)
-    train_from: int = 17       # first trained block of EfficientNet-Lite0 (16 blocks; 17: the head only)
+    train_from: int | None = None  # first trained block of EfficientNet-Lite0 (16 blocks; 17: the head
+                                   # only; 0: the stem too)
+    augment: str | None = None  # full mode: "model" (its training augmentation), "domain"
+                                # (bloodcell.augment.DomainAugment), "turns" (flips, 90-degree turns,
+                                # stain and colour jitter), "none"
     folds: int = 3             # cross-fitting for the temperature (0: keep the base temperature)
     present_only: bool = False  # the loss's softmax over the labelled classes only (measured worse)
+
+    def __post_init__(self):
+        if self.mode not in MODE_DEFAULTS:
+            raise ValueError(f"adapt mode {self.mode!r}: use one of {', '.join(MODE_DEFAULTS)}")
+        for k, v in MODE_DEFAULTS[self.mode].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"adapt augment {self.augment!r}: use one of {', '.join(AUGMENTS)}")
 
 
 @dataclass
@@ -286,35 +311,82 @@ def _one_thread():
 
 
 def fit_upper(upper: _Upper, feats: torch.Tensor, labels: np.ndarray, s: AdaptSettings, seed: int) -> None:
-    """Train the upper part on cached view features [V, N, ...] (class-balanced batches,
-    BatchNorm statistics frozen, cosine learning rate, L2-SP towards the start)."""
-    with _one_thread():
-        _fit_upper(upper, feats, labels, s, seed)
-
-
-def _fit_upper(upper: _Upper, feats: torch.Tensor, labels: np.ndarray, s: AdaptSettings, seed: int) -> None:
-    from .train import lr_at
+    """Train the upper part on cached view features [V, N, ...] (a random view of each cell
+    in each batch)."""
     gen = torch.Generator().manual_seed(seed)
+    params = [p for p in upper.parameters() if p.requires_grad]
+
+    def logits_of(idx):
+        views = torch.randint(0, feats.shape[0], (len(idx),), generator=gen)
+        return upper(feats[views, torch.from_numpy(idx)])
+    with _one_thread():
+        _fit(upper, params, labels, s, seed, logits_of)
+
+
+def _augmenter(model, name: str):
+    from .augment import DomainAugment, TurnAugment
+    return {"model": getattr(model, "augment", None), "domain": DomainAugment(), "turns": TurnAugment(),
+            "none": None}[name]
+
+
+def _trainable(model, train_from: int) -> list:
+    """Parameters from block ``train_from`` up (Lite0; 0 includes the stem); other backbones:
+    all of them. Only these require gradients, so autograd skips the frozen part."""
+    bb = model.backbone
+    if hasattr(bb, "_blocks"):
+        mods = [*bb._blocks[train_from:], bb._conv_head, bb._bn1, model.head]
+        mods += [bb._conv_stem, bb._bn0] if train_from <= 0 else []
+    else:
+        mods = [bb, model.head]
+    model.requires_grad_(False)
+    for m in mods:
+        m.requires_grad_(True)
+    return [p for m in mods for p in m.parameters()]
+
+
+def fit_full(model, images: np.ndarray, labels: np.ndarray, s: AdaptSettings, seed: int) -> None:
+    """Fine-tune the network itself on the cells, freshly augmented every step (``s.augment``)."""
+    torch.manual_seed(seed)  # the augmentations draw from torch's global generator
+    aug, own = _augmenter(model, s.augment), getattr(model, "augment", None)
+    params = _trainable(model, s.train_from)
+    x_all = to_tensor(images)
+
+    def logits_of(idx):
+        x = x_all[torch.from_numpy(idx)]
+        if aug is not None:
+            aug.train()
+            with torch.no_grad():
+                x = aug(x)
+        if own is not None:
+            own.eval()  # augmented above, not twice
+        return model(x)
+    with _one_thread():
+        _fit(model, params, labels, s, seed, logits_of)
+
+
+def _fit(module, params: list, labels: np.ndarray, s: AdaptSettings, seed: int, logits_of) -> None:
+    """The optimiser loop shared by both modes: class-balanced batches (or all the cells),
+    BatchNorm statistics frozen, warm-up + cosine learning rate, L2-SP towards the start."""
+    from .train import lr_at
     rng = np.random.default_rng(seed)
     present = np.unique(labels)
     keep = torch.from_numpy(present)
     # targets as positions among the present classes when the loss sees only those
     target = torch.from_numpy(np.searchsorted(present, labels) if s.present_only else labels)
     per_class = {k: np.flatnonzero(labels == k) for k in present}
-    params = [p for p in upper.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0)
-    v_count = feats.shape[0]
     for step in range(s.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, s.steps, s.lr, "onecycle")
-        cls = rng.choice(present, size=s.batch_size)
-        idx = np.array([rng.choice(per_class[k]) for k in cls])
-        views = torch.randint(0, v_count, (len(idx),), generator=gen)
-        upper.train()
-        for m in _bn_layers(upper):
+        if s.batch_size:
+            idx = np.array([rng.choice(per_class[k]) for k in rng.choice(present, size=s.batch_size)])
+        else:
+            idx = np.arange(len(labels))
+        module.train()
+        for m in _bn_layers(module):
             m.eval()  # a handful of cells per batch: keep the (adapted) running statistics
-        logits = upper(feats[views, torch.from_numpy(idx)])
+        logits = logits_of(idx)
         if s.present_only:  # absent classes: no gradient from cells that are never theirs
             logits = logits[:, keep]
         loss = F.cross_entropy(logits, target[idx], label_smoothing=s.label_smoothing)
@@ -323,13 +395,22 @@ def _fit_upper(upper: _Upper, feats: torch.Tensor, labels: np.ndarray, s: AdaptS
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    upper.eval()
+        if step % 10 == 9 or step == s.steps - 1:
+            log.debug("adapt step %d/%d: loss %.3f", step + 1, s.steps, loss.item())
+    module.eval()
 
 
 @torch.no_grad()
 def _upper_logits(upper: _Upper, feats: torch.Tensor) -> np.ndarray:
     upper.eval()
     return upper(feats).float().numpy()
+
+
+@torch.no_grad()
+def _model_logits(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    return np.concatenate([model(to_tensor(images[i:i + batch_size])).float().numpy()
+                           for i in range(0, len(images), batch_size)])
 
 
 def _folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -344,23 +425,40 @@ def _folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     return fold
 
 
-def cross_fitted_logits(upper: _Upper, feats: torch.Tensor, labels: np.ndarray,
-                        s: AdaptSettings) -> np.ndarray:
-    """Out-of-fold logits of the un-augmented view: each cell scored by a copy of the
-    (un-adapted) upper part fitted without it."""
+def cross_fitted_logits(start, fit, score, labels: np.ndarray, s: AdaptSettings) -> np.ndarray:
+    """Out-of-fold logits: each cell scored (``score(part, idx)``, un-augmented) by a copy of
+    ``start`` (the un-adapted model or upper part) fitted without it (``fit(part, idx, seed)``)."""
     fold = _folds(labels, s.folds, s.seed)
-    out = np.zeros((len(labels), upper.head.out_features), np.float32)
+    out = None
     for f in range(s.folds):
         tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
         if not len(te) or not len(tr):
             continue
-        part = copy.deepcopy(upper)
-        fit_upper(part, feats[:, torch.from_numpy(tr)], labels[tr], s, s.seed + 1 + f)
-        out[te] = _upper_logits(part, feats[0, torch.from_numpy(te)])
+        part = copy.deepcopy(start)
+        fit(part, tr, s.seed + 1 + f)
+        logits = score(part, te)
+        out = np.zeros((len(labels), logits.shape[1]), np.float32) if out is None else out
+        out[te] = logits
     return out
 
 
 # ----------------------------------------------------------------------------- adapt
+
+def _fitting(model, cells: LabelledCells, s: AdaptSettings):
+    """(what is fitted, fit(part, idx, seed), score(part, idx) -> logits) for the mode: the
+    upper part on cached features (head), or the model itself on the images (full)."""
+    if s.mode == "full":
+        def fit(part, idx, seed):
+            fit_full(part, cells.images[idx], cells.labels[idx], s, seed)
+        return model, fit, lambda part, idx: _model_logits(part, cells.images[idx])
+    t1 = time.perf_counter()
+    feats = cached_views(model, cells.images, s)
+    log.info("adapt: %d views' features %.1f s", s.views, time.perf_counter() - t1)
+
+    def fit(part, idx, seed):
+        fit_upper(part, feats[:, torch.from_numpy(idx)], cells.labels[idx], s, seed)
+    return _Upper(model, s.train_from), fit, lambda part, idx: _upper_logits(part, feats[0, torch.from_numpy(idx)])
+
 
 def adapt(base_path, cells: LabelledCells, settings: AdaptSettings | None = None) -> Adapted:
     """Adapt the model at ``base_path`` (None: the bundled one) to ``cells``."""
@@ -378,19 +476,15 @@ def adapt(base_path, cells: LabelledCells, settings: AdaptSettings | None = None
         raise ValueError(f"{cells.source}: cells were labelled for classes {cells.classes}, "
                          f"the model has {meta['classes']}")
     adapt_batchnorm(model, cells.images, s.adabn)
-    t1 = time.perf_counter()
-    feats = cached_views(model, cells.images, s)
-    log.info("adapt: BatchNorm statistics %.1f s, %d views' features %.1f s", t1 - t0,
-             s.views, time.perf_counter() - t1)
-    upper = _Upper(model, s.train_from)
+    start, fit, score = _fitting(model, cells, s)
     report = {"n_images": len(cells.labels), "class_counts": cells.class_counts()}
     temperature = float(meta.get("temperature", 1.0))
     if s.folds >= 2:
-        oof = cross_fitted_logits(upper, feats, cells.labels, s)
+        oof = cross_fitted_logits(start, fit, score, cells.labels, s)
         temperature = fit_temperature(oof, cells.labels)
         report["cross_fitted"] = {"folds": s.folds, "accuracy": float((oof.argmax(1) == cells.labels).mean()),
                                   "nll": nll(oof, cells.labels, temperature)}
-    fit_upper(upper, feats, cells.labels, s, s.seed)
+    fit(start, np.arange(len(cells.labels)), s.seed)
     log.info("adapt: fitted in %.1f s", time.perf_counter() - t0)
     model.eval()
     check = fit_input_check(cells.images, predictive=True)

@@ -134,3 +134,22 @@ class DomainAugment(torch.nn.Module):
             b = np.asarray(Image.open(buf).convert("RGB"))
             x[i] = torch.from_numpy(b.copy()).permute(2, 0, 1).float().to(x.device)
         return x
+
+
+class TurnAugment(DomainAugment):
+    """For a handful of cells: exact flips and 90-degree turns (no resampling, no padding:
+    the few labelled cells are seen in every orientation as they are) plus DomainAugment's
+    stain and colour jitter; no zoom, blur or resolution loss."""
+
+    def _augment(self, x):
+        n = x.shape[0]
+        flip = (torch.rand(n, device=x.device) < 0.5).view(n, 1, 1, 1)
+        x = torch.where(flip, x.flip(3), x)
+        turns = torch.randint(0, 4, (n,), device=x.device)
+        out = x.clone()
+        for k in range(1, 4):
+            pick = turns == k
+            if pick.any():
+                out[pick] = torch.rot90(x[pick], k, dims=(2, 3))
+        out = self.colour_jitter(self.stain_jitter(out))
+        return out.clamp(0, 255).contiguous(memory_format=torch.channels_last)

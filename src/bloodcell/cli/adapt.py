@@ -49,12 +49,22 @@ def add_commands(sub):
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     # defaults: bloodcell.adapt.AdaptSettings (not imported here: it needs torch)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=ranged(int, 1), help="optimiser steps (default 300)")
-    p.add_argument("--views", type=ranged(int, 1), help="augmented views per cell (default 8)")
+    p.add_argument("--mode", choices=["head", "full"], help="full: fine-tune the network on freshly "
+                   "augmented cells (minutes); head: fit the top on cached features (seconds) "
+                   "(default head)")
+    p.add_argument("--steps", type=ranged(int, 1), help="optimiser steps (default: head 300, full 40)")
+    p.add_argument("--lr", type=ranged(float, 0, lo_open=True),
+                   help="peak learning rate (default: head 1e-2, full 2e-4)")
+    p.add_argument("--l2sp", type=ranged(float, 0), help="pull towards the base weights "
+                   "(default: head 0.3, full 0.01)")
+    p.add_argument("--augment", choices=["model", "domain", "turns", "none"], help="full mode's "
+                   "augmentation: the model's own, bloodcell.augment.DomainAugment, or flips + 90-degree "
+                   "turns + stain/colour jitter (default turns)")
+    p.add_argument("--views", type=ranged(int, 1), help="head mode: augmented views per cell (default 8)")
     p.add_argument("--folds", type=ranged(int, 0), help="cross-fitting folds for the temperature "
                    "(default 3; 0 keeps the base model's temperature)")
     p.add_argument("--adabn", type=ranged(float, 0, 1), help="share of the new lab's BatchNorm "
                    "statistics (default 0)")
     p.add_argument("--train-from", type=ranged(int, 0), help="first trained block of an EfficientNet-Lite0 "
-                   "(default 17: the head only; lower is slower)")
+                   "(default: head 17 = the head only, full 0 = every layer)")
     p.set_defaults(func=cmd_adapt)
