@@ -300,3 +300,22 @@ def test_settings_take_their_mode_defaults_and_refuse_unknown_values():
         A.AdaptSettings(mode="deep")
     with pytest.raises(ValueError, match="augment 'rotate'"):
         A.AdaptSettings(mode="full", augment="rotate")
+
+
+def test_anchor_cells_are_the_examples_of_the_classes_the_lab_did_not_label():
+    cells = _lab_cells([4, 5, 6], 2, seed0=0)
+    images, labels = A._anchor_cells(cells, 64, None)
+    assert sorted(set(labels.tolist())) == [0, 1, 2, 3, 7] and len(labels) == 10  # two per missing class
+    assert images.shape == (10, 64, 64, 3) and images.dtype == np.uint8
+
+
+def test_cross_fitting_does_not_change_the_full_fine_tune(base, lab_folder):
+    """Each fit seeds itself, so the temperature's out-of-fold fits leave the final model as
+    it is without them (domain_eval's accuracies with folds=0 are those of the default)."""
+    clf = Classifier.load(base, screen=None)
+    cells = A.load_folder(lab_folder, clf.classes, clf.image_size, clf.framing)
+    a0 = A.adapt(base, cells, A.AdaptSettings(mode="full", steps=2, train_from=14, folds=0, anchors=True))
+    a2 = A.adapt(base, cells, A.AdaptSettings(mode="full", steps=2, train_from=14, folds=2, anchors=True))
+    sd0, sd2 = a0.model.state_dict(), a2.model.state_dict()
+    assert all(torch.equal(sd0[k], sd2[k]) for k in sd0)
+    assert a2.meta["temperature"] != a0.meta["temperature"]  # refitted on the out-of-fold logits

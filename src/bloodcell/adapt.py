@@ -105,6 +105,9 @@ class AdaptSettings:
                                 # stain and colour jitter), "none"
     folds: int = 3             # cross-fitting for the temperature (0: keep the base temperature)
     present_only: bool = False  # the loss's softmax over the labelled classes only (measured worse)
+    anchors: bool = False      # full mode: the package's example cells (PBC, two per class) of the
+                               # classes the new lab did not label join every step, so the fine-tune
+                               # does not unlearn those classes
 
     def __post_init__(self):
         if self.mode not in MODE_DEFAULTS:
@@ -444,12 +447,24 @@ def cross_fitted_logits(start, fit, score, labels: np.ndarray, s: AdaptSettings)
 
 # ----------------------------------------------------------------------------- adapt
 
-def _fitting(model, cells: LabelledCells, s: AdaptSettings):
+def _anchor_cells(cells: LabelledCells, size: int, framing: Framing | None):
+    """The package's example cells (PBC) of the classes ``cells`` lacks."""
+    from .predict import example_files
+    missing = set(cells.classes) - set(cells.class_counts())
+    files = [f for f in example_files() if f.parent.name in missing]
+    images = np.stack([prepare(f, size, framing).image for f in files]) if files else cells.images[:0]
+    return images, np.array([cells.classes.index(f.parent.name) for f in files], dtype=np.int64)
+
+
+def _fitting(model, cells: LabelledCells, s: AdaptSettings, size: int, framing: Framing | None):
     """(what is fitted, fit(part, idx, seed), score(part, idx) -> logits) for the mode: the
     upper part on cached features (head), or the model itself on the images (full)."""
     if s.mode == "full":
+        ax, ay = _anchor_cells(cells, size, framing) if s.anchors else (cells.images[:0], cells.labels[:0])
+
         def fit(part, idx, seed):
-            fit_full(part, cells.images[idx], cells.labels[idx], s, seed)
+            fit_full(part, np.concatenate([cells.images[idx], ax]), np.concatenate([cells.labels[idx], ay]),
+                     s, seed)
         return model, fit, lambda part, idx: _model_logits(part, cells.images[idx])
     t1 = time.perf_counter()
     feats = cached_views(model, cells.images, s)
@@ -476,7 +491,7 @@ def adapt(base_path, cells: LabelledCells, settings: AdaptSettings | None = None
         raise ValueError(f"{cells.source}: cells were labelled for classes {cells.classes}, "
                          f"the model has {meta['classes']}")
     adapt_batchnorm(model, cells.images, s.adabn)
-    start, fit, score = _fitting(model, cells, s)
+    start, fit, score = _fitting(model, cells, s, int(meta["image_size"]), Framing.of_model(meta))
     report = {"n_images": len(cells.labels), "class_counts": cells.class_counts()}
     temperature = float(meta.get("temperature", 1.0))
     if s.folds >= 2:

@@ -60,6 +60,9 @@ def add_commands(sub):
     p.add_argument("--augment", choices=["model", "domain", "turns", "none"], help="full mode's "
                    "augmentation: the model's own, bloodcell.augment.DomainAugment, or flips + 90-degree "
                    "turns + stain/colour jitter (default turns)")
+    p.add_argument("--anchors", action="store_true", default=None, help="full mode: the package's "
+                   "example cells (PBC, two per class) of the classes you did not label join every step, "
+                   "so the model does not unlearn them")
     p.add_argument("--views", type=ranged(int, 1), help="head mode: augmented views per cell (default 8)")
     p.add_argument("--folds", type=ranged(int, 0), help="cross-fitting folds for the temperature "
                    "(default 3; 0 keeps the base model's temperature)")
