@@ -78,12 +78,14 @@ def curve(model, cells, k: int, draws: int, settings: AdaptSettings) -> dict:
         clf = Classifier(a.model, a.meta)
         r = scores(clf, cells.images[te], cells.labels[te], [cells.sources[i] for i in te])
         r.update(draw=d, n_adapt=int(len(tr)), adapt_classes=a.report["class_counts"], seconds=round(secs, 1),
+                 cpu_seconds=a.report["cpu_seconds"],
                  temperature=a.meta["temperature"], cross_fitted=a.report.get("cross_fitted"))
         print(f"    k={k} draw {d}: 8-way {r['acc8']:.3f}, 5-way {r['acc5']:.3f}, flagged {r['flagged']:.2f}, "
-              f"T {r['temperature']:.2f}, {secs:.0f} s; errors {r['errors']}", flush=True)
+              f"T {r['temperature']:.2f}, {secs:.0f} s ({r['cpu_seconds']:.0f} s CPU); errors {r['errors']}",
+              flush=True)
         runs.append(r)
     out = {"runs": runs}
-    for key in ("acc8", "acc5", "flagged", "seconds"):
+    for key in ("acc8", "acc5", "flagged", "seconds", "cpu_seconds"):
         v = np.array([r[key] for r in runs], dtype=float)
         out[key] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
     return out

@@ -18,7 +18,7 @@ from bloodcell.predict import Classifier
 
 from conftest import CLASSES, synthetic_cell
 
-FAST = ["--steps", "20", "--views", "2", "--folds", "2"]
+FAST = ["--mode", "head", "--steps", "20", "--views", "2", "--folds", "2"]  # seconds; full mode below
 WBC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wbc_cellavision"
 
 

@@ -8,13 +8,14 @@ class-folder FOLDER, or the reviewed cells of the lab page's database), this:
 2. optionally re-estimates the BatchNorm statistics on them (AdaBN, Li et al. 2016;
    ``adabn``: the new lab's share, blended with the base model's; off by default:
    on 10 cells per class it lowered accuracy on wbc_cellavision);
-3. fits the top of the network -- by default the 8-class head, ``train_from`` for
-   more of the last blocks -- on features cached from several augmented views of
-   each cell (the model's own training augmentation): the network below is run
-   once per view, so fitting costs seconds where a full fine-tune costs minutes
-   per step on a busy 2-core CPU; an L2 pull towards the base weights (L2-SP,
-   Li et al. 2018) keeps what the base model knew about the classes the new lab
-   did not label;
+3. fine-tunes the network (``mode="full"``): every layer from block ``train_from``,
+   on freshly augmented copies of the cells each step (flips, 90-degree turns, stain
+   and colour jitter), BatchNorm statistics frozen (5-20 cells per class cannot
+   estimate them), an L2 pull towards the base weights (L2-SP, Li et al. 2018), and
+   the package's example cells of the classes the lab did not label in every step
+   (``anchors``), so the classes it has but did not label are not unlearned; or
+   (``mode="head"``) fits only the top on features cached from several augmented
+   views, which costs seconds instead of minutes but measured less accurate;
 4. refits the temperature on **cross-fitted** logits: each cell is scored by a
    model adapted without it (``folds``), so the temperature is not fitted on
    cells the model has memorised (that would make it over-confident); these
@@ -77,8 +78,11 @@ class LabelledCells:
 # Per-mode defaults of the settings left None (measured on ../shared/data/wbc_cellavision,
 # docs/other-labs.md section 4).
 MODE_DEFAULTS = {
-    "head": {"steps": 300, "lr": 1e-2, "l2sp": 0.3, "train_from": 17, "batch_size": 32, "augment": "model"},
-    "full": {"steps": 40, "lr": 2e-4, "l2sp": 0.01, "train_from": 0, "batch_size": 0, "augment": "turns"},
+    "head": {"steps": 300, "lr": 1e-2, "l2sp": 0.3, "train_from": 17, "batch_size": 32, "augment": "model",
+             "folds": 3, "anchors": False},
+    # two folds: each full fit costs a minute or more on a 2-core CPU
+    "full": {"steps": 40, "lr": 1e-3, "l2sp": 0.01, "train_from": 0, "batch_size": 0, "augment": "turns",
+             "folds": 2, "anchors": True},
 }
 AUGMENTS = ("model", "domain", "turns", "none")
 
@@ -103,9 +107,9 @@ class AdaptSettings:
     augment: str | None = None  # full mode: "model" (its training augmentation), "domain"
                                 # (bloodcell.augment.DomainAugment), "turns" (flips, 90-degree turns,
                                 # stain and colour jitter), "none"
-    folds: int = 3             # cross-fitting for the temperature (0: keep the base temperature)
+    folds: int | None = None   # cross-fitting for the temperature (0: keep the base temperature)
     present_only: bool = False  # the loss's softmax over the labelled classes only (measured worse)
-    anchors: bool = False      # full mode: the package's example cells (PBC, two per class) of the
+    anchors: bool | None = None  # full mode: the package's example cells (PBC, two per class) of the
                                # classes the new lab did not label join every step, so the fine-tune
                                # does not unlearn those classes
 
@@ -482,7 +486,7 @@ def adapt(base_path, cells: LabelledCells, settings: AdaptSettings | None = None
     from .modelfile import bundled_model_path, resolve_model_path, weights_sha1
     from .models import load_model
     s = settings or AdaptSettings()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     torch.manual_seed(s.seed)
     base_path = Path(base_path) if base_path is not None else bundled_model_path()
     weights, _ = resolve_model_path(base_path)
@@ -505,6 +509,7 @@ def adapt(base_path, cells: LabelledCells, settings: AdaptSettings | None = None
     check = fit_input_check(cells.images, predictive=True)
     check["min_side"] = int(min(min(src[0], src[1]) for src in cells.sources))
     report["seconds"] = round(time.perf_counter() - t0, 1)
+    report["cpu_seconds"] = round(time.process_time() - cpu0, 1)  # what it costs on a machine to itself
     new = {k: v for k, v in meta.items() if k not in ("calibration", "metrics", "history", "best")}
     new.update(temperature=temperature, input_check=check, adaptation={
         "base_model": str(base_path), "base_weights_sha1": weights_sha1(weights),
