@@ -213,7 +213,7 @@ def test_wbc_cellavision_folders_map_to_the_model_classes():
 def test_deeper_adaptation_and_adabn_change_what_they_should(base, lab_folder):
     clf = Classifier.load(base, screen=None)
     cells = A.load_folder(lab_folder, clf.classes, clf.image_size, clf.framing)
-    s = A.AdaptSettings(views=1, steps=2, folds=0, train_from=15, adabn=1.0)
+    s = A.AdaptSettings(mode="head", views=1, steps=2, folds=0, train_from=15, adabn=1.0)
     a = A.adapt(base, cells, s)
     new, old = a.model.state_dict(), clf.model.state_dict()
     differs = lambda k: not torch.allclose(new[k], old[k])  # noqa: E731
@@ -294,7 +294,8 @@ def test_turn_augment_keeps_the_cell_and_jitters_its_colours():
 
 
 def test_settings_take_their_mode_defaults_and_refuse_unknown_values():
-    assert A.AdaptSettings().train_from == 17 and A.AdaptSettings(mode="full").train_from == 0
+    assert A.AdaptSettings().mode == "full" and A.AdaptSettings().train_from == 0
+    assert A.AdaptSettings(mode="head").train_from == 17 and A.AdaptSettings(mode="head").folds == 3
     assert A.AdaptSettings(mode="full", lr=1e-3).lr == 1e-3
     with pytest.raises(ValueError, match="mode 'deep'"):
         A.AdaptSettings(mode="deep")

@@ -94,7 +94,7 @@ class AdaptSettings:
     from block ``train_from`` fine-tuned on freshly augmented images each step
     (minutes). Settings left None take their mode's :data:`MODE_DEFAULTS`."""
     seed: int = 0
-    mode: str = "head"
+    mode: str = "full"        # measured better than "head" (docs/other-labs.md section 4)
     views: int = 8             # head mode: views of each cell whose features are cached
     steps: int | None = None   # optimiser steps
     batch_size: int | None = None  # cells per step, class-balanced (0: all of them, every step)

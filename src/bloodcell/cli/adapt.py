@@ -1,6 +1,7 @@
 """``bloodcell adapt``: a model adapted to another lab from a handful of labelled cells."""
 from __future__ import annotations
 
+import argparse
 from dataclasses import fields
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def cmd_adapt(args):
     ic = a.meta["input_check"]
     print(f"input check refitted on the new lab's cells: threshold {ic['threshold']:.2f}, "
           f"images from {ic['min_side']} px up are not 'small'")
-    print(f"adapted in {a.report['seconds']:.0f} s; model in {out}/model.safetensors + model.json "
+    print(f"adapted in {a.report['seconds']:.0f} s ({a.report['cpu_seconds']:.0f} s CPU); model in {out}/model.safetensors + model.json "
           f"(use --model {out} with predict, evaluate, serve)")
 
 
@@ -49,23 +50,23 @@ def add_commands(sub):
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     # defaults: bloodcell.adapt.AdaptSettings (not imported here: it needs torch)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mode", choices=["head", "full"], help="full: fine-tune the network on freshly "
-                   "augmented cells (minutes); head: fit the top on cached features (seconds) "
-                   "(default head)")
+    p.add_argument("--mode", choices=["head", "full"], help="full (the default): fine-tune the network "
+                   "on freshly augmented cells (minutes); head: fit the top on cached features (seconds, "
+                   "less accurate)")
     p.add_argument("--steps", type=ranged(int, 1), help="optimiser steps (default: head 300, full 40)")
     p.add_argument("--lr", type=ranged(float, 0, lo_open=True),
-                   help="peak learning rate (default: head 1e-2, full 2e-4)")
+                   help="peak learning rate (default: head 1e-2, full 1e-3)")
     p.add_argument("--l2sp", type=ranged(float, 0), help="pull towards the base weights "
                    "(default: head 0.3, full 0.01)")
     p.add_argument("--augment", choices=["model", "domain", "turns", "none"], help="full mode's "
                    "augmentation: the model's own, bloodcell.augment.DomainAugment, or flips + 90-degree "
                    "turns + stain/colour jitter (default turns)")
-    p.add_argument("--anchors", action="store_true", default=None, help="full mode: the package's "
-                   "example cells (PBC, two per class) of the classes you did not label join every step, "
-                   "so the model does not unlearn them")
+    p.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=None, help="full mode: "
+                   "the package's example cells (PBC, two per class) of the classes you did not label join "
+                   "every step, so the model does not unlearn them (default: on in full mode)")
     p.add_argument("--views", type=ranged(int, 1), help="head mode: augmented views per cell (default 8)")
     p.add_argument("--folds", type=ranged(int, 0), help="cross-fitting folds for the temperature "
-                   "(default 3; 0 keeps the base model's temperature)")
+                   "(default: full 2, head 3; 0 keeps the base model's temperature)")
     p.add_argument("--adabn", type=ranged(float, 0, 1), help="share of the new lab's BatchNorm "
                    "statistics (default 0)")
     p.add_argument("--train-from", type=ranged(int, 0), help="first trained block of an EfficientNet-Lite0 "
