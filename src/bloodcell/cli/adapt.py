@@ -34,7 +34,8 @@ def cmd_adapt(args):
     ic = a.meta["input_check"]
     print(f"input check refitted on the new lab's cells: threshold {ic['threshold']:.2f}, "
           f"images from {ic['min_side']} px up are not 'small'")
-    print(f"adapted in {a.report['seconds']:.0f} s ({a.report['cpu_seconds']:.0f} s CPU); model in {out}/model.safetensors + model.json "
+    print(f"adapted in {a.report['seconds']:.0f} s ({a.report['cpu_seconds']:.0f} s CPU); "
+          f"model in {out}/model.safetensors + model.json "
           f"(use --model {out} with predict, evaluate, serve)")
 
 
