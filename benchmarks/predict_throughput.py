@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from bloodcell.data import default_data_dir, iter_image_files
-from bloodcell.predict import Classifier, bundled_model_path, default_workers
+from bloodcell.modelfile import bundled_model_path
+from bloodcell.predict import Classifier, default_workers
 from bloodcell.transforms import preprocess
 
 

@@ -12,7 +12,8 @@ import time
 import torch
 
 from bloodcell.models import create_model
-from bloodcell.train import autocast, cpu_has_native_bf16
+from bloodcell.runtime import autocast
+from bloodcell.train import cpu_has_native_bf16
 
 
 def measure(name, size, precision, batch=32, steps=4):

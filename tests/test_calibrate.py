@@ -10,6 +10,7 @@ from conftest import synthetic_cell
 
 from bloodcell import calibrate as C
 from bloodcell import predict as P
+from bloodcell.runtime import softmax
 from test_predict import make_model
 
 
@@ -17,7 +18,7 @@ def sample(n=6000, true_t=2.5, seed=0, k=8):
     """Logits whose labels are drawn from softmax(logits / true_t): the fitted T should be true_t."""
     rng = np.random.default_rng(seed)
     z = rng.normal(0, 6, (n, k)).astype(np.float32)
-    cum = np.cumsum(P.softmax(z.astype(np.float64) / true_t), 1)
+    cum = np.cumsum(softmax(z.astype(np.float64) / true_t), 1)
     y = np.minimum((cum < rng.random((n, 1))).sum(1), k - 1)
     return z, y
 
@@ -27,7 +28,7 @@ def test_fit_temperature_recovers_truth_and_lowers_ece():
     t = C.fit_temperature(z, y)
     assert t == pytest.approx(2.5, rel=0.08)
     assert C.nll(z, y, t) < C.nll(z, y, 1.0)
-    before, after = C.ece(P.softmax(z), y), C.ece(P.softmax(z / t), y)
+    before, after = C.ece(softmax(z), y), C.ece(softmax(z / t), y)
     assert before > 0.1 and after < 0.03
     z2, y2 = sample(true_t=0.5, seed=1)  # under-confident logits: T < 1
     assert C.fit_temperature(z2, y2) == pytest.approx(0.5, rel=0.1)

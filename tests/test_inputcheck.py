@@ -14,6 +14,7 @@ from test_predict import make_model
 
 from bloodcell.cli.predict import format_summary
 from bloodcell.differential import differential_count
+from bloodcell import batch as B
 from bloodcell import predict as P
 from bloodcell.inputcheck import FEATURES, InputCheck, colour_features, fit_input_check
 from bloodcell.transforms import SourceInfo, preprocess, preprocess_with_info
@@ -137,7 +138,7 @@ def test_classifier_flags_excludes_and_reports(checked_model, tmp_path, capsys):
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(imgs / "gray.png")
     Image.fromarray(stained(1, seed=6)[0][:20, :20]).save(imgs / "tiny.png")
     clf = P.Classifier.load(checked_model, backend="torch", screen=None)
-    recs, s = P.predict_paths(clf, [str(imgs)], out=tmp_path / "r.csv", progress=False)
+    recs, s = B.predict_paths(clf, [str(imgs)], out=tmp_path / "r.csv", progress=False)
     by = {r["path"].rsplit("/", 1)[1]: r for r in recs}
     for name in ("swapped.png", "gray.png", "tiny.png"):
         assert by[name]["input_warnings"] and by[name]["needs_review"], name

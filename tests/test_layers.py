@@ -20,7 +20,7 @@ LAYERS = [
               "bloodcell.modelfile", "bloodcell.published"]),
     ("model", ["bloodcell.models", "bloodcell.export", "bloodcell.saliency",
                "bloodcell.distributed"]),
-    ("inference", ["bloodcell.predict", "bloodcell.ray_engine"]),
+    ("inference", ["bloodcell.runtime", "bloodcell.predict", "bloodcell.batch", "bloodcell.ray_engine"]),
     ("tasks", ["bloodcell.evaluate", "bloodcell.calibrate", "bloodcell.trainconfig", "bloodcell.train",
                "bloodcell.report"]),
     ("apps", ["bloodcell.study", "bloodcell.serve", "bloodcell.adapt"]),

@@ -15,6 +15,7 @@ from conftest import CLASSES, synthetic_cell
 from bloodcell import modelfile as MF
 from bloodcell.cli.predict import format_summary, print_records
 from bloodcell.differential import differential_count, leukocyte_differential, proportion_ci
+from bloodcell import batch as B
 from bloodcell import predict as P
 from bloodcell.models import create_model, save_model
 
@@ -149,7 +150,7 @@ def test_workers_and_batches_do_not_change_results(clf, image_dir):
 def test_expand_inputs_folders_globs_missing(image_dir, tmp_path):
     (image_dir / "notes.txt").write_text("x")
     (image_dir / ".hidden.png").write_bytes(b"x")
-    items = P.expand_inputs([str(image_dir), str(image_dir / "sub" / "c0*.png"),
+    items = B.expand_inputs([str(image_dir), str(image_dir / "sub" / "c0*.png"),
                              str(tmp_path / "nope.jpg"), str(tmp_path / "zz*.png")])
     paths = [p for p, _ in items]
     assert len(paths) == len(set(os.path.abspath(p) for p in paths))  # each file once
@@ -212,7 +213,7 @@ def test_multi_cell_screen_hook(model_dir, image_dir):
     clf = P.Classifier.load(model_dir, backend="torch", screen=scr)
     red = image_dir / "red.png"
     Image.fromarray(np.full((64, 64, 3), (250, 10, 10), np.uint8)).save(red)
-    recs, s = P.predict_paths(clf, [str(image_dir)], progress=False)
+    recs, s = B.predict_paths(clf, [str(image_dir)], progress=False)
     assert all(sh == (32, 32, 3) for sh in scr.shapes) and len(scr.shapes) == 11
     flagged = [r for r in recs if r["multi_cell"]]
     assert [r["path"] for r in flagged] == [str(red)]
@@ -242,9 +243,9 @@ def test_resume_after_interruption(model_dir, image_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(clf, "predict_proba_arrays", dies_after_two_batches)
     with pytest.raises(KeyboardInterrupt):
-        P.predict_paths(clf, [str(image_dir)], out=out, batch_size=3, workers=1, progress=False)
+        B.predict_paths(clf, [str(image_dir)], out=out, batch_size=3, workers=1, progress=False)
     assert not out.exists()  # no half results file
-    jp = P.journal_path(out)
+    jp = B.journal_path(out)
     assert jp.exists()
     with open(jp, "a") as f:
         f.write('{"path": "half a line')  # killed mid-write
@@ -256,7 +257,7 @@ def test_resume_after_interruption(model_dir, image_dir, tmp_path, monkeypatch):
     clf2 = P.Classifier.load(model_dir, backend="torch", screen=None)
     real2, counted = clf2.predict_proba_arrays, []
     monkeypatch.setattr(clf2, "predict_proba_arrays", lambda b: (counted.append(len(b)), real2(b))[1])
-    recs, s = P.predict_paths(clf2, [str(image_dir)], out=out, batch_size=3, workers=1, progress=False)
+    recs, s = B.predict_paths(clf2, [str(image_dir)], out=out, batch_size=3, workers=1, progress=False)
     assert sum(counted) == 10 - sum(seen) + 1 and s["n_resumed"] == sum(seen) - 1
     assert out.exists() and not jp.exists()
     assert all(r["status"] == "ok" for r in recs) and len(recs) == 10
@@ -271,12 +272,12 @@ def test_resume_after_interruption(model_dir, image_dir, tmp_path, monkeypatch):
 
 def test_journal_of_another_model_is_ignored(model_dir, image_dir, tmp_path):
     out = tmp_path / "r.json"
-    jp = P.journal_path(out)
+    jp = B.journal_path(out)
     jp.write_text(json.dumps({"journal": 1, "fingerprint": {"weights_sha1": "other"}}) + "\n"
                   + json.dumps({"path": "x", "status": "ok", "class": "platelet",
                                 "_key": [str(image_dir / "sub" / "c01.png"), 1, 1]}) + "\n")
     clf = P.Classifier.load(model_dir, backend="torch", screen=None)
-    recs, s = P.predict_paths(clf, [str(image_dir)], out=out, progress=False)
+    recs, s = B.predict_paths(clf, [str(image_dir)], out=out, progress=False)
     assert s["n_resumed"] == 0 and s["n_computed"] == 10
 
 
@@ -324,7 +325,7 @@ def test_links_broken_followed_and_deduplicated(clf, image_dir, tmp_path):
     (d / "sub_link").symlink_to(image_dir / "sub", target_is_directory=True)  # a linked folder
     (d / "loop").symlink_to(d, target_is_directory=True)                      # a link loop
     (d / "again.png").symlink_to(image_dir / "sub" / "c00.png")               # the same cell twice
-    recs, s = P.predict_paths(clf, [str(d), str(image_dir)], progress=False)
+    recs, s = B.predict_paths(clf, [str(d), str(image_dir)], progress=False)
     why = {os.path.basename(r["path"]): r["status"] for r in recs}
     assert "broken link" in why["broken.png"]
     assert s["n_ok"] == 10 and len(recs) == 11  # each real file once, the broken link reported
@@ -365,7 +366,7 @@ def test_summary_says_why_images_need_review(clf, image_dir):
     gray = image_dir / "gray.png"
     Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(gray)
     clf.review_threshold = 0.999999  # every image is below it
-    recs, s = P.predict_paths(clf, [str(image_dir)], progress=False)
+    recs, s = B.predict_paths(clf, [str(image_dir)], progress=False)
     text = format_summary(s)
     assert s["review"] == {"n_needs_review": 11, "n_low_confidence": 11, "n_input_warnings": 1}
     assert "needs review: 11 of 11 classified" in text and "1 with input warnings" in text
@@ -435,7 +436,7 @@ def test_csv_output_defuses_formula_file_names(clf, tmp_path, monkeypatch):
         Image.fromarray(synthetic_cell(k, seed=k)).save(d / n, "PNG")
     monkeypatch.chdir(d)  # `bloodcell predict .` lists the names as they are
     out = tmp_path / "r.csv"
-    recs, _ = P.predict_paths(clf, ["."], out=out, progress=False)
+    recs, _ = B.predict_paths(clf, ["."], out=out, progress=False)
     assert all(r["status"] == "ok" for r in recs) and {r["path"] for r in recs} == set(names)
     import csv
     rows = list(csv.DictReader(open(out, newline="")))

@@ -12,6 +12,7 @@ from PIL import Image
 
 from conftest import REAL_DATA, synthetic_cell
 
+from bloodcell import batch as B
 from bloodcell import predict as P
 
 ray = pytest.importorskip("ray", reason="Ray is the optional extra bloodcell[scale]")
@@ -46,7 +47,7 @@ def test_ray_engine_matches_local_engine(ray_local, tmp_path, monkeypatch):
     (cells / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
     (cells / "empty.png").write_bytes(b"")
     clf = P.Classifier.load(backend="onnx")  # the bundled model and its screen
-    local, _ = P.predict_paths(clf, [str(cells)], out=tmp_path / "local.csv", progress=False)
+    local, _ = B.predict_paths(clf, [str(cells)], out=tmp_path / "local.csv", progress=False)
     spec = R.ModelSpec(None, backend="onnx", screen="auto", onnx_path=str(clf.onnx_path))
     recs, summary = R.predict_ray(clf, [str(cells)], spec, R.RayOptions(batch_size=32),
                                   out=tmp_path / "ray.csv", progress=False)
@@ -83,5 +84,5 @@ def test_ray_engine_reports_a_missing_ray(monkeypatch):
 
 def test_parquet_only_with_the_ray_engine(tmp_path):
     with pytest.raises(ValueError, match="parquet"):
-        P.check_out_path(tmp_path / "r.parquet")
-    assert P.check_out_path(tmp_path / "r.parquet", parquet=True).suffix == ".parquet"
+        B.check_out_path(tmp_path / "r.parquet")
+    assert B.check_out_path(tmp_path / "r.parquet", parquet=True).suffix == ".parquet"

@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import synthetic_cell
 
+from bloodcell import batch as B
 from bloodcell import predict as P
 from bloodcell.screen import Screen
 from test_predict import make_model
@@ -70,7 +71,7 @@ def test_predict_killed_mid_run_resumes_from_its_journal(tmp_path):
         proc.wait()
         proc.stderr.close()
     assert not out.exists()
-    lines = P.journal_path(out).read_text().splitlines()
+    lines = B.journal_path(out).read_text().splitlines()
     # (4 records are ~3 KB: a no-op sync would leave them all in the file's buffer)
     assert len(lines) == 1 + 4, lines
     assert sorted(json.loads(x)["path"] for x in lines[1:]) == paths[:4]
@@ -81,7 +82,7 @@ def test_predict_killed_mid_run_resumes_from_its_journal(tmp_path):
     res = json.loads(out.read_text())
     s = res["summary"]
     assert s["n_resumed"] == 4 and s["n_computed"] == 4 and s["n_ok"] == 8
-    assert not P.journal_path(out).exists()
+    assert not B.journal_path(out).exists()
     fresh = P.Classifier.load(model, backend="torch", screen=None).predict(paths)
     assert [r["path"] for r in res["results"]] == paths
     for got, ref in zip(res["results"], fresh):
@@ -123,11 +124,11 @@ def test_refitted_screen_is_not_served_from_the_journal(tmp_path):
 
     def run(screen):
         clf = P.Classifier.load(model, backend="torch", screen=screen)
-        return P.predict_paths(clf, [str(imgs)], out=out, batch_size=2, workers=0, progress=False)
+        return B.predict_paths(clf, [str(imgs)], out=out, batch_size=2, workers=0, progress=False)
 
     with pytest.raises(KeyboardInterrupt):
         run(bundled_screen(stop_after=4))
-    assert P.journal_path(out).exists()
+    assert B.journal_path(out).exists()
     refit = bundled_screen(threshold=-1e6)  # flags every image
     recs, s = run(refit)
     assert s["n_resumed"] == 0 and refit.seen == 6

@@ -93,6 +93,7 @@ def split_logits(model_path, data, split_file=None, cache_dir=None, batch_size: 
     the input check fitted on the train split with its flag rates on val and test."""
     from .inputcheck import InputCheck, fit_input_check
     from .predict import Classifier
+    from .runtime import batched_logits
     clf = Classifier.load(model_path, backend=backend, screen=None)
     ds = D.scan(data, classes=clf.classes)
     images, _ = D.load_images(ds, clf.image_size, cache_dir, progress=progress, framing=clf.framing)
@@ -105,8 +106,7 @@ def split_logits(model_path, data, split_file=None, cache_dir=None, batch_size: 
         idx = D.split_indices(splits, name)
         if len(idx) == 0:
             raise ValueError(f"no images in the {name} split of {data}")
-        logits = np.concatenate([clf.predict_logits_arrays(np.asarray(images[idx[i:i + batch_size]]))
-                                 for i in range(0, len(idx), batch_size)])
+        logits = batched_logits(clf.runner, images, idx, batch_size)
         out[name] = (logits, ds.labels[idx])
         if stats is not None:
             stats[f"share_flagged_{name}"] = float((check.distance(images[idx]) > stats["threshold"]).mean())
@@ -116,7 +116,7 @@ def split_logits(model_path, data, split_file=None, cache_dir=None, batch_size: 
 
 def calibrate_logits(val: tuple, test: tuple, target: float = DEFAULT_TARGET_ACCURACY) -> dict:
     """Fit T and the review threshold on ``val`` = (logits, y); report both splits."""
-    from .predict import softmax
+    from .runtime import softmax
     (zv, yv), (zt, yt) = val, test
     t = fit_temperature(zv, yv)
     pv, pt = softmax(zv / t), softmax(zt / t)

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
-from .locate import Framing
 
 log = logging.getLogger("bloodcell")
 
@@ -66,17 +65,14 @@ def evaluate(model_path=None, data=None, split: str = "test", out=None, split_fi
              backend: str = "torch") -> dict:
     """Evaluate a saved model (run dir / file; None = bundled) on ``split`` of ``data``,
     through ``backend`` (torch, onnx or onnx-int8: what `bloodcell predict` would run)."""
-    import torch
-
-    from .models import load_model
     from .modelfile import bundled_model_path
-    from .train import predict_proba_arrays
+    from .predict import Classifier
+    from .runtime import batched_logits, softmax
     model_path = Path(model_path) if model_path else bundled_model_path()
-    model, meta = load_model(model_path)
-    model = model.to(memory_format=torch.channels_last)
-    ds = D.scan(data, classes=meta["classes"])
-    images, _ = D.load_images(ds, meta["image_size"], cache_dir, progress=progress,
-                              framing=Framing.of_model(meta))
+    clf = Classifier.load(model_path, backend=backend, screen=None)
+    meta = clf.meta
+    ds = D.scan(data, classes=clf.classes)
+    images, _ = D.load_images(ds, clf.image_size, cache_dir, progress=progress, framing=clf.framing)
     if split == "all":
         idx = np.arange(len(ds))
     else:
@@ -84,16 +80,8 @@ def evaluate(model_path=None, data=None, split: str = "test", out=None, split_fi
         idx = D.split_indices(splits, split)
     if len(idx) == 0:
         raise ValueError(f"no images in split {split!r} of {data}")
-    t = meta.get("temperature", 1.0) if temperature is None else temperature
-    if backend == "torch":
-        probs = predict_proba_arrays(model, images[idx], batch_size=batch_size, temperature=t,
-                                     progress=progress)
-    else:
-        from .predict import Classifier, softmax
-        clf = Classifier.load(model_path, backend=backend, screen=None)
-        logits = np.concatenate([clf.predict_logits_arrays(np.asarray(images[idx[i:i + batch_size]]))
-                                 for i in range(0, len(idx), batch_size)])
-        probs = softmax(logits / t)
+    t = clf.temperature if temperature is None else temperature
+    probs = softmax(batched_logits(clf.runner, images, idx, batch_size, progress) / t)
     y = ds.labels[idx]
     m = compute_metrics(y, probs, meta["classes"])
     m["skipped"] = ds.skipped

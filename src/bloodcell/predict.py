@@ -1,7 +1,7 @@
 """Prediction API: ``Classifier.load()`` (bundled model, or a path) and
-``clf.predict(inputs)`` -> one record per input, never raising on a bad one;
-plus ``bloodcell predict`` (files, folders, globs -> CSV/JSON + a differential
-count), resumable through a journal next to the output.
+``clf.predict(inputs)`` -> one record per input, never raising on a bad one. The
+files-and-folders job over it (path expansion, the resume journal, CSV/JSON) is
+``bloodcell.batch``; the model itself runs through ``bloodcell.runtime``.
 
 Uses ``transforms.preprocess`` -- the same definition training used. Decoding
 runs in a thread pool ahead of the model (PIL releases the GIL while decoding
@@ -10,12 +10,9 @@ small CPU the two overlap instead of taking turns.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
-import sys
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,18 +20,16 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .differential import differential_count, review_counts
 from .inputcheck import InputCheck
 from .locate import Framing
 from .modelfile import bundled_file, bundled_model_path, read_meta, resolve_model_path, weights_sha1
+from .runtime import BACKENDS, OnnxRunner, Runner, TorchRunner, ort_session, softmax
 from .segment import DEFAULT_PARAMS
 from .transforms import ImageError, ImageSource, prepare, preprocess
 
 log = logging.getLogger("bloodcell")
 
 DEFAULT_REVIEW_THRESHOLD = 0.9
-BACKENDS = ("torch", "onnx", "onnx-int8")  # onnx-int8: a quantised file made by `bloodcell export`
-JOURNAL_VERSION = 2  # 2: records carry input_warnings
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -125,14 +120,15 @@ class Classifier:
         self.framing = Framing.of_model(meta)
         self.threads = threads
         self.onnx_path = None
-        self._session = None
+        self._runner = None  # made on first use for torch (an ONNX Classifier may never need it)
         if threads and backend == "torch":
             import torch
             torch.set_num_threads(int(threads))
         if backend in ("onnx", "onnx-int8"):
             if onnx_path is None and self.weights_path is None:
                 raise ValueError(f"backend {backend!r} needs a saved model or an onnx_path")
-            self.onnx_path, self._session = self._open_onnx(onnx_path, threads)
+            self.onnx_path, session = self._open_onnx(onnx_path, threads)
+            self._runner = OnnxRunner(self.onnx_path, self.image_size, session=session)
 
     @property
     def model(self):
@@ -155,7 +151,7 @@ class Classifier:
 
         def metadata(p):
             tried.append(p)
-            s = self._ort_session(p, threads)
+            s = ort_session(p, threads)
             opened[p] = (stamp(p), s)  # a stale file re-exported in place is a new file
             return dict(s.get_modelmeta().custom_metadata_map)
 
@@ -166,7 +162,7 @@ class Classifier:
             else:
                 path = ensure_onnx(self.weights_path, self._model, self.meta, onnx_path, metadata)
             st, session = opened.get(path, (None, None))
-            return path, session if st == stamp(path) else self._ort_session(path, threads)
+            return path, session if st == stamp(path) else ort_session(path, threads)
         except (OSError, ValueError):  # ours: missing file, other weights
             raise
         except Exception as e:  # onnxruntime's own error types for a damaged or foreign file
@@ -174,20 +170,12 @@ class Classifier:
                              f"({type(e).__name__}: "
                              f"{str(e).strip().splitlines()[0] if str(e).strip() else e})") from None
 
-    @staticmethod
-    def _ort_session(path, threads):
-        import onnxruntime as ort
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        so.inter_op_num_threads = 1
-        # no pre-planned block for the whole graph: peak memory of `bloodcell predict` over
-        # 600 files 537 -> 392 MB, no slower (ORT's arena still reuses the buffers)
-        so.enable_mem_pattern = False
-        so.log_severity_level = 3  # errors only: graph-optimiser notes are not the user's business
-        # no busy-waiting between ops: the decode threads need those cycles
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    @property
+    def runner(self) -> Runner:
+        """What turns a uint8 [N, S, S, 3] batch into logits: ONNX Runtime or the torch model."""
+        if self._runner is None:
+            self._runner = TorchRunner(self.model, self.image_size)
+        return self._runner
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, backend: str = "torch", onnx_path=None,
@@ -214,16 +202,8 @@ class Classifier:
     # -- arrays in, probabilities out
     def predict_logits_arrays(self, batch: np.ndarray) -> np.ndarray:
         """uint8 [N,S,S,3] already preprocessed -> raw logits [N,C] (float32); any other
-        dtype or shape is refused (``check_batch``)."""
-        batch = check_batch(batch, self.image_size)
-        if self._session is not None:
-            from .export import INPUT_NAME
-            return self._session.run(None, {INPUT_NAME: batch})[0].astype(np.float32)
-        import torch
-
-        from .tensorops import to_tensor
-        with torch.inference_mode():
-            return self.model(to_tensor(batch)).float().numpy()
+        dtype or shape is refused with a ValueError (``runtime.check_batch``)."""
+        return self.runner.logits(batch)
 
     def predict_proba_arrays(self, batch: np.ndarray) -> np.ndarray:
         """uint8 [N,S,S,3] already preprocessed -> calibrated probabilities [N,C]."""
@@ -399,311 +379,5 @@ def _channels_last(model):
     return model.eval().to(memory_format=torch.channels_last)
 
 
-def check_batch(batch, image_size: int) -> np.ndarray:
-    """The batch as a contiguous uint8 [N, S, S, 3] array, or a ValueError naming what is
-    wrong: a float image in 0..1 cast to uint8 would silently become 0s and 1s."""
-    a = np.asarray(batch)
-    want = f"uint8 images [N, {image_size}, {image_size}, 3] (RGB 0-255, as transforms.preprocess makes)"
-    if a.dtype != np.uint8:
-        hint = (": scale floats to 0-255 first, or pass the images through transforms.preprocess"
-                if a.dtype.kind == "f" else "")
-        raise ValueError(f"model input must be {want}, got dtype {a.dtype}{hint}")
-    if a.ndim != 4 or a.shape[1:] != (image_size, image_size, 3):
-        raise ValueError(f"model input must be {want}, got shape {list(a.shape)}")
-    return np.ascontiguousarray(a)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
-
-
-# ----------------------------------------------------------------------------- inputs
-
-_GLOB_CHARS = set("*?[")
-
-
-def expand_inputs(specs: Sequence[str]) -> list[tuple[str, str | None]]:
-    """Files, folders (recursive) and globs -> [(path, skip reason or None)], in a stable
-    order, each path once. Folders skip hidden files and non-image extensions (listed
-    with the reason); a path that does not exist is reported, not fatal."""
-    from .data import iter_image_files
-    out: list[tuple[str, str | None]] = []
-    seen: set[str] = set()
-
-    def add(p, why=None):
-        key = os.path.realpath(p)  # a link and its target are the same cell: classify it once
-        if key not in seen:
-            seen.add(key)
-            out.append((str(p), why))
-
-    def add_path(p: Path):
-        if p.is_dir():
-            for f, why in iter_image_files(p):
-                add(f, why)
-        else:
-            add(p)
-
-    for spec in specs:
-        p = Path(spec)
-        if p.exists():
-            add_path(p)
-        elif _GLOB_CHARS & set(spec):
-            hits = sorted(glob.glob(spec, recursive=True))
-            if not hits:
-                add(spec, "no such file (the pattern matched nothing)")
-            for h in hits:
-                add_path(Path(h))
-        elif os.path.islink(spec):
-            add(spec, "broken link (its target does not exist)")
-        else:
-            add(spec, "no such file or folder")
-    return out
-
-
-def _file_key(path: str):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
-
-
-# ----------------------------------------------------------------------------- journal
-
-def journal_path(out: Path) -> Path:
-    return out.with_name(out.name + ".partial.jsonl")
-
-
-def read_journal(path: Path, fingerprint: dict) -> dict[tuple, dict]:
-    """Finished records of an interrupted run, by file key; empty when the journal
-    was made with another model/threshold/screen (those records would be stale)."""
-    if not path.exists():
-        return {}
-    done: dict[tuple, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    if not lines:
-        return {}
-    try:
-        head = json.loads(lines[0])
-    except json.JSONDecodeError:
-        head = {}
-    if head.get("journal") != JOURNAL_VERSION or head.get("fingerprint") != fingerprint:
-        log.warning("%s was made with another model or settings: starting over", path)
-        return {}
-    for line in lines[1:]:
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:  # the line being written when the run was killed
-            continue
-        key = rec.pop("_key", None)
-        if key:
-            done[tuple(key)] = rec
-    return done
-
-
-class Journal:
-    """Append-only JSON lines: a header with the fingerprint, then one record per image.
-    Flushed per batch, so a killed run loses at most the batch in flight."""
-
-    def __init__(self, path: Path, fingerprint: dict, fresh: bool):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f = open(path, "w" if fresh else "a", encoding="utf-8")
-        if fresh:
-            self.f.write(json.dumps({"journal": JOURNAL_VERSION, "fingerprint": fingerprint}) + "\n")
-            self.f.flush()
-
-    def add(self, key, rec):
-        if key is not None:
-            self.f.write(json.dumps({**rec, "_key": key}) + "\n")
-
-    def sync(self):
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self):
-        if not self.f.closed:
-            self.f.close()
-
-
-# ----------------------------------------------------------------------------- summary
-
-
-# ----------------------------------------------------------------------------- outputs
-
-def flat_record(r: dict, classes: Sequence[str]) -> dict:
-    """One record as the flat columns of the CSV/Parquet outputs (None where not applicable)."""
-    ok = r.get("status") == "ok"
-    probs = r.get("probabilities", {})
-    return {"path": r["path"], "status": r["status"], "class": r.get("class"),
-            "probability": r["probability"] if ok else None,
-            "top3": "; ".join(f"{t['class']} {t['probability']:.4f}" for t in r.get("top3", [])),
-            "needs_review": r.get("needs_review") if ok else None,
-            "multi_cell": r.get("multi_cell"), "multi_cell_score": r.get("multi_cell_score"),
-            "input_warnings": "; ".join(r.get("input_warnings", [])),
-            **{f"p_{c}": (probs[c] if ok else None) for c in classes}}
-
-
-def write_results(out: Path, records: list[dict], classes: list[str], summary: dict) -> None:
-    """``.csv``: one row per input (summary goes to the console); ``.json``: summary + records."""
-    import csv
-    import io
-
-    from .data import atomic_write_json, atomic_write_text, csv_safe
-    if out.suffix.lower() == ".json":
-        atomic_write_json(out, {"summary": summary, "results": records})
-        return
-    text_cols = ("path", "status", "input_warnings")  # free text: guarded against formulas
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    for n, r in enumerate(records):
-        row = flat_record(r, classes)
-        if n == 0:
-            w.writerow(list(row))
-        w.writerow(["" if v is None else csv_safe(v) if k in text_cols else
-                    f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()])
-    if not records:
-        w.writerow(list(flat_record({"path": "", "status": ""}, classes)))
-    atomic_write_text(out, buf.getvalue())
-
-
-def check_out_path(out, parquet: bool = False) -> Path | None:
-    """``--out`` checked before any work; ``parquet``: the engine can also write .parquet."""
-    if out is None:
-        return None
-    out = Path(out)
-    kinds = (".csv", ".json", ".parquet") if parquet else (".csv", ".json")
-    if out.suffix.lower() not in kinds:
-        raise ValueError(f"--out {out}: use a {', '.join(kinds[:-1])} or {kinds[-1]} file name")
-    if out.is_dir():
-        raise ValueError(f"--out {out}: is a folder; give a file name")
-    # fail now, not after classifying a big folder: the results and the journal go here
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--out {out}: cannot create its folder ({e.strerror or e})") from None
-    if not os.access(out.parent, os.W_OK):
-        raise ValueError(f"--out {out}: its folder {out.parent} is not writable")
-    if out.exists():
-        # an existing file that cannot be replaced (read-only, immutable): opening it for
-        # update, without changing it, fails now instead of after the last image
-        try:
-            if not os.access(out, os.W_OK):
-                raise PermissionError(13, "permission denied")
-            with open(out, "r+b"):
-                pass
-        except OSError as e:
-            raise ValueError(f"--out {out}: the existing file cannot be replaced "
-                             f"({e.strerror or e}); remove it or choose another name") from None
-    return out
-
-
-def run_summary(clf: Classifier, records: list[dict], seconds: float, n_computed: int,
-                batch_size: int, workers: int, include_flagged: bool = False, n_resumed: int = 0,
-                fingerprint: dict | None = None, engine: str = "local") -> dict:
-    """The summary of a predict run (either engine): provenance, differential, skips, speed."""
-    from datetime import datetime, timezone
-
-    from . import __version__
-    fp = fingerprint or clf.fingerprint()
-    skipped = [{"path": r["path"], "reason": r["status"].split(": ", 1)[1]}
-               for r in records if r["status"] != "ok"]
-    return {
-        # which software and which weights made these results, for a lab's records
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "bloodcell_version": __version__,
-        "model": str(clf.weights_path) if clf.weights_path else None,
-        "model_sha1": fp["weights_sha1"],
-        "engine": engine, "backend": clf.backend, "batch_size": batch_size, "workers": workers,
-        "review_threshold": clf.review_threshold, "temperature": clf.temperature,
-        "multi_cell_screen": clf.screen is not None,
-        "n_inputs": len(records), "n_ok": sum(r["status"] == "ok" for r in records),
-        "n_skipped": len(skipped), "n_resumed": n_resumed, "n_computed": n_computed,
-        "seconds": round(seconds, 3), "images_per_s": n_computed / seconds if seconds > 0 else 0.0,
-        "differential": differential_count(records, clf.classes, include_flagged),
-        "review": review_counts(records, clf.review_threshold),
-        "skipped": skipped,
-    }
-
-
-def _finish(out: Path, records: list[dict], classes: list[str], summary: dict) -> None:
-    """Write the results, then drop the journal. A write failing here (the path changed since
-    check_out_path) names the file and keeps the journal, so a rerun resumes."""
-    try:
-        write_results(out, records, classes, summary)
-    except OSError as e:
-        raise OSError(f"--out {out}: cannot write the results ({e.strerror or e}); the finished "
-                      f"images are kept in {journal_path(out)}: fix the path and run the same "
-                      f"command again to resume") from None
-    journal_path(out).unlink(missing_ok=True)
-
-
-def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: int = 64,
-                  workers: int | None = None, include_flagged: bool = False,
-                  progress: bool = True, resume: bool = True) -> tuple[list[dict], dict]:
-    """Classify every image under ``specs`` -> (records in input order, summary).
-
-    With ``out``, finished records go to a journal (``<out>.partial.jsonl``) as
-    they come; a rerun after an interruption reuses those whose file (path, size,
-    mtime) is unchanged, and the final file is written atomically, after which
-    the journal is removed."""
-    from tqdm import tqdm
-    out = check_out_path(out)
-    workers = default_workers() if workers is None else workers
-    items = expand_inputs(specs)
-    records: list[dict | None] = [None] * len(items)
-    keys = [_file_key(p) if why is None else None for p, why in items]
-    for i, (p, why) in enumerate(items):
-        if why is not None:
-            records[i] = {"path": p, "status": f"skipped: {why}"}
-    journal = None
-    n_resumed = 0
-    fp = clf.fingerprint()  # hashes the weights: once per run (journal + provenance)
-    if out is not None:
-        jp = journal_path(out)
-        old = read_journal(jp, fp) if resume else {}
-        for i, k in enumerate(keys):
-            if k is not None and tuple(k) in old:
-                records[i] = old[tuple(k)]
-                n_resumed += 1
-        if n_resumed:
-            log.info("resuming: %d image(s) already done in %s", n_resumed, jp)
-        journal = Journal(jp, fp, fresh=not old)
-    todo = [i for i, r in enumerate(records) if r is None]
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="classifying",
-               disable=not progress, mininterval=0.5, file=sys.stderr)
-    t0 = time.perf_counter()
-    try:
-        for batch in clf.iter_predict((items[i][0] for i in todo), names=(items[i][0] for i in todo),
-                                      batch_size=batch_size, workers=workers):
-            for j, rec in batch:
-                i = todo[j]
-                records[i] = rec
-                if journal:
-                    journal.add(keys[i], rec)
-            if journal:
-                journal.sync()
-            bar.update(len(batch))
-    except KeyboardInterrupt:
-        if journal:
-            log.warning("interrupted: finished images are kept in %s; run the same command again "
-                        "to resume without recomputing them", journal.path)
-        raise
-    finally:
-        bar.close()
-        if journal:
-            journal.close()
-    summary = run_summary(clf, records, seconds=time.perf_counter() - t0,
-                          n_computed=sum(1 for i in todo if records[i].get("status") == "ok"),
-                          batch_size=batch_size, workers=workers, include_flagged=include_flagged,
-                          n_resumed=n_resumed, fingerprint=fp)
-    if out is not None:
-        _finish(out, records, clf.classes, summary)
-    return records, summary

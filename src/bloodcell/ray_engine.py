@@ -125,7 +125,7 @@ def predict_ray(clf, specs: Sequence[str], spec: ModelSpec, opts: RayOptions, ou
     classes and the provenance; ``out``: .csv, .json or .parquet."""
     from tqdm import tqdm
 
-    from .predict import check_out_path, expand_inputs, run_summary
+    from .batch import check_out_path, expand_inputs, run_summary
     out = check_out_path(out, parquet=True)
     uris = [s for s in specs if _URI in s]
     items = expand_inputs([s for s in specs if _URI not in s]) if len(uris) < len(specs) else []
@@ -160,14 +160,14 @@ def predict_ray(clf, specs: Sequence[str], spec: ModelSpec, opts: RayOptions, ou
 
 def write_any(out: Path, records: list[dict], classes: list[str], summary: dict) -> None:
     """.parquet: one row per image, the CSV's columns typed; else as the local engine."""
-    from .predict import write_results
+    from .batch import write_results
     if out.suffix.lower() != ".parquet":
         write_results(out, records, classes, summary)
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .predict import flat_record
+    from .batch import flat_record
     rows = [flat_record(r, classes) for r in records]
     table = pa.Table.from_pylist(rows)
     table = table.replace_schema_metadata({"bloodcell_summary": json.dumps(summary)})

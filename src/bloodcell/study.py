@@ -213,14 +213,6 @@ def train_generation(cfg: StudyConfig, model: str, split_file: Path, split_sha1:
 
 # ----------------------------------------------------------------------------- evaluate
 
-def _predict(model, images, idx, device, precision, chunk: int = 1024) -> np.ndarray:
-    """Probabilities for images[idx], a chunk at a time (the cache is memory-mapped)."""
-    from .train import predict_proba_arrays
-    out = [predict_proba_arrays(model, np.asarray(images[idx[i:i + chunk]]), device=device,
-                                precision=precision) for i in range(0, len(idx), chunk)]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
 def evaluate_generation(cfg: StudyConfig, model_name: str, imgs: _Images, split_sha1: str) -> dict:
     """Metrics on train/val/test -> runs/<model>/study_eval.json (+ test_predictions.csv).
     Reused while the weights and the split are unchanged."""
@@ -228,6 +220,7 @@ def evaluate_generation(cfg: StudyConfig, model_name: str, imgs: _Images, split_
 
     from .evaluate import compute_metrics, write_predictions
     from .models import load_model
+    from .runtime import TorchRunner, batched_logits, softmax
     from .train import choose_device_precision
     run = Path(cfg.out) / "runs" / model_name
     ev_path = run / "study_eval.json"
@@ -239,7 +232,8 @@ def evaluate_generation(cfg: StudyConfig, model_name: str, imgs: _Images, split_
             return old
     model, meta = load_model(run)
     device, precision = choose_device_precision(cfg.precision)
-    model = model.to(device).to(memory_format=torch.channels_last)
+    runner = TorchRunner(model.to(device).to(memory_format=torch.channels_last), meta["image_size"],
+                         device, precision)
     ds, images, splits, _ = imgs.get(meta["image_size"])
     if list(meta["classes"]) != ds.classes:
         raise ValueError(f"{run}: model classes {meta['classes']} differ from the data's {ds.classes}")
@@ -247,7 +241,7 @@ def evaluate_generation(cfg: StudyConfig, model_name: str, imgs: _Images, split_
     t0 = time.perf_counter()
     for split in D.SPLITS:
         idx = np.flatnonzero(splits == split)
-        probs = _predict(model, images, idx, device, precision)
+        probs = softmax(batched_logits(runner, images, idx))
         y = ds.labels[idx]
         result["splits"][split] = compute_metrics(y, probs, ds.classes)
         if split == "test":

@@ -32,6 +32,7 @@ from . import distributed as dist
 from .locate import Framing
 from .modelfile import resolve_model_path
 from .models import create_model, library_versions, save_model
+from .runtime import TorchRunner, autocast, batched_logits, softmax
 from .trainconfig import TrainConfig
 from .transforms import PREPROCESS_DESCRIPTION, PREPROCESS_VERSION, to_tensor
 
@@ -104,10 +105,6 @@ def _cpu_name() -> str:
     return "unknown cpu"
 
 
-def autocast(device, precision):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -125,26 +122,6 @@ def lr_at(step: int, total: int, base_lr: float, schedule: str) -> float:
         t = (step - warm) / max(1, total - warm)
         return base_lr * (0.5 * (1 + math.cos(math.pi * min(t, 1.0)))) + base_lr * 1e-3
     raise ValueError(f"unknown schedule {schedule!r}: use constant or onecycle")
-
-
-@torch.inference_mode()
-def predict_proba_arrays(model, images: np.ndarray, batch_size: int = 128, device=None,
-                         precision: str = "fp32", temperature: float = 1.0,
-                         progress: bool = False) -> np.ndarray:
-    """Class probabilities for uint8 images [N,S,S,3] (the evaluation path)."""
-    from tqdm import tqdm
-    device = device or next(model.parameters()).device
-    model.eval()
-    out = []
-    for i in tqdm(range(0, len(images), batch_size), disable=not progress, desc="predicting",
-                  unit="batch", mininterval=1.0):
-        x = to_tensor(np.asarray(images[i:i + batch_size])).to(device)
-        with autocast(device, precision):
-            logits = model(x)
-        out.append(torch.softmax(logits.float() / temperature, dim=1).cpu().numpy())
-    if not out:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(out)
 
 
 @torch.no_grad()
@@ -526,7 +503,8 @@ def _validate(model, images, tr, va, labels, device, precision, epoch) -> tuple[
     if not len(va):
         return float("nan"), float("nan")
     recalibrate_bn(model, images, tr, device=device, precision=precision, seed=epoch)
-    probs = predict_proba_arrays(model, images[va], device=device, precision=precision)
+    runner = TorchRunner(model, images.shape[1], device, precision)
+    probs = softmax(batched_logits(runner, images, va))
     acc = float((probs.argmax(1) == labels[va]).mean())
     loss = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)),
                             torch.from_numpy(labels[va])))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..calibrate import DEFAULT_TARGET_ACCURACY, calibrate, format_report
-from ..predict import BACKENDS
+from ..runtime import BACKENDS
 from .args import data_or_default, ranged
 
 

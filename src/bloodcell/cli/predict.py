@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import sys
 
-from ..predict import (BACKENDS, EXAMPLES_NOTE, Classifier, check_out_path, default_workers, example_files,
-                       examples_note, predict_paths)
+from ..batch import check_out_path, predict_paths
+from ..predict import EXAMPLES_NOTE, Classifier, default_workers, example_files, examples_note
+from ..runtime import BACKENDS
 from .args import ranged
 
 

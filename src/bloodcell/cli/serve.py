@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 
-from ..predict import BACKENDS
+from ..runtime import BACKENDS
 from ..serve import AUTO, ServeConfig, default_db_path, serve
 from ..serve.store import backup
 from .args import ranged

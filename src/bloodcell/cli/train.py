@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ..evaluate import evaluate, print_report, track
-from ..predict import BACKENDS
+from ..runtime import BACKENDS
 from ..tracking import MLFLOW_HELP, Tracker
 from ..trainconfig import TrainConfig
 from .args import add_options, data_or_default, options_to_config

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .. import __version__
+from ..modelfile import bundled_model_path, resolve_model_path
 from ..predict import Classifier, load_screen
 from .config import Lab, ServeConfig, default_threads
 from .routes import short
@@ -50,8 +51,6 @@ def model_card(clf: Classifier, model_path) -> dict:
 
 def _check_model_path(model) -> None:
     """A missing model is the error to report, not an ONNX fallback warning before it."""
-    from ..models import resolve_model_path
-    from ..predict import bundled_model_path
     try:
         resolve_model_path(model if model is not None else bundled_model_path())
     except FileNotFoundError:
@@ -97,7 +96,6 @@ def create_app(config: ServeConfig | None = None, **settings):
         raise
     model_path = cfg.model if isinstance(cfg.model, (str, os.PathLike)) else None
     if cfg.model is None:
-        from ..predict import bundled_model_path
         model_path = bundled_model_path()
     lab = Lab(cfg, store, clf, ModelWorker(clf), model_card(clf, model_path))
 
