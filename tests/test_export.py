@@ -70,16 +70,15 @@ def test_cached_export_opened_once(model_dir, monkeypatch):
     Runtime session per Classifier, and a stale file re-exported in place is not run."""
     P.Classifier.load(model_dir, backend="onnx", screen=None)  # makes the cached export
     opened = []
-    real = P.Classifier._ort_session
-    monkeypatch.setattr(P.Classifier, "_ort_session",
-                        staticmethod(lambda path, threads: opened.append(path) or real(path, threads)))
+    real = P.ort_session
+    monkeypatch.setattr(P, "ort_session", lambda path, threads: opened.append(path) or real(path, threads))
     P.Classifier.load(model_dir, backend="onnx", screen=None)
     assert opened == [model_dir / "model.onnx"]
     make_model(model_dir, seed=1, gain=200.0)  # new weights: the stale export is redone
     opened.clear()
     o = P.Classifier.load(model_dir, backend="onnx", screen=None)
     assert len(opened) == 2 and E.onnx_metadata(o.onnx_path)["bloodcell_weights_sha1"] \
-        == o._session.get_modelmeta().custom_metadata_map["bloodcell_weights_sha1"] \
+        == o.runner.session.get_modelmeta().custom_metadata_map["bloodcell_weights_sha1"] \
         == MF.weights_sha1(model_dir / "model.safetensors")
 
 
