@@ -139,6 +139,23 @@ def test_rerun_skips_finished_generations_and_resumes_unfinished(study, caplog):
     assert "skipped on re-run" in runs["dnn"]["status"] and runs["cnn"]["status"] == "resumed"
 
 
+def test_raising_an_epoch_cap_continues_a_capped_run(study, tmp_path, caplog):
+    """A generation stopped by a cap (not by early stopping) goes on from its last epoch
+    when the cap is raised; the others stay skipped."""
+    import shutil
+    data, rep, pub = study
+    copy = tmp_path / "report"
+    shutil.copytree(rep, copy)
+    weights = (copy / "runs" / "dnn" / "model.safetensors").stat().st_mtime_ns
+    caplog.set_level("INFO", logger="bloodcell")
+    args = _study_args(data, copy, tmp_path / "pub")
+    args[args.index("--epochs-cap") + 1] = "2,cnn=3"
+    assert cli.main(args) == 0
+    assert "study: resuming cnn (3 epochs max" in caplog.text
+    assert [r["epoch"] for r in json.loads((copy / "runs" / "cnn" / "model.json").read_text())["history"]] == [1, 2, 3]
+    assert (copy / "runs" / "dnn" / "model.safetensors").stat().st_mtime_ns == weights
+
+
 def test_finished_run_with_other_settings_is_refused(study, capsys):
     data, rep, pub = study
     assert cli.main(_study_args(data, rep, pub, size=40)) == 2

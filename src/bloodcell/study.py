@@ -114,14 +114,30 @@ def image_size_for(cfg: StudyConfig, model: str) -> int:
     return size or get_spec(model).defaults["image_size"]
 
 
-def run_finished(run: Path) -> bool:
+def run_finished(run: Path, epochs: int | None = None) -> bool:
+    """Finished, and (given ``epochs``) not merely stopped by a lower epoch cap than now."""
     j = run / "model.json"
     if not (j.exists() and (run / "model.safetensors").exists()):
         return False
     try:
-        return bool(json.loads(j.read_text()).get("finished"))
+        meta = json.loads(j.read_text())
     except (OSError, json.JSONDecodeError):
         return False
+    if not meta.get("finished"):
+        return False
+    return epochs is None or not stopped_by_cap(run, meta, epochs)
+
+
+def stopped_by_cap(run: Path, meta: dict, epochs: int) -> bool:
+    """The run ended at an epoch cap below ``epochs``, early stopping had not fired and
+    its LR does not follow a schedule fixed by the epoch count: raising the cap continues it."""
+    history = meta.get("history") or []
+    args = meta.get("train_args", {})
+    patience = args.get("patience") or 0
+    best = (meta.get("best") or {}).get("epoch", 0)
+    early = patience and len(history) - best >= patience
+    return (len(history) < epochs and not early and args.get("schedule") == "constant"
+            and (run / "checkpoint" / "last.json").exists())
 
 
 # ----------------------------------------------------------------------------- data
@@ -194,10 +210,12 @@ def train_generation(cfg: StudyConfig, model: str, split_file: Path, split_sha1:
     from .train import TrainConfig, train
     run = Path(cfg.out) / "runs" / model
     size = image_size_for(cfg, model)
-    if run_finished(run):
+    if run_finished(run, epochs_for(cfg, model)):
         _check_compatible(run, split_sha1, size, model)
         log.info("study: %s already trained (%s): skipping", model, run)
         return {"status": "skipped (finished earlier)", "finished": True}
+    if run_finished(run):  # stopped by a lower cap: continue under the same settings
+        _check_compatible(run, split_sha1, size, model)
     resume = (run / "checkpoint" / "last.json").exists()
     log.info("study: %s %s (%d epochs max, %d px)", "resuming" if resume else "training",
              model, epochs_for(cfg, model), size)
