@@ -250,6 +250,40 @@ def test_report_cli_rebuilds_the_report_without_training(study, tmp_path, capsys
     assert weights == {p: p.stat().st_mtime_ns for p in (rep / "runs").rglob("*.safetensors")}
 
 
+def test_report_sets_another_run_beside_this_one(study, tmp_path, capsys):
+    """The report writes summary.json; `--compare FOLDER` puts another run's numbers (its
+    summary.json) beside this run's with the difference, in a table and the discussion;
+    an old report's tables give the same summary (scripts/summary_from_report.py)."""
+    import importlib.util
+    _, rep, _ = study
+    a = tmp_path / "a"
+    assert cli.main(["report", "--study", str(rep), "--out", str(a), "--public"]) == 0
+    rows = json.loads((a / "summary.json").read_text())
+    assert [r["model"] for r in rows] == MODELS
+    script = Path(__file__).parents[1] / "scripts" / "summary_from_report.py"
+    spec = importlib.util.spec_from_file_location("sfr", script)
+    sfr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sfr)
+    parsed = sfr.summary((a / "report.md").read_text())
+    for r, q in zip(rows, parsed):
+        assert (q["model"], q["epochs_run"], q["stopped_by"]) == (r["model"], r["epochs_run"], r["stopped_by"])
+        assert abs(q["accuracy"]["test"] - r["accuracy"]["test"]) <= 0.0005
+    other = tmp_path / "capped"
+    other.mkdir()
+    cnn = next(r for r in rows if r["model"] == "cnn")
+    cnn["accuracy"]["test"] -= 0.1
+    (other / "summary.json").write_text(json.dumps([cnn]))
+    b = tmp_path / "b"
+    assert cli.main(["report", "--study", str(rep), "--out", str(b), "--public", "--compare", str(other)]) == 0
+    md = (b / "report.md").read_text()
+    assert f"## Beside the run in `{other}`" in md
+    assert re.search(r"\| Gen \d: cnn \|.*\| \+10\.0 \|", md)
+    assert "cnn +10.0" in md.split("## Discussion")[1]
+    (other / "summary.json").write_text("{}")
+    assert cli.main(["report", "--study", str(rep), "--out", str(b), "--compare", str(other)]) == 2
+    assert "not a study summary" in capsys.readouterr().err
+
+
 def test_the_published_numbers_are_data_the_report_reads(monkeypatch):
     """Every generation of the study has its published numbers in published_study.json,
     and the report's sentences follow that file: changed numbers change the text."""

@@ -421,11 +421,9 @@ def _run_row(g: dict, st: dict) -> list:
     ips = [r["images_per_s"] for r in h if r.get("images_per_s")]
     cap = st["config"].get("epochs_per_model", {}).get(g["model"], args.get("epochs"))
     best = meta.get("best", {}).get("epoch", "?")
-    patience = args.get("patience")
-    if len(h) < (cap or 0):
-        stop = f"early stop (patience {patience})"
-    else:
-        stop = "epoch cap"
+    stop = _stopped_by(g, st)
+    if stop == "early stop":
+        stop += f" (patience {args.get('patience')})"
     status = g["study_run"].get("status", "")
     return [_label(g), meta.get("image_size"), f"{len(h)} / {cap}", best, stop,
             args.get("batch_size"), _lr_text(args),
@@ -783,9 +781,67 @@ def _per_class_section(r: _Report, doc: Doc) -> None:
         doc.table(["class", "precision", "recall", "F1", "support"], rows)
 
 
-def write_report(study_dir, target=None, public: bool = False, screen_report=None) -> Path:
-    """Figures + report.md + report.html for the study in ``study_dir``, into ``target``
-    (default: study_dir). ``public`` leaves out every figure showing dataset images."""
+def _stopped_by(g: dict, st: dict) -> str:
+    cap = st["config"].get("epochs_per_model", {}).get(g["model"], g["meta"].get("train_args", {}).get("epochs"))
+    return "epoch cap" if len(g["history"]) >= (cap or 0) else "early stop"
+
+
+def summary_rows(st: dict, gens: list[dict]) -> list[dict]:
+    """One row per generation, written as summary.json beside the report so that another
+    study's report can set its numbers beside these (``--compare``)."""
+    rows = []
+    for g in gens:
+        ev = g["eval"]["splits"]
+        cap = st["config"].get("epochs_per_model", {}).get(g["model"])
+        rows.append({"model": g["model"], "generation": g["generation"], "image_size": g["meta"].get("image_size"),
+                     "epochs_run": len(g["history"]), "epochs_max": cap, "stopped_by": _stopped_by(g, st),
+                     "train_s": round(sum(r.get("seconds", 0) for r in g["history"]), 1),
+                     "accuracy": {s: ev[s]["accuracy"] for s in D.SPLITS},
+                     "test_ci95": ev["test"].get("accuracy_ci95"), "test_macro_f1": ev["test"]["macro_f1"]})
+    return rows
+
+
+def load_summary(folder) -> list[dict]:
+    """The summary.json of another study's report folder, with a clear error when absent."""
+    f = Path(folder) / "summary.json"
+    rows = _read_json(f)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "model" in r for r in rows):
+        raise ValueError(f"{f}: missing or not a study summary (a list of generations); "
+                         "write it with `bloodcell report --study REPORT_DIR --out FOLDER`")
+    return rows
+
+
+def _partner(g: dict, other: list[dict]) -> dict | None:
+    """The other run's row for the same model, else for the same generation."""
+    return (next((o for o in other if o["model"] == g["model"]), None)
+            or next((o for o in other if o.get("generation") == g["generation"]), None))
+
+
+def _compare_section(r: _Report, doc: Doc, other: list[dict], where: str) -> list[str]:
+    """This run beside another one (e.g. the CPU-capped study); returns discussion lines."""
+    doc.h(2, f"Beside the run in `{where}`")
+    rows, deltas = [], []
+    for g in r.gens:
+        o = _partner(g, other)
+        if o is None:
+            continue
+        d = _acc(g, "test") - o["accuracy"]["test"]
+        deltas.append(f"{g['model']} {'+' if d >= 0 else '−'}{abs(100 * d):.1f}"
+                      + (f" (against {o['model']})" if o["model"] != g["model"] else ""))
+        rows.append([_label(g), g["meta"].get("image_size"), len(g["history"]), _pct(_acc(g, "test")),
+                     o["model"], o["image_size"], f"{o['epochs_run']} ({o['stopped_by']})",
+                     _pct(o["accuracy"]["test"]), f"{100 * d:+.1f}"])
+    doc.table(["generation", "px", "epochs", "test", f"`{where}`: model", "px", "epochs (stopped by)",
+               "test", "Δ points"], rows, align=["l", "r", "r", "r", "l", "r", "l", "r", "r"])
+    doc.p(f"Same split, seed and code; `{where}` is the report folder of the other run (its "
+          "`summary.json`). The differences are what its settings (image size, epoch caps, backbone) cost.")
+    return [f"**This run against `{where}`** (test accuracy, points): " + "; ".join(deltas) + "."] if deltas else []
+
+
+def write_report(study_dir, target=None, public: bool = False, screen_report=None, compare=None) -> Path:
+    """Figures + report.md + report.html + summary.json for the study in ``study_dir``, into
+    ``target`` (default: study_dir). ``public`` leaves out every figure showing dataset
+    images; ``compare``: another report folder whose summary.json is set beside this run."""
     study_dir = Path(study_dir)
     target = Path(target) if target else study_dir
     fig_dir = target / "figures"
@@ -797,19 +853,22 @@ def write_report(study_dir, target=None, public: bool = False, screen_report=Non
     gens = st["generations"]
     if not gens:
         raise ValueError(f"{study_dir}: no evaluated generation yet; run `bloodcell study` first")
+    other = load_summary(compare) if compare else None
     order = ranked(gens)
     r = _Report(st, gens, order[0], order, fig_dir, public)
     doc = Doc()
     for section in (_intro, _how_it_was_run, _data_section, _accuracy_section, _errors_section,
                     _per_class_section):
         section(r, doc)
+    beside = _compare_section(r, doc, other, str(compare)) if other else []
     doc.h(2, "Discussion")
-    doc.bullets(discussion(st, gens, r.best))
+    doc.bullets(discussion(st, gens, r.best) + beside)
     screen = _find_screen(study_dir, screen_report)
     if screen is not None:
         _screen_section(doc, screen, fig_dir, "figures/", public)
 
     D.atomic_write_text(target / "report.md", doc.to_md())
     D.atomic_write_text(target / "report.html", doc.to_html("bloodcell study report"))
+    D.atomic_write_json(target / "summary.json", summary_rows(st, gens))
     log.info("report written: %s (report.md, report.html, figures/)", target)
     return target / "report.md"

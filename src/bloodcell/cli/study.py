@@ -76,7 +76,7 @@ def _add_study(sub):
 def cmd_report(args):
     from ..report import write_report  # matplotlib, scikit-learn: not on other commands' start-up
     p = write_report(args.study, target=args.out, public=args.public,
-                     screen_report=args.screen_report)
+                     screen_report=args.screen_report, compare=args.compare)
     print(f"wrote {p} and {p.with_suffix('.html')}")
 
 
@@ -89,6 +89,9 @@ def _add_report(sub):
     p.add_argument("--public", action="store_true",
                    help="leave out every figure showing dataset images (for committing, e.g. to docs/study)")
     p.add_argument("--screen-report", help="screen_report.md to include (default REPORT_DIR/screen/)")
+    p.add_argument("--compare", metavar="FOLDER",
+                   help="another study's report folder (its summary.json) to set beside this run, "
+                   "e.g. docs/study-capped")
     p.set_defaults(func=cmd_report)
 
 
