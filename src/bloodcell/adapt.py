@@ -112,6 +112,7 @@ class AdaptSettings:
     anchors: bool | None = None  # full mode: the package's example cells (PBC, two per class) of the
                                # classes the new lab did not label join every step, so the fine-tune
                                # does not unlearn those classes
+    anchor_style: bool = False  # anchors restyled to the lab's zoom and colours (bloodcell.restyle)
 
     def __post_init__(self):
         if self.mode not in MODE_DEFAULTS:
@@ -451,12 +452,17 @@ def cross_fitted_logits(start, fit, score, labels: np.ndarray, s: AdaptSettings)
 
 # ----------------------------------------------------------------------------- adapt
 
-def _anchor_cells(cells: LabelledCells, size: int, framing: Framing | None):
-    """The package's example cells (PBC) of the classes ``cells`` lacks."""
+def _anchor_cells(cells: LabelledCells, size: int, framing: Framing | None, style: bool):
+    """The package's example cells (PBC) of the classes ``cells`` lacks; with ``style``,
+    in the lab's zoom and colours."""
     from .predict import example_files
     missing = set(cells.classes) - set(cells.class_counts())
     files = [f for f in example_files() if f.parent.name in missing]
     images = np.stack([prepare(f, size, framing).image for f in files]) if files else cells.images[:0]
+    if style and len(images):
+        from .restyle import restyle
+        images, how = restyle(images, cells.images)
+        log.info("adapt: anchors restyled to the lab's look: %s", how)
     return images, np.array([cells.classes.index(f.parent.name) for f in files], dtype=np.int64)
 
 
@@ -464,7 +470,8 @@ def _fitting(model, cells: LabelledCells, s: AdaptSettings, size: int, framing: 
     """(what is fitted, fit(part, idx, seed), score(part, idx) -> logits) for the mode: the
     upper part on cached features (head), or the model itself on the images (full)."""
     if s.mode == "full":
-        ax, ay = _anchor_cells(cells, size, framing) if s.anchors else (cells.images[:0], cells.labels[:0])
+        ax, ay = (_anchor_cells(cells, size, framing, s.anchor_style) if s.anchors
+                  else (cells.images[:0], cells.labels[:0]))
 
         def fit(part, idx, seed):
             fit_full(part, np.concatenate([cells.images[idx], ax]), np.concatenate([cells.labels[idx], ay]),
