@@ -69,7 +69,7 @@ def main():
     ds = D.scan(a.data)
     split = np.array(D.apply_manifest(ds, D.read_manifest(Path(a.split))))
     images, _ = D.load_images(ds, a.size, progress=False)
-    print(f"{len(ds.paths)} images, split {dict(zip(*np.unique(split, return_counts=True)))}, {a.size} px, "
+    print(f"{len(ds.labels)} images, split {dict(zip(*np.unique(split, return_counts=True)))}, {a.size} px, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = {}
     for v in a.backbones.split(","):

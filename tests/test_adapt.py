@@ -305,9 +305,13 @@ def test_settings_take_their_mode_defaults_and_refuse_unknown_values():
 
 def test_anchor_cells_are_the_examples_of_the_classes_the_lab_did_not_label():
     cells = _lab_cells([4, 5, 6], 2, seed0=0)
-    images, labels = A._anchor_cells(cells, 64, None)
+    images, labels = A._anchor_cells(cells, 64, None, style=False)
     assert sorted(set(labels.tolist())) == [0, 1, 2, 3, 7] and len(labels) == 10  # two per missing class
     assert images.shape == (10, 64, 64, 3) and images.dtype == np.uint8
+    styled, same = A._anchor_cells(cells, 64, None, style=True)  # in the lab's look: other pixels
+    assert np.array_equal(same, labels) and styled.shape == images.shape
+    assert np.abs(styled.astype(int) - images).mean() > 5
+    assert A.AdaptSettings(mode="full").anchor_style and not A.AdaptSettings(mode="head").anchor_style
 
 
 def test_cross_fitting_does_not_change_the_full_fine_tune(base, lab_folder):

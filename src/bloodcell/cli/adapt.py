@@ -65,6 +65,8 @@ def add_commands(sub):
     p.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=None, help="full mode: "
                    "the package's example cells (PBC, two per class) of the classes you did not label join "
                    "every step, so the model does not unlearn them (default: on in full mode)")
+    p.add_argument("--anchor-style", action=argparse.BooleanOptionalAction, default=None, help="full mode: "
+                   "show the anchors in your cells' zoom and colours (default: on in full mode)")
     p.add_argument("--views", type=ranged(int, 1), help="head mode: augmented views per cell (default 8)")
     p.add_argument("--folds", type=ranged(int, 0), help="cross-fitting folds for the temperature "
                    "(default: full 2, head 3; 0 keeps the base model's temperature)")
