@@ -203,6 +203,7 @@ def test_small_sample_threshold_of_the_input_check():
     assert any("small" in w for w in InputCheck(pred, 128).warnings(imgs[0], (100, 100)))
 
 
+@pytest.mark.realdata  # with BLOODCELL_REQUIRE=data a missing ../shared is a failure, not a skip
 def test_wbc_cellavision_folders_map_to_the_model_classes():
     if not WBC.is_dir():
         pytest.skip(f"{WBC} not found")
