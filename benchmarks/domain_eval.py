@@ -79,7 +79,7 @@ def curve(model, cells, k: int, draws: int, settings: AdaptSettings) -> dict:
         r = scores(clf, cells.images[te], cells.labels[te], [cells.sources[i] for i in te])
         r.update(draw=d, n_adapt=int(len(tr)), adapt_classes=a.report["class_counts"], seconds=round(secs, 1),
                  cpu_seconds=a.report["cpu_seconds"],
-                 temperature=a.meta["temperature"], cross_fitted=a.report.get("cross_fitted"))
+                 temperature=a.meta.temperature, cross_fitted=a.report.get("cross_fitted"))
         print(f"    k={k} draw {d}: 8-way {r['acc8']:.3f}, 5-way {r['acc5']:.3f}, flagged {r['flagged']:.2f}, "
               f"T {r['temperature']:.2f}, {secs:.0f} s ({r['cpu_seconds']:.0f} s CPU); errors {r['errors']}",
               flush=True)

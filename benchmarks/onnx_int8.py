@@ -45,12 +45,12 @@ def main():
         clfs = {name: Classifier.load(a.run, backend="onnx", onnx_path=p, screen=None)
                 for name, p in (("onnx fp32", fp32), ("onnx int8", int8))}
         meta = clfs["onnx fp32"].meta
-        ds = D.scan(a.data, classes=meta["classes"])
-        images, _ = D.load_images(ds, meta["image_size"], progress=False)
+        ds = D.scan(a.data, classes=meta.classes)
+        images, _ = D.load_images(ds, meta.image_size, progress=False)
         splits = D.apply_manifest(ds, D.read_manifest(Path(a.run) / "split.csv"))
         va = D.split_indices(splits, "val")
         x, y = np.asarray(images[va]), ds.labels[va]
-        print(f"{a.run}: {len(y)} val images at {meta['image_size']} px, batch {a.batch_size}")
+        print(f"{a.run}: {len(y)} val images at {meta.image_size} px, batch {a.batch_size}")
         print(f"{'model':<10} {'MB':>5} {'val acc':>8} {'img/s':>7}")
         preds = {}
         for name, clf in clfs.items():

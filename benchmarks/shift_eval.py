@@ -30,6 +30,7 @@ from PIL import Image, ImageFilter
 from bloodcell import Classifier
 from bloodcell import data as D
 from bloodcell.data import default_data_dir
+from bloodcell.modelfile import ModelFile
 
 
 def _od_scale(a, gains, shift=(0, 0, 0)):
@@ -76,9 +77,9 @@ SHIFTS = {
 }
 
 
-def pick_cells(root: Path, split: str, per_class: int, meta: dict):
-    ds = D.scan(root, classes=meta["classes"])
-    splits = D.model_splits(ds, meta.get("train_args", {}))  # re-derived from the model's seed
+def pick_cells(root: Path, split: str, per_class: int, meta: ModelFile):
+    ds = D.scan(root, classes=meta.classes)
+    splits = D.model_splits(ds, meta.train_args)  # re-derived from the model's seed
     by_class: dict[str, list] = {}
     for i in D.split_indices(splits, split):
         s = ds.samples[i]

@@ -42,8 +42,8 @@ def val_view_probs(run: str, data: str, n_views: int = 8):
         if str(z["split_sha1"]) == sha and len(z["probs"]) >= n_views:
             return z["probs"][:n_views], z["labels"], sha
     model, meta = load_model(run)
-    ds = D.scan(data, classes=meta["classes"])
-    images, _ = D.load_images(ds, meta["image_size"], progress=False)
+    ds = D.scan(data, classes=meta.classes)
+    images, _ = D.load_images(ds, meta.image_size, progress=False)
     splits = D.apply_manifest(ds, D.read_manifest(Path(run) / "split.csv"))
     va = D.split_indices(splits, "val")
     x, y = np.asarray(images[va]), ds.labels[va]

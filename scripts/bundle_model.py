@@ -14,31 +14,30 @@ import shutil
 import sys
 from pathlib import Path
 
-from bloodcell.data import atomic_write_json
 from bloodcell.export import find_int8
-from bloodcell.modelfile import BUNDLED_DIR
+from bloodcell.modelfile import BUNDLED_DIR, ModelFile
 
 MAX_BYTES = 25_000_000
 
 
 def main(run: Path):
-    meta = json.loads((run / "model.json").read_text())
+    meta = ModelFile.load(run / "model.json")
     ev = json.loads((run / "eval-test" / "evaluation.json").read_text())
     metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
     calib = json.loads((run / "calibration.json").read_text())
     weights = run / "model.safetensors"
     if weights.stat().st_size > MAX_BYTES:
         sys.exit(f"{weights} is over 25 MB: save it as fp16 first")
-    meta["metrics"] = {"split": "test", "accuracy": metrics["accuracy"],
-                       "accuracy_ci95": ev["accuracy_ci95"], "macro_f1": metrics["macro_f1"],
-                       "n_images": metrics["n_images"], "per_class": metrics["per_class"],
-                       "confusion_matrix": metrics["confusion_matrix"]}
-    meta["calibration"] = calib
-    meta["data"]["root"] = Path(meta["data"]["root"]).name  # no local paths in the package
-    meta["train_args"]["data"] = Path(meta["train_args"]["data"]).name
+    meta.metrics = {"split": "test", "accuracy": metrics["accuracy"],
+                    "accuracy_ci95": ev["accuracy_ci95"], "macro_f1": metrics["macro_f1"],
+                    "n_images": metrics["n_images"], "per_class": metrics["per_class"],
+                    "confusion_matrix": metrics["confusion_matrix"]}
+    meta.calibration = calib
+    meta.data["root"] = Path(meta.data["root"]).name  # no local paths in the package
+    meta.train_args["data"] = Path(meta.train_args["data"]).name
     BUNDLED_DIR.mkdir(exist_ok=True)
     shutil.copyfile(weights, BUNDLED_DIR / "model.safetensors")
-    atomic_write_json(BUNDLED_DIR / "model.json", meta)
+    meta.save(BUNDLED_DIR / "model.json")
     stale = BUNDLED_DIR / "model.int8.onnx"
     stale.unlink(missing_ok=True)
     try:

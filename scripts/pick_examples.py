@@ -29,7 +29,7 @@ PER_CLASS, CANDIDATES = 2, 40
 def candidates(root: Path, clf: Classifier) -> dict[str, list[str]]:
     """class -> relative paths of the first CANDIDATES train images in sha1 order."""
     ds = D.scan(root, classes=clf.classes)
-    args = clf.meta.get("train_args", {})
+    args = clf.meta.train_args
     splits = D.make_split(ds, tuple(args.get("fractions", D.DEFAULT_FRACTIONS)),
                           int(args.get("split_seed", D.DEFAULT_SEED)))
     out: dict[str, list[str]] = {c: [] for c in clf.classes}

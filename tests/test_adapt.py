@@ -69,7 +69,7 @@ def test_adapt_folder_writes_a_loadable_run_with_provenance(base, lab_folder, tm
     clf = Classifier.load(out, screen=None)
     base_clf = Classifier.load(base, screen=None)
     assert clf.classes == CLASSES and clf.model.head.out_features == 8
-    ad = clf.meta["adaptation"]
+    ad = clf.meta.adaptation
     assert ad["base_weights_sha1"] == hashlib.sha1((base / "model.safetensors").read_bytes()).hexdigest()
     assert ad["settings"]["seed"] == 3 and ad["settings"]["steps"] == 20
     assert ad["class_counts"] == {"lymphocyte": 5, "monocyte": 5, "neutrophil": 5}
@@ -78,13 +78,13 @@ def test_adapt_folder_writes_a_loadable_run_with_provenance(base, lab_folder, tm
     assert shas["NEUTROPHIL/c0.png"] == hashlib.sha1((lab_folder / "NEUTROPHIL" / "c0.png").read_bytes()).hexdigest()
     assert {s["path"] for s in ad["skipped"]} == {"monocyte/broken.jpg", "Lymphocyte/.DS_Store"}
     # the weights changed, the preprocessing did not
-    assert clf.meta.get("preprocess") == base_clf.meta.get("preprocess") and clf.image_size == 64
+    assert clf.meta.preprocess == base_clf.meta.preprocess and clf.image_size == 64
     changed = [k for k, v in clf.model.state_dict().items()
                if v.is_floating_point() and not np.allclose(v.numpy(), base_clf.model.state_dict()[k].numpy())]
     assert any(k.startswith("head.") for k in changed)
     # input check refitted on the 15 cells: its statistics are theirs, and it does not flag them
-    ic = clf.meta["input_check"]
-    assert ic["n_images"] == 15 and ic["mean"] != base_clf.meta["input_check"]["mean"]
+    ic = clf.meta.input_check
+    assert ic["n_images"] == 15 and ic["mean"] != base_clf.meta.input_check["mean"]
     imgs = np.stack([clf.preprocess(p) for p in sorted(lab_folder.rglob("c*.png"))])
     assert not any(clf.check_inputs(imgs))
     assert sum(bool(w) for w in base_clf.check_inputs(imgs)) > 0  # the base model did flag these colours
@@ -177,7 +177,7 @@ def test_reviewed_cells_of_the_lab_database_are_the_labelled_cells(base, tmp_pat
     out = tmp_path / "run"
     assert main(["adapt", "--db", str(db), "--sample", "smear A", "--out", str(out), "--model", str(base),
                  *FAST]) == 0
-    ad = Classifier.load(out, screen=None).meta["adaptation"]
+    ad = Classifier.load(out, screen=None).meta.adaptation
     assert ad["n_images"] == 13 and ad["data"] == str(db)
 
 
@@ -221,7 +221,7 @@ def test_deeper_adaptation_and_adabn_change_what_they_should(base, lab_folder):
     assert differs("backbone._blocks.15._project_conv.weight")      # the trained block
     assert not differs("backbone._blocks.14._project_conv.weight")  # below it: kept
     assert differs("backbone._bn0.running_mean")                    # AdaBN: the new lab's statistics
-    assert a.meta["temperature"] == 1.5 and "cross_fitted" not in a.report  # folds=0 keeps T
+    assert a.meta.temperature == 1.5 and "cross_fitted" not in a.report  # folds=0 keeps T
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +255,7 @@ def test_full_fine_tune_learns_the_new_lab_and_keeps_batchnorm_statistics(imagen
     assert not torch.allclose(new["backbone._conv_stem.weight"], old["backbone._conv_stem.weight"])  # every layer
     bn_stats = [k for k in old if k.endswith(("running_mean", "running_var"))]
     assert bn_stats and all(torch.equal(new[k], old[k]) for k in bn_stats)  # statistics frozen
-    ad = a.meta["adaptation"]
+    ad = a.meta.adaptation
     assert ad["settings"]["mode"] == "full" and ad["settings"]["lr"] == 2e-3
     assert ad["temperature_fit"] == "kept the base model's"
 
@@ -269,7 +269,7 @@ def test_full_fine_tune_from_a_block_keeps_the_layers_below(base, lab_folder, tm
     assert not torch.allclose(new["backbone._blocks.14._project_conv.weight"],
                               old["backbone._blocks.14._project_conv.weight"])
     assert torch.equal(new["backbone._blocks.13._project_conv.weight"], old["backbone._blocks.13._project_conv.weight"])
-    ad = clf.meta["adaptation"]
+    ad = clf.meta.adaptation
     assert ad["settings"]["augment"] == "domain" and ad["settings"]["mode"] == "full"
     # the temperature comes from cells each out-of-fold copy did not train on
     assert ad["cross_fitted"]["folds"] == 2 and ad["temperature_fit"].startswith("cross-fitted")
@@ -324,4 +324,4 @@ def test_cross_fitting_does_not_change_the_full_fine_tune(base, lab_folder):
     a2 = A.adapt(base, cells, A.AdaptSettings(mode="full", steps=2, train_from=14, folds=2, anchors=True))
     sd0, sd2 = a0.model.state_dict(), a2.model.state_dict()
     assert all(torch.equal(sd0[k], sd2[k]) for k in sd0)
-    assert a2.meta["temperature"] != a0.meta["temperature"]  # refitted on the out-of-fold logits
+    assert a2.meta.temperature != a0.meta.temperature  # refitted on the out-of-fold logits

@@ -10,6 +10,7 @@ from PIL import Image
 
 from bloodcell.augment import DomainAugment
 from bloodcell.locate import CellBox, Framing, locate_image
+from bloodcell.modelfile import ModelFile
 from bloodcell.transforms import prepare, preprocess
 
 
@@ -74,9 +75,11 @@ def test_crop_box_is_limited():
 
 def test_framing_round_trips_through_model_metadata():
     f = Framing(target=0.35)
-    assert Framing.of_model({"preprocess": {"framing": f.to_dict()}}) == f
-    assert Framing.of_model({"preprocess": {"version": 1}}) is None  # an older model: no framing
-    assert Framing.of_model({}) is None
+    base = {"architecture": "cnn3", "classes": ["a", "b"], "image_size": 64}
+    meta = ModelFile.from_dict({**base, "preprocess": {"framing": f.to_dict()}})
+    assert Framing.of_model(ModelFile.from_dict(meta.to_dict())) == f
+    assert Framing.of_model(ModelFile.from_dict({**base, "preprocess": {"version": 1}})) is None  # older
+    assert Framing.of_model(ModelFile.from_dict(base)) is None
 
 
 # ----------------------------------------------------------------------------- augmentation

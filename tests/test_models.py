@@ -85,7 +85,7 @@ def test_save_load_roundtrip_same_predictions(tmp_path, fp16):
         a, b = m(x), m2(x)
     assert torch.equal(a.argmax(1), b.argmax(1))
     assert torch.allclose(a, b, atol=0.05 if fp16 else 1e-5)
-    assert meta2["weights_dtype"] == ("float16" if fp16 else "float32")
+    assert meta2.weights_dtype == ("float16" if fp16 else "float32")
 
 
 def test_load_model_clear_errors(tmp_path):

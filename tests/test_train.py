@@ -89,7 +89,7 @@ def test_saved_batchnorm_statistics_are_those_of_the_training_images(synthetic_d
                lr=1e-3, precision="fp32"))
     model, meta = load_model(run)
     ds = D.scan(synthetic_dataset)
-    images, _ = D.load_images(ds, meta["image_size"], progress=False)
+    images, _ = D.load_images(ds, meta.image_size, progress=False)
     splits = D.apply_manifest(ds, D.read_manifest(run / "split.csv"))
     x = np.asarray(images[D.split_indices(splits, "train")])
     assert len(x) <= 64, "one batch of training images, so the statistics are exact"

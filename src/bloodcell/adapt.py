@@ -37,7 +37,7 @@ import contextlib
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .locate import Framing
+from .modelfile import ModelFile, bundled_model_path, resolve_model_path, weights_sha1
 from .tensorops import to_tensor
 from .transforms import ImageError, SourceInfo, prepare
 
@@ -129,8 +130,8 @@ class AdaptSettings:
 @dataclass
 class Adapted:
     model: torch.nn.Module
-    meta: dict                 # the new model.json
-    report: dict               # what was done and measured (also in meta["adaptation"])
+    meta: ModelFile            # the new model.json
+    report: dict               # what was done and measured (also in meta.adaptation)
 
 
 # ----------------------------------------------------------------------------- labelled cells
@@ -492,7 +493,6 @@ def adapt(base_path, cells: LabelledCells, settings: AdaptSettings | None = None
     """Adapt the model at ``base_path`` (None: the bundled one) to ``cells``."""
     from .calibrate import fit_temperature, nll
     from .inputcheck import fit_input_check
-    from .modelfile import bundled_model_path, resolve_model_path, weights_sha1
     from .models import load_model
     s = settings or AdaptSettings()
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -500,13 +500,13 @@ def adapt(base_path, cells: LabelledCells, settings: AdaptSettings | None = None
     base_path = Path(base_path) if base_path is not None else bundled_model_path()
     weights, _ = resolve_model_path(base_path)
     model, meta = load_model(base_path)
-    if list(meta["classes"]) != list(cells.classes):
+    if list(meta.classes) != list(cells.classes):
         raise ValueError(f"{cells.source}: cells were labelled for classes {cells.classes}, "
-                         f"the model has {meta['classes']}")
+                         f"the model has {meta.classes}")
     adapt_batchnorm(model, cells.images, s.adabn)
-    start, fit, score = _fitting(model, cells, s, int(meta["image_size"]), Framing.of_model(meta))
+    start, fit, score = _fitting(model, cells, s, meta.image_size, Framing.of_model(meta))
     report = {"n_images": len(cells.labels), "class_counts": cells.class_counts()}
-    temperature = float(meta.get("temperature", 1.0))
+    temperature = float(meta.temperature)
     if s.folds >= 2:
         oof = cross_fitted_logits(start, fit, score, cells.labels, s)
         temperature = fit_temperature(oof, cells.labels)
@@ -519,15 +519,17 @@ def adapt(base_path, cells: LabelledCells, settings: AdaptSettings | None = None
     check["min_side"] = int(min(min(src[0], src[1]) for src in cells.sources))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     report["cpu_seconds"] = round(time.process_time() - cpu0, 1)  # what it costs on a machine to itself
-    new = {k: v for k, v in meta.items() if k not in ("calibration", "metrics", "history", "best")}
-    new.update(temperature=temperature, input_check=check, adaptation={
+    adaptation = {
         "base_model": str(base_path), "base_weights_sha1": weights_sha1(weights),
-        "base_temperature": meta.get("temperature"), "data": cells.source,
+        "base_temperature": meta.temperature, "data": cells.source,
         "settings": asdict(s), "temperature_fit": "cross-fitted out-of-fold logits" if s.folds >= 2
         else "kept the base model's", **report,
         "images": [{"name": n, "class": cells.classes[y], "sha1": h}
                    for n, y, h in zip(cells.names, cells.labels, cells.sha1s)],
-        "skipped": cells.skipped})
+        "skipped": cells.skipped}
+    # the base model's calibration, test metrics and training history describe another model
+    new = replace(meta, calibration=None, metrics=None, history=None, best=None,
+                  temperature=temperature, input_check=check, adaptation=adaptation)
     return Adapted(model, new, report)
 
 
@@ -535,6 +537,5 @@ def save_adapted(adapted: Adapted, out) -> Path:
     """A run folder (model.safetensors + model.json) that ``--model`` accepts."""
     from .models import library_versions, save_model
     out = Path(out)
-    meta = {**adapted.meta, "library_versions": library_versions()}
-    save_model(adapted.model, meta, out)
+    save_model(adapted.model, replace(adapted.meta, library_versions=library_versions()), out)
     return out

@@ -12,7 +12,6 @@ the input checks compare new images to (bloodcell.inputcheck).
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -97,7 +96,7 @@ def split_logits(model_path, data, split_file=None, cache_dir=None, batch_size: 
     clf = Classifier.load(model_path, backend=backend, screen=None)
     ds = D.scan(data, classes=clf.classes)
     images, _ = D.load_images(ds, clf.image_size, cache_dir, progress=progress, framing=clf.framing)
-    splits = D.model_splits(ds, clf.meta.get("train_args", {}), model_path, split_file)
+    splits = D.model_splits(ds, clf.meta.train_args, model_path, split_file)
     out = {"classes": clf.classes}
     train = D.split_indices(splits, "train")
     stats = fit_input_check(images, train) if len(train) else None
@@ -136,20 +135,17 @@ def store_calibration(model_path, temperature: float, review_threshold: float, r
                       input_check: dict | None = None):
     """Write temperature + review_threshold (and a short calibration record, and the
     input check's statistics) into model.json."""
-    from .modelfile import resolve_model_path
+    from .modelfile import ModelFile, resolve_model_path
     _, j = resolve_model_path(model_path)
-    meta = json.loads(j.read_text())
-    meta["temperature"] = float(temperature)
-    meta["review_threshold"] = float(review_threshold)
+    meta = ModelFile.load(j)
+    meta.temperature = float(temperature)
+    meta.review_threshold = float(review_threshold)
     if input_check is not None:
-        meta["input_check"] = input_check
+        meta.input_check = input_check
     if report is not None:
-        meta["calibration"] = {k: report[k] for k in ("target_accuracy_unflagged", "ece_bins")
-                               if k in report}
-        meta["calibration"].update({s: {k: v for k, v in report[s].items()}
-                                    for s in ("val", "test") if s in report})
-    D.atomic_write_json(j, meta)
-    return j
+        meta.calibration = {k: report[k] for k in ("target_accuracy_unflagged", "ece_bins") if k in report}
+        meta.calibration.update({s: dict(report[s]) for s in ("val", "test") if s in report})
+    return meta.save(j)
 
 
 def calibrate(model_path, data, out=None, split_file=None, cache_dir=None,

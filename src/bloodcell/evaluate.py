@@ -70,20 +70,19 @@ def evaluate(model_path=None, data=None, split: str = "test", out=None, split_fi
     from .runtime import batched_logits, softmax
     model_path = Path(model_path) if model_path else bundled_model_path()
     clf = Classifier.load(model_path, backend=backend, screen=None)
-    meta = clf.meta
     ds = D.scan(data, classes=clf.classes)
     images, _ = D.load_images(ds, clf.image_size, cache_dir, progress=progress, framing=clf.framing)
     if split == "all":
         idx = np.arange(len(ds))
     else:
-        splits = D.model_splits(ds, meta.get("train_args", {}), model_path, split_file)
+        splits = D.model_splits(ds, clf.meta.train_args, model_path, split_file)
         idx = D.split_indices(splits, split)
     if len(idx) == 0:
         raise ValueError(f"no images in split {split!r} of {data}")
     t = clf.temperature if temperature is None else temperature
     probs = softmax(batched_logits(clf.runner, images, idx, batch_size, progress) / t)
     y = ds.labels[idx]
-    m = compute_metrics(y, probs, meta["classes"])
+    m = compute_metrics(y, probs, clf.classes)
     m["skipped"] = ds.skipped
     m["split"] = split
     m["model"] = str(model_path)
@@ -96,7 +95,7 @@ def evaluate(model_path=None, data=None, split: str = "test", out=None, split_fi
             k: m[k] for k in ("accuracy", "accuracy_ci95", "macro_f1", "n_images", "split",
                               "model", "backend", "data")})
         write_predictions(out / "predictions.csv", [ds.samples[i].path for i in idx],
-                          [meta["classes"][i] for i in y], probs, meta["classes"])
+                          [clf.classes[i] for i in y], probs, clf.classes)
     m["_probs"], m["_y"], m["_paths"] = probs, y, [ds.samples[i].path for i in idx]
     return m
 

@@ -15,7 +15,7 @@ import os
 import warnings
 from pathlib import Path
 
-from .modelfile import BUNDLED_DIR, weights_sha1
+from .modelfile import BUNDLED_DIR, ModelFile, resolve_model_path, weights_sha1
 
 log = logging.getLogger("bloodcell")
 
@@ -158,7 +158,7 @@ def _uint8_wrapper(model):
     return Uint8NHWC(model).eval()
 
 
-def export_onnx(model, meta: dict, out: str | os.PathLike, weights_sha: str = "",
+def export_onnx(model, meta: ModelFile, out: str | os.PathLike, weights_sha: str = "",
                 opset: int = ONNX_OPSET) -> Path:
     """Write ``model`` (eval mode) as ONNX with a dynamic batch axis; checked with onnx.checker.
     Written atomically, so a concurrent reader never sees half a file."""
@@ -169,7 +169,7 @@ def export_onnx(model, meta: dict, out: str | os.PathLike, weights_sha: str = ""
     if opset < 17:
         raise ValueError(f"opset {opset} too old: use >= 17")
     out = Path(out)
-    size = int(meta["image_size"])
+    size = meta.image_size
     model = model.eval()
     x = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -188,9 +188,9 @@ def export_onnx(model, meta: dict, out: str | os.PathLike, weights_sha: str = ""
             tmp.unlink()
     _fold_pads_into_convs(proto)
     onnx.checker.check_model(proto)
-    info = {"bloodcell_classes": json.dumps(list(meta["classes"])),
+    info = {"bloodcell_classes": json.dumps(list(meta.classes)),
             "bloodcell_image_size": str(size),
-            "bloodcell_architecture": str(meta.get("architecture", "")),
+            "bloodcell_architecture": meta.architecture,
             "bloodcell_weights_sha1": weights_sha,
             "bloodcell_export_version": EXPORT_VERSION,
             "bloodcell_input": "uint8 [N, S, S, 3] RGB from transforms.preprocess; output raw logits"}
@@ -214,7 +214,7 @@ def default_onnx_path(weights_path: Path) -> Path:
     return Path(weights_path).with_suffix(".onnx")
 
 
-def ensure_onnx(weights_path: str | os.PathLike, model, meta: dict,
+def ensure_onnx(weights_path: str | os.PathLike, model, meta: ModelFile,
                 onnx_path: str | os.PathLike | None = None, metadata=onnx_metadata) -> Path:
     """The ONNX file for a saved model: ``onnx_path`` if given (used as is), else a
     cached ``<stem>.onnx`` next to the weights, re-exported when missing or made
@@ -306,19 +306,15 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calib,
 
 def train_images(model_path, data, n: int = 300, seed: int = 0, cache_dir=None):
     """``n`` training-split images of the model's run (never val/test), for calibration."""
-    import json
-
     import numpy as np
 
     from . import data as D
     from .locate import Framing
-    from .modelfile import resolve_model_path
-    _, j = resolve_model_path(model_path)
-    meta = json.loads(j.read_text())
-    ds = D.scan(data, classes=meta["classes"])
-    images, _ = D.load_images(ds, meta["image_size"], cache_dir, progress=False,
+    meta = ModelFile.load(model_path)
+    ds = D.scan(data, classes=meta.classes)
+    images, _ = D.load_images(ds, meta.image_size, cache_dir, progress=False,
                               framing=Framing.of_model(meta))
-    splits = D.model_splits(ds, meta.get("train_args", {}), model_path)
+    splits = D.model_splits(ds, meta.train_args, model_path)
     idx = D.split_indices(splits, "train")
     idx = np.sort(np.random.default_rng(seed).choice(idx, min(n, len(idx)), replace=False))
     return np.asarray(images[idx])
@@ -326,7 +322,7 @@ def train_images(model_path, data, n: int = 300, seed: int = 0, cache_dir=None):
 
 def export(model_path=None, fmt: str = "onnx", out=None, opset: int = ONNX_OPSET) -> Path:
     """``bloodcell export``: saved model (None = bundled) -> ONNX file (default next to it)."""
-    from .modelfile import bundled_model_path, resolve_model_path
+    from .modelfile import bundled_model_path
     from .models import load_model
     if fmt not in ("onnx", "onnx-int8"):
         raise ValueError(f"unknown export format {fmt!r}: use onnx or onnx-int8")

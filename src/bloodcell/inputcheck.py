@@ -25,6 +25,8 @@ import json
 
 import numpy as np
 
+from .modelfile import ModelFile
+
 FEATURES = ["mean R", "mean G", "mean B", "sd R", "sd G", "sd B"]
 DEFAULT_QUANTILE = 0.999
 MAX_ASPECT = 1.25      # PBC crops are 360x363; wider images lose their sides to the centre crop
@@ -107,8 +109,8 @@ class InputCheck:
         self.small_side = min(self.image_size, int((stats or {}).get("min_side", self.image_size)))
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "InputCheck":
-        return cls(meta.get("input_check"), meta["image_size"])
+    def from_meta(cls, meta: ModelFile) -> "InputCheck":
+        return cls(meta.input_check, meta.image_size)
 
     def fingerprint(self) -> str | None:
         """Changes whenever the fitted statistics change (a resumed run re-checks then)."""

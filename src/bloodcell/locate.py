@@ -84,6 +84,6 @@ class Framing:
         return cls(**d) if d else None
 
     @classmethod
-    def of_model(cls, meta: dict) -> "Framing | None":
-        """A model's framing from its model.json (None: an older model, no framing)."""
-        return cls.from_dict((meta.get("preprocess") or {}).get("framing"))
+    def of_model(cls, meta) -> "Framing | None":
+        """A model's framing from its ``modelfile.ModelFile`` (None: an older model, no framing)."""
+        return cls.from_dict((meta.preprocess or {}).get("framing"))

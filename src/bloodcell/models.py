@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modelfile import read_meta, resolve_model_path
+from .modelfile import ModelFile, resolve_model_path
 from .tensorops import Augment, Normalize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -379,29 +379,30 @@ def library_versions() -> dict:
     return versions
 
 
-def save_model(model: nn.Module, meta: dict, path_dir: str | os.PathLike, fp16: bool = False,
-               stem: str = "model") -> None:
-    """``stem.safetensors`` (weights only, never pickle) + ``stem.json`` (everything else)."""
+def save_model(model: nn.Module, meta: ModelFile | dict, path_dir: str | os.PathLike,
+               fp16: bool = False, stem: str = "model") -> None:
+    """``stem.safetensors`` (weights only, never pickle) + ``stem.json`` (the ModelFile; a
+    dict is checked as one before anything is written)."""
     from pathlib import Path
 
     from safetensors.torch import save as st_save
 
-    from .data import atomic_write_bytes, atomic_write_json
+    from .data import atomic_write_bytes
     d = Path(path_dir)
+    mf = replace(ModelFile.of(meta, str(d / f"{stem}.json")), weights_dtype="float16" if fp16 else "float32")
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if fp16:
         sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
     atomic_write_bytes(d / f"{stem}.safetensors", st_save(sd))
-    atomic_write_json(d / f"{stem}.json", {**meta, "weights_dtype": "float16" if fp16 else "float32"})
+    mf.save(d / f"{stem}.json")
 
 
-def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
-    """Rebuild a saved model from its JSON metadata and load its weights (float32, eval mode)."""
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelFile]:
+    """Rebuild a saved model from its model.json and load its weights (float32, eval mode)."""
     from safetensors.torch import load_file
     w, j = resolve_model_path(path)
-    meta = read_meta(j)
-    model = create_model(meta["architecture"], len(meta["classes"]), meta["image_size"],
-                         pretrained=False)
+    meta = ModelFile.load(j)
+    model = create_model(meta.architecture, len(meta.classes), meta.image_size, pretrained=False)
     try:
         sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(w)).items()}
     except Exception as e:  # safetensors raises its own error type for a damaged file
@@ -410,7 +411,7 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, dict]:
         model.load_state_dict(sd)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise ValueError(f"{w}: these weights do not fit the architecture {meta['architecture']!r} "
+        raise ValueError(f"{w}: these weights do not fit the architecture {meta.architecture!r} "
                          f"named in {j.name} ({first})") from None
     model.eval()
     return model, meta

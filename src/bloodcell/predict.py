@@ -22,7 +22,7 @@ import numpy as np
 
 from .inputcheck import InputCheck
 from .locate import Framing
-from .modelfile import bundled_file, bundled_model_path, read_meta, resolve_model_path, weights_sha1
+from .modelfile import ModelFile, bundled_file, bundled_model_path, resolve_model_path, weights_sha1
 from .runtime import BACKENDS, OnnxRunner, Runner, TorchRunner, ort_session, softmax
 from .segment import DEFAULT_PARAMS
 from .transforms import ImageError, ImageSource, prepare, preprocess
@@ -94,25 +94,28 @@ def screen_fingerprint(screen) -> str | None:
 
 
 class Classifier:
-    """A loaded model plus its metadata (classes, image size, temperature)."""
+    """A loaded model plus its model file (classes, image size, temperature)."""
 
-    def __init__(self, model, meta: dict, review_threshold: float | None = None,
+    def __init__(self, model, meta: ModelFile | dict, review_threshold: float | None = None,
                  backend: str = "torch", onnx_path=None, weights_path=None, screen=None,
                  threads: int | None = None):
         """``model`` may be None on an ONNX backend: the torch model is then loaded from
         ``weights_path`` only when needed (an ONNX export to make, ``.model`` asked for),
-        so ONNX inference runs without importing torch at all."""
+        so ONNX inference runs without importing torch at all. A dict ``meta`` is checked
+        as a ``ModelFile``."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
         if model is None and (backend == "torch" or weights_path is None):
             raise ValueError("a Classifier without a torch model needs an ONNX backend and its weights")
         self._model = _channels_last(model) if model is not None else None
-        self.meta = meta
-        self.classes: list[str] = list(meta["classes"])
-        self.image_size: int = int(meta["image_size"])
-        self.temperature: float = float(meta.get("temperature", 1.0))
-        self.review_threshold = float(review_threshold if review_threshold is not None
-                                      else meta.get("review_threshold", DEFAULT_REVIEW_THRESHOLD))
+        self.meta = meta = ModelFile.of(meta)
+        self.classes: list[str] = list(meta.classes)
+        self.image_size: int = meta.image_size
+        self.temperature: float = float(meta.temperature)
+        if review_threshold is None:  # the calibrated one, else the default
+            review_threshold = (meta.review_threshold if meta.review_threshold is not None
+                                else DEFAULT_REVIEW_THRESHOLD)
+        self.review_threshold = float(review_threshold)
         self.backend = backend
         self.weights_path = Path(weights_path) if weights_path else None
         self.screen = screen
@@ -188,7 +191,7 @@ class Classifier:
             from .models import load_model
             model, meta = load_model(path)
         else:  # ONNX Runtime: the torch model only if an export must be made
-            model, meta = None, read_meta(meta_file)
+            model, meta = None, ModelFile.load(meta_file)
         return cls(model, meta, backend=backend, onnx_path=onnx_path, weights_path=weights,
                    screen=load_screen(screen), **kw)
 

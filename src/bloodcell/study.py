@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
+from .modelfile import ModelFile
 
 log = logging.getLogger("bloodcell")
 
@@ -120,21 +121,21 @@ def run_finished(run: Path, epochs: int | None = None) -> bool:
     if not (j.exists() and (run / "model.safetensors").exists()):
         return False
     try:
-        meta = json.loads(j.read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = ModelFile.load(j)
+    except (OSError, ValueError):  # unreadable or not a model file: not a finished run
         return False
-    if not meta.get("finished"):
+    if not meta.finished:
         return False
     return epochs is None or not stopped_by_cap(run, meta, epochs)
 
 
-def stopped_by_cap(run: Path, meta: dict, epochs: int) -> bool:
+def stopped_by_cap(run: Path, meta: ModelFile, epochs: int) -> bool:
     """The run ended at an epoch cap below ``epochs``, early stopping had not fired and
     its LR does not follow a schedule fixed by the epoch count: raising the cap continues it."""
-    history = meta.get("history") or []
-    args = meta.get("train_args", {})
+    history = meta.history or []
+    args = meta.train_args
     patience = args.get("patience") or 0
-    best = (meta.get("best") or {}).get("epoch", 0)
+    best = (meta.best or {}).get("epoch", 0)
     early = patience and len(history) - best >= patience
     return (len(history) < epochs and not early and args.get("schedule") == "constant"
             and (run / "checkpoint" / "last.json").exists())
@@ -190,17 +191,17 @@ def prepare_split(cfg: StudyConfig, out: Path) -> tuple[Path, D.Dataset, dict]:
 def _check_compatible(run: Path, split_sha1: str, size: int, model: str):
     """A finished run from other settings would make the comparison meaningless."""
     from .models import get_spec
-    meta = json.loads((run / "model.json").read_text())
+    meta = ModelFile.load(run / "model.json")
     problems = []
     recipe = get_spec(model).defaults
     for key in ("schedule", "lr", "optimizer"):
-        was = meta.get("train_args", {}).get(key)
+        was = meta.train_args.get(key)
         if key in recipe and was is not None and was != recipe[key]:
             problems.append(f"its {key} was {was}, the recipe's is now {recipe[key]}")
-    if meta.get("split_manifest_sha1") and meta["split_manifest_sha1"] != split_sha1:
+    if meta.split_manifest_sha1 and meta.split_manifest_sha1 != split_sha1:
         problems.append("it was trained on a different split")
-    if meta.get("image_size") != size:
-        problems.append(f"its image size is {meta.get('image_size')}, the study's {size}")
+    if meta.image_size != size:
+        problems.append(f"its image size is {meta.image_size}, the study's {size}")
     if problems:
         raise ValueError(f"{run}: finished run does not match this study ({'; '.join(problems)}); "
                          "use another --out or delete that run folder")
@@ -250,12 +251,12 @@ def evaluate_generation(cfg: StudyConfig, model_name: str, imgs: _Images, split_
             return old
     model, meta = load_model(run)
     device, precision = choose_device_precision(cfg.precision)
-    runner = TorchRunner(model.to(device).to(memory_format=torch.channels_last), meta["image_size"],
+    runner = TorchRunner(model.to(device).to(memory_format=torch.channels_last), meta.image_size,
                          device, precision)
-    ds, images, splits, _ = imgs.get(meta["image_size"])
-    if list(meta["classes"]) != ds.classes:
-        raise ValueError(f"{run}: model classes {meta['classes']} differ from the data's {ds.classes}")
-    result = {**stamp, "model": model_name, "image_size": meta["image_size"], "splits": {}}
+    ds, images, splits, _ = imgs.get(meta.image_size)
+    if list(meta.classes) != ds.classes:
+        raise ValueError(f"{run}: model classes {meta.classes} differ from the data's {ds.classes}")
+    result = {**stamp, "model": model_name, "image_size": meta.image_size, "splits": {}}
     t0 = time.perf_counter()
     for split in D.SPLITS:
         idx = np.flatnonzero(splits == split)

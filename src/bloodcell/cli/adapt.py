@@ -30,8 +30,8 @@ def cmd_adapt(args):
     cf = a.report.get("cross_fitted")
     if cf:
         print(f"cross-validated accuracy on the labelled cells ({cf['folds']} folds): {cf['accuracy']:.3f}; "
-              f"temperature {a.meta['temperature']:.3f} fitted on those out-of-fold logits")
-    ic = a.meta["input_check"]
+              f"temperature {a.meta.temperature:.3f} fitted on those out-of-fold logits")
+    ic = a.meta.input_check
     print(f"input check refitted on the new lab's cells: threshold {ic['threshold']:.2f}, "
           f"images from {ic['min_side']} px up are not 'small'")
     print(f"adapted in {a.report['seconds']:.0f} s ({a.report['cpu_seconds']:.0f} s CPU); "

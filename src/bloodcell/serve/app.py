@@ -29,7 +29,7 @@ JSON_LIMIT = 64 * 1024  # a correction is ~30 bytes; nothing but uploads needs m
 
 def model_card(clf: Classifier, model_path) -> dict:
     meta = clf.meta
-    metrics = meta.get("metrics")
+    metrics = meta.metrics
     if metrics is None and model_path is not None:
         p = Path(model_path)
         # metrics.json beside the model (a run folder, or the bundled model's folder)
@@ -39,14 +39,16 @@ def model_card(clf: Classifier, model_path) -> dict:
                 metrics = json.loads(cand.read_text())
             except (OSError, ValueError):
                 metrics = None
-    digest = hashlib.sha1(json.dumps(meta, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return {"architecture": meta.get("architecture"), "classes": clf.classes,
-            "image_size": clf.image_size, "version": str(meta.get("version") or digest),
+    # the file's content names the model; its schema version does not (an older file = the same model)
+    content = {k: v for k, v in meta.to_dict().items() if k != "schema_version"}
+    digest = hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return {"architecture": meta.architecture, "classes": clf.classes,
+            "image_size": clf.image_size, "version": str(meta.version or digest),
             "model_id": digest, "bloodcell_version": __version__,
             "review_threshold": clf.review_threshold, "temperature": clf.temperature,
-            "preprocess": meta.get("preprocess"), "metrics": metrics,
-            "description": meta.get("description"),
-            "data": {k: v for k, v in (meta.get("data") or {}).items() if k != "root"} or None}
+            "preprocess": meta.preprocess or None, "metrics": metrics,
+            "description": meta.description,
+            "data": {k: v for k, v in (meta.data or {}).items() if k != "root"} or None}
 
 
 def _check_model_path(model) -> None:
