@@ -65,7 +65,7 @@ def test_torch_runner_matches_the_plain_model_and_sets_eval_mode(tmp_path):
     with torch.no_grad():
         ref = model.eval()(torch.from_numpy(x).permute(0, 3, 1, 2).float()).numpy()
     model.train()  # as training's validation hands it over
-    got = TorchRunner(model, meta["image_size"]).logits(x)
+    got = TorchRunner(model, meta.image_size).logits(x)
     assert not model.training
     np.testing.assert_allclose(got, ref, atol=1e-4)
     p = softmax(got)
