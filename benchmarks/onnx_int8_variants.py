@@ -18,7 +18,7 @@ import numpy as np
 
 from bloodcell import data as D
 from bloodcell.export import INPUT_NAME, ensure_onnx, train_images
-from bloodcell.modelfile import bundled_model_path, read_meta, resolve_model_path
+from bloodcell.modelfile import ModelFile, bundled_model_path, resolve_model_path
 from bloodcell.predict import Classifier
 
 # name -> (calibration images, float nodes: "stem", "head", "stem3" = the first 3 convs, method)
@@ -65,11 +65,11 @@ def main():
         ap.error(f"unknown variant(s) {', '.join(unknown)}: use {', '.join(VARIANTS)}")
     model = bundled_model_path()
     weights, meta_file = resolve_model_path(model)
-    meta = read_meta(meta_file)
+    meta = ModelFile.load(meta_file)
     fp32 = ensure_onnx(weights, None, meta)
-    ds = D.scan(a.data, classes=meta["classes"])
-    images, _ = D.load_images(ds, meta["image_size"], progress=False)
-    test = D.split_indices(D.model_splits(ds, meta.get("train_args", {}), model), "test")
+    ds = D.scan(a.data, classes=meta.classes)
+    images, _ = D.load_images(ds, meta.image_size, progress=False)
+    test = D.split_indices(D.model_splits(ds, meta.train_args, model), "test")
     x, y = np.asarray(images[test]), ds.labels[test]
 
     def classes(onnx_file):

@@ -12,14 +12,13 @@ images that pay the extra cost. Probabilities are cached next to each run
 (val_views.npz), so a re-run with another --second is quick.
 """
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bloodcell import data as D
-from bloodcell.modelfile import resolve_model_path
+from bloodcell.modelfile import ModelFile
 from bloodcell.models import load_model
 from bloodcell.transforms import to_tensor
 
@@ -69,7 +68,7 @@ def other_run_probs(run: str, ref: str, data: str, sha: str, y: np.ndarray, n_vi
 
 def errors_by_subtype(run: str, data: str, probs: np.ndarray, y: np.ndarray) -> str:
     """Wrong answers per file-name sub-type (PBC: BNE/SNE neutrophils, PMY/MY/MMY ig)."""
-    classes = json.loads(resolve_model_path(run)[1].read_text())["classes"]  # no weights needed
+    classes = ModelFile.load(run).classes  # no weights needed
     ds = D.scan(data, classes=classes)
     splits = D.apply_manifest(ds, D.read_manifest(Path(run) / "split.csv"))
     names, sub = D.subclass_labels(ds)

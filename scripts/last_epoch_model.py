@@ -10,18 +10,20 @@ Then `bloodcell calibrate --model OUT` and `bloodcell evaluate --model OUT --spl
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from safetensors.torch import load_file, save
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from bloodcell.data import atomic_write_bytes, atomic_write_json  # noqa: E402
+from bloodcell.data import atomic_write_bytes  # noqa: E402
+from bloodcell.modelfile import ModelFile  # noqa: E402
 
 # fitted on the best epoch's weights: stale for the last epoch's, refitted by calibrate
-STALE_KEYS = ("temperature", "review_threshold", "calibration", "input_check", "metrics")
+STALE = {"temperature": 1.0, "review_threshold": None, "calibration": None, "input_check": None,
+         "metrics": None}
 
 
 def main(argv=None) -> int:
@@ -38,17 +40,16 @@ def main(argv=None) -> int:
     weights = {k: state[f"model.{k}"].contiguous() for k in names if f"model.{k}" in state}
     if len(weights) != len(names):
         sys.exit(f"{ckpt}: does not hold every weight of {a.run / 'model.safetensors'}")
-    meta = json.loads((a.run / "model.json").read_text())
-    if not meta.get("finished"):
+    meta = ModelFile.load(a.run / "model.json")
+    if not meta.finished or not meta.history:
         sys.exit(f"{a.run}: the run has not finished; its last checkpoint is not the last epoch")
-    for k in STALE_KEYS:
-        meta.pop(k, None)
-    last = meta["history"][-1]
-    meta["best"] = {"val_accuracy": last["val_accuracy"], "epoch": last["epoch"],
-                    "chosen": "last epoch (epoch count fixed in advance), not the best on val"}
+    last = meta.history[-1]
+    meta = replace(meta, **STALE, best={
+        "val_accuracy": last["val_accuracy"], "epoch": last["epoch"],
+        "chosen": "last epoch (epoch count fixed in advance), not the best on val"})
     a.out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(a.out / "model.safetensors", save(weights))
-    atomic_write_json(a.out / "model.json", meta)
+    meta.save(a.out / "model.json")
     shutil.copy(a.run / "split.csv", a.out / "split.csv")
     print(f"{a.out}: epoch {last['epoch']} of {a.run}")
     return 0

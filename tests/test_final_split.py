@@ -76,7 +76,7 @@ def test_last_epoch_model_is_the_last_checkpoints_weights(synthetic_dataset, tmp
     got = load_file(str(out / "model.safetensors"))
     assert got and all(torch.equal(v, ckpt[f"model.{k}"]) for k, v in got.items())
     meta = json.loads((out / "model.json").read_text())
-    assert meta["best"]["epoch"] == 3 and "temperature" not in meta
+    assert meta["best"]["epoch"] == 3 and meta["temperature"] == 1.0 and "review_threshold" not in meta
     model, _ = load_model(out)
     assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 8)
     with pytest.raises(SystemExit):

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
+from .modelfile import ModelFile, resolve_model_path
 
 log = logging.getLogger("bloodcell")
 
@@ -135,7 +136,6 @@ def store_calibration(model_path, temperature: float, review_threshold: float, r
                       input_check: dict | None = None):
     """Write temperature + review_threshold (and a short calibration record, and the
     input check's statistics) into model.json."""
-    from .modelfile import ModelFile, resolve_model_path
     _, j = resolve_model_path(model_path)
     meta = ModelFile.load(j)
     meta.temperature = float(temperature)

@@ -42,7 +42,7 @@ class ModelFile:
     history: list | None = None  # one record per epoch
     best: dict | None = None  # the epoch whose weights were kept
     weights_dtype: str = "float32"
-    finished: bool = False  # training ran to its end (not interrupted)
+    finished: bool | None = None  # True: training ran to its end; None: not (yet) recorded
     calibration: dict | None = None  # calibrate's report
     input_check: dict | None = None  # inputcheck.fit_input_check's statistics
     metrics: dict | None = None  # the test metrics of a bundled model

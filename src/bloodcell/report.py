@@ -24,6 +24,7 @@ import sklearn
 from markdown_it import MarkdownIt
 
 from . import data as D
+from .modelfile import ModelFile
 from .published import study as published
 
 log = logging.getLogger("bloodcell")
@@ -45,6 +46,17 @@ def _read_json(p: Path, default=None):
         return default
 
 
+def _read_model(p: Path) -> ModelFile | None:
+    """A run's model.json; None when missing or not a model file (the run is left out)."""
+    try:
+        return ModelFile.load(p)
+    except OSError:
+        return None
+    except ValueError as e:
+        log.warning("report: %s", e)
+        return None
+
+
 def _read_jsonl(p: Path) -> list[dict]:
     try:
         return [json.loads(line) for line in Path(p).read_text().splitlines() if line.strip()]
@@ -62,7 +74,7 @@ def load_study(study_dir: Path) -> dict:
     gens = []
     for model in st["config"]["models"]:
         run = study_dir / "runs" / model
-        meta = _read_json(run / "model.json")
+        meta = _read_model(run / "model.json")
         ev = _read_json(run / "study_eval.json")
         if meta is None or ev is None:
             log.warning("report: %s has no finished, evaluated run in %s: left out", model, run)
@@ -72,7 +84,7 @@ def load_study(study_dir: Path) -> dict:
             "model": model, "run": run, "meta": meta, "eval": ev,
             "generation": spec.generation if spec else None,
             "description": spec.description if spec else model,
-            "history": _read_jsonl(run / "history.jsonl") or meta.get("history", []),
+            "history": _read_jsonl(run / "history.jsonl") or meta.history or [],
             "summary": _read_json(run / "train_summary.json", {}),
             "study_run": st.get("runs", {}).get(model, {}),
         })
@@ -222,7 +234,7 @@ def fig_learning_curves(gens: list[dict], path: Path):
                 color=SPLIT_COLOURS["train"])
         ax.plot(ep, [100 * r["val_accuracy"] for r in h], "s-", ms=3, label="val",
                 color=SPLIT_COLOURS["val"])
-        best = g["meta"].get("best", {}).get("epoch")
+        best = (g["meta"].best or {}).get("epoch")
         if best:
             ax.axvline(best, color="grey", ls=":", lw=1)
             ax.text(best, 3, " best", fontsize=7, color="grey")
@@ -416,16 +428,16 @@ def _fmt_s(s: float) -> str:
 
 def _run_row(g: dict, st: dict) -> list:
     meta, h = g["meta"], g["history"]
-    args = meta.get("train_args", {})
+    args = meta.train_args
     wall = sum(r.get("seconds", 0) for r in h)
     ips = [r["images_per_s"] for r in h if r.get("images_per_s")]
     cap = st["config"].get("epochs_per_model", {}).get(g["model"], args.get("epochs"))
-    best = meta.get("best", {}).get("epoch", "?")
+    best = (meta.best or {}).get("epoch", "?")
     stop = _stopped_by(g, st)
     if stop == "early stop":
         stop += f" (patience {args.get('patience')})"
     status = g["study_run"].get("status", "")
-    return [_label(g), meta.get("image_size"), f"{len(h)} / {cap}", best, stop,
+    return [_label(g), meta.image_size, f"{len(h)} / {cap}", best, stop,
             args.get("batch_size"), _lr_text(args),
             args.get("precision", ""), _fmt_s(wall), f"{np.mean(ips):.0f}" if ips else "–", status]
 
@@ -441,7 +453,7 @@ def _lr_text(args: dict) -> str:
 def _stopped_at_cap(g, st) -> bool:
     cap = st["config"].get("epochs_per_model", {}).get(g["model"])
     h = g["history"]
-    return bool(cap) and len(h) >= cap and g["meta"].get("best", {}).get("epoch", 0) >= len(h) - 1
+    return bool(cap) and len(h) >= cap and (g["meta"].best or {}).get("epoch", 0) >= len(h) - 1
 
 
 def top_confusions(g: dict, k: int = 3) -> list[tuple[str, str, int]]:
@@ -500,7 +512,7 @@ def _likely_reasons(st: dict, gens: list[dict]) -> list[str]:
                        f"of the study's {bb.name} ({bb.parameters_millions:g} M), whose weights cannot be "
                        "downloaded here; a frozen Lite0 hands the classifier 1,280 features instead of "
                        f"{bb.name}'s {bb.features:,}")
-    by_model = {g["model"]: g["meta"].get("image_size") for g in gens}
+    by_model = {g["model"]: g["meta"].image_size for g in gens}
     sizes = sorted(s for s in set(by_model.values()) if s)
     if sizes and sizes[0] < pub.image_size:
         main = max(sizes, key=list(by_model.values()).count)
@@ -511,7 +523,7 @@ def _likely_reasons(st: dict, gens: list[dict]) -> list[str]:
                        "fewer pixels blur granules and chromatin, and the flatten-then-dense models "
                        "(1–4) get far fewer inputs, which changes how much they over-fit")
     annealed = [g["model"] for g in gens
-                if (g["meta"].get("train_args", {}).get("schedule") or "constant") != "constant"]
+                if (g["meta"].train_args.get("schedule") or "constant") != "constant"]
     if annealed:
         verb = "anneals" if len(annealed) == 1 else "anneal"
         reasons.append(f"{', '.join(annealed)} **{verb} the learning rate** (warm-up, then cosine "
@@ -650,7 +662,7 @@ def _how_it_was_run(r: _Report, doc: Doc) -> None:
     versions = {**r.st.get("library_versions", {}), "matplotlib": matplotlib.__version__,
                 "scikit-learn": sklearn.__version__}
     doc.code(r.st.get("command") or "bloodcell study ...")
-    sizes = sorted({g["meta"].get("image_size") for g in r.gens})
+    sizes = sorted({g["meta"].image_size for g in r.gens})
     doc.bullets([
         f"data: `{r.data['root']}`, {r.data['n_images']:,} images in {len(r.data['classes'])} classes; "
         f"{len(r.data['skipped'])} file(s) skipped (listed under Figure 1)",
@@ -782,7 +794,7 @@ def _per_class_section(r: _Report, doc: Doc) -> None:
 
 
 def _stopped_by(g: dict, st: dict) -> str:
-    cap = st["config"].get("epochs_per_model", {}).get(g["model"], g["meta"].get("train_args", {}).get("epochs"))
+    cap = st["config"].get("epochs_per_model", {}).get(g["model"], g["meta"].train_args.get("epochs"))
     return "epoch cap" if len(g["history"]) >= (cap or 0) else "early stop"
 
 
@@ -793,7 +805,7 @@ def summary_rows(st: dict, gens: list[dict]) -> list[dict]:
     for g in gens:
         ev = g["eval"]["splits"]
         cap = st["config"].get("epochs_per_model", {}).get(g["model"])
-        rows.append({"model": g["model"], "generation": g["generation"], "image_size": g["meta"].get("image_size"),
+        rows.append({"model": g["model"], "generation": g["generation"], "image_size": g["meta"].image_size,
                      "epochs_run": len(g["history"]), "epochs_max": cap, "stopped_by": _stopped_by(g, st),
                      "train_s": round(sum(r.get("seconds", 0) for r in g["history"]), 1),
                      "accuracy": {s: ev[s]["accuracy"] for s in D.SPLITS},
@@ -828,7 +840,7 @@ def _compare_section(r: _Report, doc: Doc, other: list[dict], where: str) -> lis
         d = _acc(g, "test") - o["accuracy"]["test"]
         deltas.append(f"{g['model']} {'+' if d >= 0 else '−'}{abs(100 * d):.1f}"
                       + (f" (against {o['model']})" if o["model"] != g["model"] else ""))
-        rows.append([_label(g), g["meta"].get("image_size"), len(g["history"]), _pct(_acc(g, "test")),
+        rows.append([_label(g), g["meta"].image_size, len(g["history"]), _pct(_acc(g, "test")),
                      o["model"], o["image_size"], f"{o['epochs_run']} ({o['stopped_by']})",
                      _pct(o["accuracy"]["test"]), f"{100 * d:+.1f}"])
     doc.table(["generation", "px", "epochs", "test", f"`{where}`: model", "px", "epochs (stopped by)",

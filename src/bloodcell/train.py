@@ -19,7 +19,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import data as D
 from . import distributed as dist
 from .locate import Framing
-from .modelfile import resolve_model_path
+from .modelfile import ModelFile, resolve_model_path
 from .models import create_model, library_versions, save_model
 from .runtime import TorchRunner, autocast, batched_logits, softmax
 from .trainconfig import TrainConfig
@@ -427,22 +427,19 @@ def build_trainer(cfg: TrainConfig, world: dist.World, device, precision: str,
     return Trainer(cfg, world, device, precision, data, model, opt, ema, aux, steps)
 
 
-def model_metadata(t: Trainer) -> dict:
+def model_metadata(t: Trainer) -> ModelFile:
     """model.json, less the history and best epoch that each save adds."""
     cfg, ds = t.cfg, t.data.ds
-    meta = {
-        "architecture": cfg.model, "classes": ds.classes, "image_size": cfg.image_size,
-        "preprocess": {"version": PREPROCESS_VERSION, "description": PREPROCESS_DESCRIPTION,
-                       "framing": Framing().to_dict() if cfg.framing else None},
-        "input": "float32 NCHW RGB 0..255 (normalisation inside the model)",
-        "temperature": 1.0, "train_args": {**asdict(cfg), "precision": t.precision},
-        "data": {"root": str(ds.root), "n_images": len(ds), "skipped": ds.skipped,
-                 "class_counts": ds.class_counts(), "split_counts": t.data.split_counts()},
-        "split_manifest_sha1": t.data.manifest_hash, "library_versions": library_versions(),
-    }
-    if t.aux is not None:
-        meta["auxiliary_subclasses"] = t.aux.names
-    return meta
+    return ModelFile(
+        architecture=cfg.model, classes=list(ds.classes), image_size=cfg.image_size,
+        preprocess={"version": PREPROCESS_VERSION, "description": PREPROCESS_DESCRIPTION,
+                    "framing": Framing().to_dict() if cfg.framing else None},
+        input="float32 NCHW RGB 0..255 (normalisation inside the model)",
+        temperature=1.0, train_args={**asdict(cfg), "precision": t.precision},
+        data={"root": str(ds.root), "n_images": len(ds), "skipped": ds.skipped,
+              "class_counts": ds.class_counts(), "split_counts": t.data.split_counts()},
+        split_manifest_sha1=t.data.manifest_hash, library_versions=library_versions(),
+        auxiliary_subclasses=t.aux.names if t.aux is not None else None)
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -549,7 +546,7 @@ def _train(cfg: TrainConfig, tracker, world: dist.World) -> dict:
         torch.manual_seed(cfg.seed * 1000 + 7919 * world.rank + progress.epoch + 1)
     t.net = dist.wrap(t.model, world, device)
     meta = model_metadata(t)
-    tracker.params({**meta["train_args"], "data": meta["data"]["split_counts"]})
+    tracker.params({**meta.train_args, "data": meta.data["split_counts"]})
     for rec in progress.history:  # a resumed run's earlier epochs: the tracked curve is whole
         tracker.metrics(rec, step=rec["epoch"])
 
@@ -570,7 +567,7 @@ def _train(cfg: TrainConfig, tracker, world: dist.World) -> dict:
             if world.main:
                 _write_history(run, progress.history)
                 if improved:
-                    save_model(t.kept, {**meta, "history": progress.history, "best": progress.best}, run)
+                    save_model(t.kept, replace(meta, history=progress.history, best=progress.best), run)
                 save_checkpoint(run, t.model, t.opt, progress, t.checkpointed())
             if stop.requested:
                 break
@@ -600,9 +597,7 @@ def _finish(t: Trainer, run: Path, progress: Progress, done: bool, tracker) -> d
     if done:
         # keep the metadata in sync with the full history; weights stay the best epoch's
         _, j = resolve_model_path(run)
-        m = json.loads(j.read_text())
-        m.update(history=progress.history, best=progress.best, finished=True)
-        D.atomic_write_json(j, m)
+        replace(ModelFile.load(j), history=progress.history, best=progress.best, finished=True).save(j)
     D.atomic_write_json(run / "train_summary.json", summary)
     tracker.artifacts([run / n for n in ("model.json", "train_summary.json", "history.jsonl",
                                          "split.csv")])
