@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from bloodcell import cli
+from bloodcell.modelfile import ModelFile
 from bloodcell.report import discussion, markdown_to_html
 from bloodcell.study import parse_epochs_cap, parse_models
 
@@ -180,7 +181,8 @@ def _fake_gen(model, acc, classes, n=100):
     per = {c: {"precision": acc, "recall": acc, "f1": acc, "support": n // len(classes)} for c in classes}
     split = {"accuracy": acc, "accuracy_ci95": [acc - 0.01, acc + 0.01], "macro_f1": acc,
              "n_images": n, "classes": classes, "per_class": per, "confusion_matrix": cm.tolist()}
-    return {"model": model, "generation": 1, "meta": {"image_size": 128, "best": {"epoch": 2}},
+    meta = ModelFile(architecture=model, classes=classes, image_size=128, best={"epoch": 2})
+    return {"model": model, "generation": 1, "meta": meta,
             "history": [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}, {"epoch": 4}],
             "eval": {"splits": {"train": {**split, "accuracy": min(1, acc + 0.02)}, "val": split,
                                 "test": split}}}
