@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from bloodcell import cli
 from bloodcell.modelfile import ModelFile
 from bloodcell.report import discussion, markdown_to_html
 from bloodcell.study import parse_epochs_cap, parse_models
+from bloodcell.train import machine_name
 
 FULL_FIGS = ["fig1_class_distribution.png", "example_grid.png", "fig2_accuracy.png",
              "fig2b_learning_curves.png", "fig3_confusion_pct.png", "fig3b_errors.png",
@@ -79,6 +82,8 @@ def test_study_writes_every_figure_and_table(study):
     assert "seed 42" in md and "split.csv" in md and "torch " in md and "matplotlib " in md
     for m in MODELS:
         assert re.search(rf"\| Gen \d: {re.escape(m)} \| 32 \| 2 / 2 \|", md), m
+    # the machine that trained each generation (its epochs' history), in the run table
+    assert md.count(f"| {machine_name(torch.device('cpu'))} |") == len(MODELS)
     # skipped files listed by path and reason
     assert "`neutrophil/.DS_000.jpg`: hidden file" in md
     assert "`eosinophil/broken.jpg`: corrupt or truncated" in md
@@ -162,6 +167,31 @@ def test_finished_run_with_other_settings_is_refused(study, capsys):
     assert cli.main(_study_args(data, rep, pub, size=40)) == 2
     err = capsys.readouterr().err
     assert "runs/dnn" in err and "image size is 32" in err
+
+
+def test_a_run_on_a_reencoded_copy_counts_as_the_same_split(study, tmp_path, caplog, capsys):
+    """A run trained elsewhere on a re-encoded copy of the same files (the lent GPU's compact
+    copy) differs from the study's manifest only in content hashes: reused, not refused.
+    Moving one file to another split is a different split: refused."""
+    import hashlib
+    import shutil
+    data, rep, pub = study
+    copy = tmp_path / "report"
+    shutil.copytree(rep, copy)
+    run = copy / "runs" / "cnn"
+    rows = (run / "split.csv").read_text().splitlines()
+    rows = [rows[0]] + [",".join(r.split(",")[:3] + ["0" * 40]) for r in rows[1:]]
+    (run / "split.csv").write_text("\n".join(rows) + "\n")
+    sha = hashlib.sha1((run / "split.csv").read_bytes()).hexdigest()
+    replace(ModelFile.load(run / "model.json"), split_manifest_sha1=sha).save(run / "model.json")
+    caplog.set_level("INFO", logger="bloodcell")
+    assert cli.main(_study_args(data, copy, tmp_path / "pub")) == 0
+    assert "study: cnn already trained" in caplog.text
+    moved = rows[1].split(",")
+    moved[2] = "test" if moved[2] != "test" else "train"
+    (run / "split.csv").write_text("\n".join([rows[0], ",".join(moved)] + rows[2:]) + "\n")
+    assert cli.main(_study_args(data, copy, tmp_path / "pub")) == 2
+    assert "runs/cnn" in capsys.readouterr().err
 
 
 def test_option_parsing():

@@ -25,7 +25,7 @@ def test_train_learns_synthetic_and_writes_run(synthetic_dataset, tmp_path):
     s = train(_cfg(synthetic_dataset, run, model="cnn", epochs=6))
     assert s["finished"] and s["epochs_run"] == 6
     hist = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
-    assert len(hist) == 6 and {"train_loss", "val_accuracy", "images_per_s", "seconds"} <= set(hist[0])
+    assert len(hist) == 6 and {"train_loss", "val_accuracy", "images_per_s", "seconds", "machine"} <= set(hist[0])
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]
     assert (run / "history.csv").read_text().count("\n") == 7
     meta = json.loads((run / "model.json").read_text())

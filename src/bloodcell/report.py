@@ -438,8 +438,14 @@ def _run_row(g: dict, st: dict) -> list:
         stop += f" (patience {args.get('patience')})"
     status = g["study_run"].get("status", "")
     return [_label(g), meta.image_size, f"{len(h)} / {cap}", best, stop,
-            args.get("batch_size"), _lr_text(args),
-            args.get("precision", ""), _fmt_s(wall), f"{np.mean(ips):.0f}" if ips else "–", status]
+            args.get("batch_size"), _lr_text(args), args.get("precision", ""), _machines(h),
+            _fmt_s(wall), f"{np.mean(ips):.0f}" if ips else "–", status]
+
+
+def _machines(history: list[dict]) -> str:
+    """The machine(s) that trained a run's epochs ('?' for epochs logged before it was recorded)."""
+    names = list(dict.fromkeys(r.get("machine", "?") for r in history))
+    return " + ".join(names) if names else "–"
 
 
 def _lr_text(args: dict) -> str:
@@ -681,11 +687,12 @@ def _how_it_was_run(r: _Report, doc: Doc) -> None:
            if r.st.get("wall_s_this_invocation") else ""),
     ])
     doc.table(["generation", "px", "epochs run / max", "best epoch", "stopped by", "batch", "lr, schedule",
-               "precision", "train time", "img/s", "status"],
-              [_run_row(g, r.st) for g in r.gens], align=["l"] + ["r"] * 4 + ["r"] * 3 + ["r", "r", "l"])
-    doc.p("Train time is the sum of the epochs' wall times (training + validation pass); images/s is "
-          "the mean training throughput. A study that is interrupted continues where it stopped when "
-          "the same command is run again; finished generations are not retrained.")
+               "precision", "machine", "train time", "img/s", "status"],
+              [_run_row(g, r.st) for g in r.gens], align=["l"] + ["r"] * 7 + ["l", "r", "r", "l"])
+    doc.p("Train time is the sum of the epochs' wall times (training + validation pass) on the machine "
+          "named beside it; images/s is the mean training throughput. A study that is interrupted "
+          "continues where it stopped when the same command is run again; finished generations are "
+          "not retrained.")
 
 
 def _data_section(r: _Report, doc: Doc) -> None:
@@ -808,7 +815,7 @@ def summary_rows(st: dict, gens: list[dict]) -> list[dict]:
         rows.append({"model": g["model"], "generation": g["generation"], "image_size": g["meta"].image_size,
                      "epochs_run": len(g["history"]), "epochs_max": cap, "stopped_by": _stopped_by(g, st),
                      "train_s": round(sum(r.get("seconds", 0) for r in g["history"]), 1),
-                     "accuracy": {s: ev[s]["accuracy"] for s in D.SPLITS},
+                     "machine": _machines(g["history"]), "accuracy": {s: ev[s]["accuracy"] for s in D.SPLITS},
                      "test_ci95": ev["test"].get("accuracy_ci95"), "test_macro_f1": ev["test"]["macro_f1"]})
     return rows
 

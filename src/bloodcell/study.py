@@ -188,7 +188,17 @@ def prepare_split(cfg: StudyConfig, out: Path) -> tuple[Path, D.Dataset, dict]:
 
 # ----------------------------------------------------------------------------- train
 
-def _check_compatible(run: Path, split_sha1: str, size: int, model: str):
+def _same_assignment(a: Path, b: Path) -> bool:
+    """Two split manifests that put every file in the same class and split. A run trained on
+    a re-encoded copy of the same files (scripts/compact_copy.py, for a lent GPU) differs from
+    the study's manifest only in the files' content hashes: it is the same split."""
+    try:
+        return D.read_manifest(a) == D.read_manifest(b)
+    except (OSError, ValueError):
+        return False
+
+
+def _check_compatible(run: Path, split_file: Path, split_sha1: str, size: int, model: str):
     """A finished run from other settings would make the comparison meaningless."""
     from .models import get_spec
     meta = ModelFile.load(run / "model.json")
@@ -198,7 +208,8 @@ def _check_compatible(run: Path, split_sha1: str, size: int, model: str):
         was = meta.train_args.get(key)
         if key in recipe and was is not None and was != recipe[key]:
             problems.append(f"its {key} was {was}, the recipe's is now {recipe[key]}")
-    if meta.split_manifest_sha1 and meta.split_manifest_sha1 != split_sha1:
+    if (meta.split_manifest_sha1 and meta.split_manifest_sha1 != split_sha1
+            and not _same_assignment(run / "split.csv", split_file)):
         problems.append("it was trained on a different split")
     if meta.image_size != size:
         problems.append(f"its image size is {meta.image_size}, the study's {size}")
@@ -212,11 +223,11 @@ def train_generation(cfg: StudyConfig, model: str, split_file: Path, split_sha1:
     run = Path(cfg.out) / "runs" / model
     size = image_size_for(cfg, model)
     if run_finished(run, epochs_for(cfg, model)):
-        _check_compatible(run, split_sha1, size, model)
+        _check_compatible(run, split_file, split_sha1, size, model)
         log.info("study: %s already trained (%s): skipping", model, run)
         return {"status": "skipped (finished earlier)", "finished": True}
     if run_finished(run):  # stopped by a lower cap: continue under the same settings
-        _check_compatible(run, split_sha1, size, model)
+        _check_compatible(run, split_file, split_sha1, size, model)
     resume = (run / "checkpoint" / "last.json").exists()
     log.info("study: %s %s (%d epochs max, %d px)", "resuming" if resume else "training",
              model, epochs_for(cfg, model), size)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import platform
 import random
 import signal
 import threading
@@ -48,6 +50,21 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def machine_name(device: torch.device) -> str:
+    """What trained an epoch (history.jsonl, the study's table): the GPU's name, or the
+    CPU model and its core count (epoch times mean little without it)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = ""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        pass
+    bf16 = ", AMX/AVX512-bf16" if cpu_has_native_bf16() else ""
+    return f"{model or platform.processor() or 'CPU'} ({os.cpu_count()} cores{bf16})"
 
 
 def choose_device_precision(precision: str = "auto"):
@@ -242,6 +259,10 @@ class Trainer:
     aux: SubtypeHead | None
     steps_per_epoch: int
     net: torch.nn.Module | None = None  # what a step calls: the model, or DDP around it
+
+    @property
+    def machine(self) -> str:
+        return machine_name(self.device)
 
     @property
     def total_steps(self) -> int:
@@ -514,7 +535,7 @@ def epoch_record(t: Trainer, epoch: int, stats: EpochStats, val: dict) -> dict:
            "train_accuracy": round(stats.correct / stats.seen, 5), "val_loss": round(val["val_loss"], 5),
            "val_accuracy": round(val["val_accuracy"], 5), "lr": t.opt.param_groups[0]["lr"],
            "seconds": round(time.perf_counter() - stats.started, 1),
-           "images_per_s": round(stats.seen / stats.train_seconds, 1)}
+           "images_per_s": round(stats.seen / stats.train_seconds, 1), "machine": t.machine}
     if "val_accuracy_raw" in val:
         rec["val_accuracy_raw"] = round(val["val_accuracy_raw"], 5)
     return rec
