@@ -82,9 +82,9 @@ def test_calibration_stored_and_applied(tmp_path, synthetic_dataset, capsys):
     assert np.abs(p_after - p_before).max() > 1e-3
     # the evaluation path applies the same temperature
     from bloodcell.evaluate import evaluate
-    m = evaluate(d, synthetic_dataset, split="test", progress=False)
-    files = [synthetic_dataset / p for p in m["_paths"]]
-    assert np.abs(m["_probs"] - clf.predict_proba(files)).max() < 1e-5
+    ev = evaluate(d, synthetic_dataset, split="test", progress=False)
+    files = [synthetic_dataset / p for p in ev.paths]
+    assert np.abs(ev.probs - clf.predict_proba(files)).max() < 1e-5
 
 
 def test_dry_run_leaves_model_alone(tmp_path, synthetic_dataset):

@@ -48,7 +48,7 @@ def test_torchrun_two_processes_learn_and_resume(cells320, tmp_path):
     _torchrun(cells320, run, 5, "--resume")
     hist = [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4, 5]
-    m = evaluate(run, cells320, split="test", progress=False)
+    m = evaluate(run, cells320, split="test", progress=False).metrics
     assert m["n_images"] == 64 and m["accuracy"] > 0.5  # chance: 0.125
 
 

@@ -74,7 +74,7 @@ def test_cli_predict_examples(tmp_path, capsys):
 
 def test_evaluate_reads_the_examples_folder():
     from bloodcell.evaluate import evaluate
-    m = evaluate(None, EXAMPLES_DIR, split="all", progress=False)
+    m = evaluate(None, EXAMPLES_DIR, split="all", progress=False).metrics
     assert m["n_images"] == 16 and m["accuracy"] >= 15 / 16
     # too few for the 64/16/20 split: a message naming the folder and the way out
     with pytest.raises(ValueError, match=r"examples: 16 images in 8 classes are too few.*--split all"):

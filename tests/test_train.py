@@ -32,14 +32,15 @@ def test_train_learns_synthetic_and_writes_run(synthetic_dataset, tmp_path):
     assert meta["classes"][0] == "basophil" and meta["split_manifest_sha1"]
     assert meta["train_args"]["seed"] == 42 and "torch" in meta["library_versions"]
     assert (run / "split.csv").exists()
-    m = evaluate(run, synthetic_dataset, split="val", out=tmp_path / "ev", progress=False)
-    assert m["accuracy"] > 0.3  # chance is 0.125
+    ev = evaluate(run, synthetic_dataset, split="val", out=tmp_path / "ev", progress=False)
+    assert ev.metrics["accuracy"] > 0.3  # chance is 0.125
     keys = json.loads((tmp_path / "ev" / "metrics.json").read_text()).keys()
     assert set(keys) == {"accuracy", "macro_f1", "n_images", "classes", "per_class",
                          "confusion_matrix", "skipped"}
     # evaluating through ONNX Runtime (what `bloodcell predict` runs) gives the same answers
-    mo = evaluate(run, synthetic_dataset, split="val", progress=False, backend="onnx")
-    assert mo["backend"] == "onnx" and np.abs(mo["_probs"] - m["_probs"]).max() < 1e-4
+    eo = evaluate(run, synthetic_dataset, split="val", progress=False, backend="onnx")
+    assert eo.metrics["backend"] == "onnx" and np.abs(eo.probs - ev.probs).max() < 1e-4
+    assert eo.paths == ev.paths and len(ev.y) == ev.metrics["n_images"] == len(ev.probs)
 
 
 def test_same_seed_same_result(synthetic_dataset, tmp_path):
@@ -55,8 +56,8 @@ def test_early_stopping_restores_best(synthetic_dataset, tmp_path):
 
 
 def _val_log_loss(run, data) -> float:
-    m = evaluate(run, data, split="val", progress=False)
-    return float(-np.log(np.clip(m["_probs"][np.arange(len(m["_y"])), m["_y"]], 1e-12, None)).mean())
+    ev = evaluate(run, data, split="val", progress=False)
+    return float(-np.log(np.clip(ev.probs[np.arange(len(ev.y)), ev.y], 1e-12, None)).mean())
 
 
 def test_early_stopping_keeps_the_best_epochs_weights(synthetic_dataset, tmp_path):

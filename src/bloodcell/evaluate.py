@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +61,19 @@ def format_table(m: dict) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measured: ``metrics`` (metrics.json's keys, the CI, and what was
+    evaluated: split, model, backend, data) and the per-image arrays behind them, in one order."""
+    metrics: dict
+    probs: np.ndarray   # (n, classes), with the model's temperature
+    y: np.ndarray       # true class index of each image
+    paths: list[str]    # each image's path relative to the data folder
+
+
 def evaluate(model_path=None, data=None, split: str = "test", out=None, split_file=None,
              batch_size: int = 128, cache_dir=None, progress: bool = True, temperature=None,
-             backend: str = "torch") -> dict:
+             backend: str = "torch") -> Evaluation:
     """Evaluate a saved model (run dir / file; None = bundled) on ``split`` of ``data``,
     through ``backend`` (torch, onnx or onnx-int8: what `bloodcell predict` would run)."""
     from .modelfile import bundled_model_path
@@ -96,8 +107,7 @@ def evaluate(model_path=None, data=None, split: str = "test", out=None, split_fi
                               "model", "backend", "data")})
         write_predictions(out / "predictions.csv", [ds.samples[i].path for i in idx],
                           [clf.classes[i] for i in y], probs, clf.classes)
-    m["_probs"], m["_y"], m["_paths"] = probs, y, [ds.samples[i].path for i in idx]
-    return m
+    return Evaluation(m, probs, y, [ds.samples[i].path for i in idx])
 
 
 def write_predictions(path: Path, paths, true, probs, classes):
@@ -107,11 +117,6 @@ def write_predictions(path: Path, paths, true, probs, classes):
     for pth, t, pr in zip(paths, true, probs):
         w.writerow([pth, t, classes[int(pr.argmax())]] + [f"{v:.6f}" for v in pr])
     D.atomic_write_text(path, buf.getvalue())
-
-
-def public(m: dict) -> dict:
-    """Drop the in-memory arrays (keys starting with '_')."""
-    return {k: v for k, v in m.items() if not k.startswith("_")}
 
 
 def track(tracker, m: dict, out=None) -> None:

@@ -91,7 +91,7 @@ def _constant_folded(path: Path):
 def _fold_pads_into_convs(proto) -> int:
     """Zero ``Pad`` -> ``Conv`` becomes one Conv with (possibly asymmetric) ``pads``, which
     ONNX allows and ONNX Runtime runs without a separate pad and two layout reorders."""
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
     g = proto.graph
     consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     for n in g.node:
@@ -125,7 +125,7 @@ def _fold_pads_into_convs(proto) -> int:
         if old is not None:
             conv.attribute.remove(old)
         h0, w0, h1, w1 = (int(v) for v in pads[[2, 3, 6, 7]])
-        conv.attribute.append(onnx_helper().make_attribute("pads", [h0, w0, h1, w1]))
+        conv.attribute.append(helper.make_attribute("pads", [h0, w0, h1, w1]))
         conv.input[0] = pad.input[0]
         folded.append(pad)
     for pad in folded:
@@ -137,11 +137,6 @@ def _fold_pads_into_convs(proto) -> int:
     for n in [n for n in g.node if n.op_type == "Constant" and n.output[0] not in used]:
         g.node.remove(n)
     return len(folded)
-
-
-def onnx_helper():
-    from onnx import helper
-    return helper
 
 
 def _uint8_wrapper(model):

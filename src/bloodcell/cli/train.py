@@ -40,7 +40,7 @@ def cmd_evaluate(args):
     with Tracker.start("evaluate", run_name=name, enabled=args.mlflow) as tracker:
         m = evaluate(args.model, data_or_default(args.data), split=args.split, out=args.out,
                      split_file=args.split_file, batch_size=args.batch_size, cache_dir=args.cache_dir,
-                     progress=not args.no_progress, backend=args.backend)
+                     progress=not args.no_progress, backend=args.backend).metrics
         track(tracker, m, args.out)
     print_report(m)
     if args.out:
