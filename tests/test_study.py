@@ -296,6 +296,22 @@ def test_report_cli_rebuilds_the_report_without_training(study, tmp_path, capsys
         assert re.search(rf"\| Gen \d: {re.escape(m)} \| {row} \|", md), (m, row)
     assert (pub / "report.html").read_text().count("data:image/png;base64,") == len(FULL_FIGS) - len(PRIVATE_FIGS) + 1
     assert weights == {p: p.stat().st_mtime_ns for p in (rep / "runs").rglob("*.safetensors")}
+    assert "Notes on this run" not in md
+
+
+def test_report_includes_notes_on_how_the_run_was_made(study, tmp_path, capsys):
+    """--notes FILE (or REPORT_DIR/notes.md) goes in after the discussion; a missing file
+    named on the command line is an error naming it."""
+    _, rep, _ = study
+    notes = tmp_path / "notes.md"
+    notes.write_text("Generations 2-4 trained on a **lent GPU**, on a re-encoded copy.\n")
+    out = tmp_path / "public"
+    assert cli.main(["report", "--study", str(rep), "--out", str(out), "--public", "--notes", str(notes)]) == 0
+    md = (out / "report.md").read_text()
+    assert md.index("## Discussion") < md.index("## Notes on this run") < md.index("trained on a **lent GPU**")
+    assert "<strong>lent GPU</strong>" in (out / "report.html").read_text()
+    assert cli.main(["report", "--study", str(rep), "--out", str(out), "--notes", str(tmp_path / "no.md")]) == 2
+    assert "no.md" in capsys.readouterr().err
 
 
 def test_report_sets_another_run_beside_this_one(study, tmp_path, capsys):

@@ -899,10 +899,23 @@ def _compare_section(r: _Report, doc: Doc, other: list[dict], where: str) -> lis
     return [f"**This run against `{where}`** (test accuracy, points): " + "; ".join(deltas) + "."] if deltas else []
 
 
-def write_report(study_dir, target=None, public: bool = False, screen_report=None, compare=None) -> Path:
+def _notes_section(doc: Doc, study_dir: Path, notes) -> None:
+    """Notes written by hand on how a run was made (another machine, a copy of the data) and
+    the measurements behind them: ``notes`` or REPORT_DIR/notes.md, when there is one."""
+    f = Path(notes) if notes else study_dir / "notes.md"
+    if notes and not f.is_file():
+        raise FileNotFoundError(f"{f}: no such notes file")
+    if f.is_file():
+        doc.h(2, "Notes on this run")
+        doc.raw(f.read_text().strip())
+
+
+def write_report(study_dir, target=None, public: bool = False, screen_report=None, compare=None,
+                 notes=None) -> Path:
     """Figures + report.md + report.html + summary.json for the study in ``study_dir``, into
     ``target`` (default: study_dir). ``public`` leaves out every figure showing dataset
-    images; ``compare``: another report folder whose summary.json is set beside this run."""
+    images; ``compare``: another report folder whose summary.json is set beside this run;
+    ``notes``: a Markdown file added after the discussion (default REPORT_DIR/notes.md)."""
     study_dir = Path(study_dir)
     target = Path(target) if target else study_dir
     fig_dir = target / "figures"
@@ -924,6 +937,7 @@ def write_report(study_dir, target=None, public: bool = False, screen_report=Non
     beside = _compare_section(r, doc, other, str(compare)) if other else []
     doc.h(2, "Discussion")
     doc.bullets(discussion(st, gens, r.best) + beside)
+    _notes_section(doc, study_dir, notes)
     screen = _find_screen(study_dir, screen_report)
     if screen is not None:
         _screen_section(doc, screen, fig_dir, "figures/", public)

@@ -76,7 +76,7 @@ def _add_study(sub):
 def cmd_report(args):
     from ..report import write_report  # matplotlib, scikit-learn: not on other commands' start-up
     p = write_report(args.study, target=args.out, public=args.public,
-                     screen_report=args.screen_report, compare=args.compare)
+                     screen_report=args.screen_report, compare=args.compare, notes=args.notes)
     print(f"wrote {p} and {p.with_suffix('.html')}")
 
 
@@ -92,6 +92,9 @@ def _add_report(sub):
     p.add_argument("--compare", metavar="FOLDER",
                    help="another study's report folder (its summary.json) to set beside this run, "
                    "e.g. docs/study-capped")
+    p.add_argument("--notes", metavar="FILE",
+                   help="Markdown added after the discussion: how the run was made and what was "
+                   "measured about it (default REPORT_DIR/notes.md when it exists)")
     p.set_defaults(func=cmd_report)
 
 
