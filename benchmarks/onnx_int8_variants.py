@@ -6,7 +6,9 @@ only if it stays within 0.1 point of fp32 (<= 2 more wrong images of 2,393).
     python benchmarks/onnx_int8_variants.py [--data ../shared/data/pbc] [VARIANT ...]
 
 Variants keep some layers in float (the stem convolution, the classifier head), use
-more calibration images (training split only) or another calibration method. The
+more calibration images (training split only), another calibration method, or full 8-bit
+weights ("8bit": no reduce_range; the 7-bit default is for AVX2 CPUs without VNNI, where
+8-bit products can saturate; AVX512-VNNI and AMX CPUs do not need it). The
 bundled ``model.int8.onnx`` (all layers, 300 images, MinMax) is measured beside them.
 """
 import argparse
@@ -21,17 +23,22 @@ from bloodcell.export import INPUT_NAME, ensure_onnx, train_images
 from bloodcell.modelfile import ModelFile, bundled_model_path, resolve_model_path
 from bloodcell.predict import Classifier
 
-# name -> (calibration images, float nodes: "stem", "head", "stem3" = the first 3 convs, method)
+# name -> (calibration images, float nodes: "stem", "head", "stem3" = the first 3 convs, method,
+#          7-bit weights (reduce_range))
 VARIANTS = {
-    "float-stem-head-300": (300, ("stem", "head"), "MinMax"),
-    "float-stem-head-1000": (1000, ("stem", "head"), "MinMax"),
-    "float-stem-head-1000-percentile": (1000, ("stem", "head"), "Percentile"),
-    "float-stem-head-1000-entropy": (1000, ("stem", "head"), "Entropy"),
-    "float-stem3-head-1000": (1000, ("stem3", "head"), "MinMax"),
+    "float-stem-head-300": (300, ("stem", "head"), "MinMax", True),
+    "float-stem-head-1000": (1000, ("stem", "head"), "MinMax", True),
+    "float-stem-head-1000-percentile": (1000, ("stem", "head"), "Percentile", True),
+    "float-stem-head-1000-entropy": (1000, ("stem", "head"), "Entropy", True),
+    "float-stem3-head-1000": (1000, ("stem3", "head"), "MinMax", True),
+    "8bit-300": (300, (), "MinMax", False),
+    "8bit-1000": (1000, (), "MinMax", False),
+    "8bit-float-stem-head-1000": (1000, ("stem", "head"), "MinMax", False),
 }
 
 
-def quantize(fp32: Path, out: Path, calib: np.ndarray, keep_float: tuple, method: str) -> Path:
+def quantize(fp32: Path, out: Path, calib: np.ndarray, keep_float: tuple, method: str,
+             seven_bit: bool = True) -> Path:
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quantize_static)
@@ -50,7 +57,7 @@ def quantize(fp32: Path, out: Path, calib: np.ndarray, keep_float: tuple, method
 
     # the same settings as export.quantize_int8 (QDQ, per-channel 7-bit weights), plus the exclusions
     quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    reduce_range=seven_bit, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     nodes_to_exclude=exclude, calibrate_method=getattr(CalibrationMethod, method))
     return out
 
@@ -92,10 +99,10 @@ def main():
     calib = {}
     with tempfile.TemporaryDirectory() as td:
         for name in a.variants or VARIANTS:
-            n, keep, method = VARIANTS[name]
+            n, keep, method, seven_bit = VARIANTS[name]
             if n not in calib:
                 calib[n] = train_images(model, a.data, n=n)
-            row(name, *classes(quantize(fp32, Path(td) / f"{name}.onnx", calib[n], keep, method)))
+            row(name, *classes(quantize(fp32, Path(td) / f"{name}.onnx", calib[n], keep, method, seven_bit)))
 
 
 if __name__ == "__main__":

@@ -579,23 +579,23 @@ def _same_generation(gens: list[dict]) -> list[str]:
     return out
 
 
-def _val_swing(g: dict) -> float:
-    """The largest change of validation accuracy between consecutive epochs of a run."""
+def _val_drop(g: dict) -> float:
+    """The largest fall of validation accuracy from one epoch to the next (rises are learning)."""
     v = [r["val_accuracy"] for r in g["history"] if "val_accuracy" in r]
-    return max((abs(b - a) for a, b in zip(v, v[1:])), default=0.0)
+    return max((a - b for a, b in zip(v, v[1:])), default=0.0)
 
 
 def _unsteady(gens: list[dict]) -> list[str]:
-    """Runs whose validation accuracy jumps by more than 3 points from epoch to epoch: one run
-    of them is not reproducible to 3 points, whatever the settings."""
-    jumpy = [(g["model"], _val_swing(g)) for g in gens if _val_swing(g) > 0.03]
+    """Runs whose validation accuracy falls by more than 3 points from one epoch to the next:
+    one run of them is not reproducible to 3 points, whatever the settings."""
+    jumpy = [(g["model"], _val_drop(g)) for g in gens if _val_drop(g) > 0.03]
     if not jumpy:
         return []
-    return ["**Unsteady runs** (validation accuracy moving by more than 3 points between two "
-            "consecutive epochs, measured in their histories): "
+    return ["**Unsteady runs** (validation accuracy falling by more than 3 points from one epoch "
+            "to the next, measured in their histories): "
             + ", ".join(f"{m} up to {100 * s:.1f} points" for m, s in jumpy)
             + ". Where early stopping picks an epoch of such a run is partly chance: a second "
-            "run (another machine or seed) lands several points away."]
+            "run (another machine or seed) can land several points away."]
 
 
 def discussion(st: dict, gens: list[dict], best: dict) -> list[str]:
