@@ -13,7 +13,9 @@ N folders of about equal size, one per upload.
     python scripts/compact_copy.py ../shared/data/pbc .gpu/pbc --size 224 --parts 2
 
 Hidden and undecodable files are left out (bloodcell skips them too). Score models on
-the original images; the study report built from a run on a copy says so.
+the original images; the study report built from a run on a copy says so (docs/study/notes.md:
+what the copy cost each generation). `benchmarks/pack_for_device.py` is the older, narrower
+pack of the recipe experiments (train + val only, new .webp names and manifest, Lite0 weights).
 """
 from __future__ import annotations
 
