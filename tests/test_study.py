@@ -169,6 +169,21 @@ def test_finished_run_with_other_settings_is_refused(study, capsys):
     assert "runs/dnn" in err and "image size is 32" in err
 
 
+def test_a_finished_run_is_not_held_back_by_an_old_unfinished_record(study, tmp_path):
+    """study.json recorded a generation as unfinished (the study was killed while it trained),
+    and a finished run of it is now in its folder: the study goes on and finishes."""
+    import shutil
+    data, rep, _ = study
+    copy = tmp_path / "report"
+    shutil.copytree(rep, copy)
+    st = json.loads((copy / "study.json").read_text())
+    st["runs"]["cnn"] = {"status": "trained", "finished": False, "wall_s": 3.5}
+    (copy / "study.json").write_text(json.dumps(st))
+    assert cli.main(_study_args(data, copy, tmp_path / "pub")) == 0
+    st = json.loads((copy / "study.json").read_text())
+    assert st["finished"] and st["runs"]["cnn"]["finished"] and "wall_s" not in st["runs"]["cnn"]
+
+
 def test_a_run_on_a_reencoded_copy_counts_as_the_same_split(study, tmp_path, caplog, capsys):
     """A run trained elsewhere on a re-encoded copy of the same files (the lent GPU's compact
     copy) differs from the study's manifest only in content hashes: reused, not refused.

@@ -309,7 +309,9 @@ def run_study(cfg: StudyConfig) -> dict:
     for model in cfg.models:
         info = train_generation(cfg, model, split_file, data_summary["split_sha1"])
         prev = state["runs"].get(model, {})
-        if info["status"].startswith("skipped") and prev:
+        # a record of an attempt that never finished (killed, or its folder replaced since) says
+        # nothing about the finished run now in its place
+        if info["status"].startswith("skipped") and prev.get("finished"):
             first = prev.get("status", "trained").split(",")[0]  # trained / resumed, once
             info = {**prev, "status": first + ", skipped on re-run"}
         state["runs"][model] = info
