@@ -41,7 +41,7 @@ demo: install
 	fi
 
 # The study's own settings: 224 px, up to 30 epochs, early stopping (patience 3), generation 5
-# on a frozen Lite2. The CPU-capped variant (docs/study-capped): STUDY_ARGS="$(STUDY_CAPPED)".
+# on frozen Lite0 and Lite2. The CPU-capped variant (docs/study-capped): STUDY_ARGS="$(STUDY_CAPPED)".
 STUDY_ARGS ?=
 STUDY_OUT  ?= runs/study
 STUDY_CAPPED = --models dnn,cnn,cnn-aug,cnn3,lite0-frozen,lite0-finetune --image-size 128,lite0-finetune=160 \
