@@ -12,6 +12,7 @@ so the last digits of losses may differ across machines.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -52,9 +53,10 @@ def cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+@functools.lru_cache(maxsize=None)
 def machine_name(device: torch.device) -> str:
     """What trained an epoch (history.jsonl, the study's table): the GPU's name, or the
-    CPU model and its core count (epoch times mean little without it)."""
+    CPU model and its core count (epoch times mean little without it). Read once per device."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     model = ""
