@@ -13,7 +13,7 @@ import torch
 
 from bloodcell.models import create_model
 from bloodcell.runtime import autocast
-from bloodcell.train import cpu_has_native_bf16
+from bloodcell.cpu import has_native_bf16
 
 
 def measure(name, size, precision, batch=32, steps=4):
@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--sizes", default="128,224")
     ap.add_argument("--steps", type=int, default=4)
     a = ap.parse_args()
-    print(f"threads={torch.get_num_threads()} native_bf16={cpu_has_native_bf16()}\n")
+    print(f"threads={torch.get_num_threads()} native_bf16={has_native_bf16()}\n")
     print("| model | size | fp32 img/s | bf16 img/s | bf16 speed-up |")
     print("|---|---|---|---|---|")
     for name in a.models.split(","):

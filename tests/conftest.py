@@ -19,6 +19,10 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# what `--backend auto` (predict's and serve's default) runs the bundled model with here
+from bloodcell.cpu import has_int8_dot  # noqa: E402
+
+BUNDLED_BACKEND = "onnx-int8" if has_int8_dot() else "onnx"
 CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte",
            "neutrophil", "platelet"]
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "pbc"

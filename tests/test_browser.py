@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import CLASSES, synthetic_cell  # noqa: E402
+from conftest import BUNDLED_BACKEND, CLASSES, synthetic_cell  # noqa: E402
 
 pytestmark = pytest.mark.browser
 
@@ -271,7 +271,7 @@ def test_page_with_the_bundled_model_on_real_cells(real_test_split, shared_cache
     cells = {p.name: cls for cls in CLASSES for p in by_class[cls][:2]}
     app = create_app(db_path=tmp_path / "lab.sqlite3")
     with live_server(app) as url, chrome() as driver:
-        assert httpx.get(f"{url}/api/health").json()["backend"] == "onnx"
+        assert httpx.get(f"{url}/api/health").json()["backend"] == BUNDLED_BACKEND
         driver.get(url + "/")
         _wait(driver, lambda d: d.find_element(By.ID, "sample-select"), msg="page did not load")
         _upload(driver, [p for cls in CLASSES for p in by_class[cls][:2]])

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import BLOODCELL
+from conftest import BLOODCELL, BUNDLED_BACKEND
 
 
 @pytest.mark.slow
@@ -24,9 +24,10 @@ def test_bundled_model_scores_98_percent_on_the_test_split(real_test_split, shar
     r = subprocess.run(BLOODCELL + ["predict", str(root), "--out", str(out), "--no-progress"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "(onnx, batch" in r.stdout  # the default backend
+    assert f"({BUNDLED_BACKEND}, batch" in r.stdout  # --backend auto: int8 only where it is exact
     rows = list(csv.DictReader(open(out, newline="")))
     assert len(rows) == len(real_test_split) == 2393
     assert all(row["status"] == "ok" for row in rows)
     right = sum(row["class"] == row["path"].split("/")[-2] for row in rows)
-    assert right / len(rows) >= 0.98, f"{right}/{len(rows)} = {right / len(rows):.4f}"
+    # 98.50 % in float, 98.50 % in int8 (README); the bar for int8 as the default: within 0.1 point
+    assert right / len(rows) >= 0.984, f"{right}/{len(rows)} = {right / len(rows):.4f}"

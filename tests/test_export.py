@@ -145,6 +145,52 @@ def test_int8_backend_finds_its_file_and_refuses_stale_ones(model_dir, tmp_path)
         P.Classifier.load(other, backend="onnx-int8", screen=None)
 
 
+def test_auto_backend_runs_the_int8_file_only_where_it_is_exact(model_dir, tmp_path, monkeypatch, caplog):
+    """--backend auto (predict's and serve's default): the int8 file next to the weights
+    when it was made from them with 8-bit weights and the CPU has an int8 dot product
+    (VNNI/AMX), else the float ONNX model; a 7-bit, stale or damaged file is not used."""
+    from bloodcell import cpu
+    from bloodcell.modelfile import resolve_model_path
+    weights, _ = resolve_model_path(model_dir)
+    assert P.Classifier.load(model_dir, backend="auto", screen=None).backend == "onnx"  # no int8 file
+    fp32 = E.export(model_dir, out=tmp_path / "m.onnx")
+    calib = np.stack([synthetic_cell(k % 8, seed=100 + k) for k in range(16)])
+    q8 = E.quantize_int8(fp32, E.default_int8_path(weights), calib)
+    meta = E.onnx_metadata(q8)
+    assert meta["bloodcell_int8_weight_bits"] == "8" and meta["bloodcell_int8_float_nodes"] == "stem,head"
+    assert meta["bloodcell_int8_calibration_images"] == "16"
+
+    monkeypatch.setattr(cpu, "has_int8_dot", lambda: True)
+    clf = P.Classifier.load(model_dir, backend="auto", screen=None)
+    assert (clf.backend, clf.onnx_path) == ("onnx-int8", q8)
+    assert clf.fingerprint()["backend"] == "onnx-int8"  # a resumed job never mixes engines
+    monkeypatch.setattr(cpu, "has_int8_dot", lambda: False)
+    clf = P.Classifier.load(model_dir, backend="auto", screen=None)
+    assert clf.backend == "onnx" and clf.onnx_path != q8
+    with caplog.at_level("WARNING", logger="bloodcell"):  # asked for: runs, but says why it may be off
+        assert P.Classifier.load(model_dir, backend="onnx-int8", screen=None).onnx_path == q8
+    assert "can saturate" in caplog.text
+
+    monkeypatch.setattr(cpu, "has_int8_dot", lambda: True)
+    q7 = E.quantize_int8(fp32, E.default_int8_path(weights), calib, weight_bits=7)
+    assert E.onnx_metadata(q7)["bloodcell_int8_weight_bits"] == "7"
+    assert P.Classifier.load(model_dir, backend="auto", screen=None).backend == "onnx"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bloodcell"):
+        assert P.Classifier.load(model_dir, backend="onnx-int8", screen=None).onnx_path == q7
+    assert "saturate" not in caplog.text  # 7-bit weights are exact on any CPU
+
+    other = make_model(tmp_path / "other", gain=3.0)  # an int8 file made from other weights
+    E.default_int8_path(resolve_model_path(other)[0]).write_bytes(q8.read_bytes())
+    assert P.Classifier.load(other, backend="auto", screen=None).backend == "onnx"
+    E.default_int8_path(weights).write_bytes(b"not an onnx file")
+    with caplog.at_level("WARNING", logger="bloodcell"):
+        assert P.Classifier.load(model_dir, backend="auto", screen=None).backend == "onnx"
+    assert "model.int8.onnx not used" in caplog.text
+    with pytest.raises(ValueError, match="7 or 8"):
+        E.quantize_int8(fp32, tmp_path / "x.onnx", calib, weight_bits=4)
+
+
 def test_export_int8_cli_calibrated_on_training_images_only(synthetic_dataset, tmp_path, capsys):
     """`bloodcell export --format onnx-int8`: the quantised file lands next to the weights,
     keeps their provenance, runs as --backend onnx-int8 and leaves no float copy behind;

@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import BLOODCELL, CLASSES, REAL_DATA, synthetic_cell
+from conftest import BLOODCELL, BUNDLED_BACKEND, CLASSES, REAL_DATA, synthetic_cell
 from test_browser import free_port
 
 from bloodcell.differential import WHITE_CELLS
@@ -41,7 +41,7 @@ def post(client, files: list[tuple[str, bytes]], sample: str):
 
 def same_as_predict(results: list[dict], datas: list[bytes]) -> None:
     """The page's answers are `bloodcell predict`'s: bundled model, ONNX, bundled screen."""
-    ref = Classifier.load(backend="onnx").predict(datas)
+    ref = Classifier.load(backend="auto").predict(datas)
     for got, want in zip(results, ref, strict=True):
         assert got["status"] == "ok" and want["status"] == "ok"
         assert got["class"] == want["class"]
@@ -60,7 +60,7 @@ def test_lab_page_runs_the_bundled_model_and_screen(shared_cache, tmp_path):
     files = example_files()
     with TestClient(create_app(db_path=tmp_path / "lab.sqlite3"), base_url=LOCAL) as c:
         h = c.get("/api/health").json()
-        assert h["backend"] == "onnx" and h["model"] == "lite0-recipe"
+        assert h["backend"] == BUNDLED_BACKEND and h["model"] == "lite0-recipe"
         assert h["multi_cell_screen"] is True and h["classes"] == 8
         datas = [f.read_bytes() for f in files] + [png(synthetic_cell(3, size=128, seed=1))]
         body = post(c, [(f.name, d) for f, d in zip(files, datas)] + [("synthetic.png", datas[-1])],
@@ -131,7 +131,7 @@ def test_bloodcell_serve_as_a_process(shared_cache, tmp_path):
                 break
             except httpx.TransportError:
                 time.sleep(0.3)
-        assert h["backend"] == "onnx" and h["model"] == "lite0-recipe" and h["multi_cell_screen"]
+        assert h["backend"] == BUNDLED_BACKEND and h["model"] == "lite0-recipe" and h["multi_cell_screen"]
         page = httpx.get(f"{url}/", timeout=30)
         assert page.status_code == 200 and "bloodcell" in page.text
         data = png(synthetic_cell(2, size=128, seed=7))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CLASSES, synthetic_cell
+from conftest import BUNDLED_BACKEND, CLASSES, synthetic_cell
 
 from bloodcell import modelfile as MF
 from bloodcell.cli.predict import format_summary, print_records
@@ -74,6 +74,13 @@ def test_shipped_int8_file_belongs_to_the_bundled_weights():
     pq, pt = q.predict_proba_arrays(x), t.predict_proba_arrays(x)
     assert np.allclose(pq.sum(1), 1, atol=1e-5)
     assert (pq.argmax(1) == pt.argmax(1)).mean() >= 0.8
+    # the measured recipe (8-bit weights, stem and head in float), so --backend auto runs it
+    # on CPUs with an int8 dot product and the float model elsewhere
+    from bloodcell.export import onnx_metadata
+    meta = onnx_metadata(q.onnx_path)
+    assert meta["bloodcell_int8_weight_bits"] == "8" and meta["bloodcell_int8_float_nodes"] == "stem,head"
+    auto = P.Classifier.load(backend="auto", screen=None)
+    assert auto.backend == BUNDLED_BACKEND
 
 
 def test_record_fields_and_probabilities(clf):

@@ -11,8 +11,8 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from bloodcell.screen import FEATURE_NAMES, Screen, image_features
-from bloodcell.segment import (_disk, _stained_segments, find_regions, optical_density,
-                               red_optical_density)
+from bloodcell.segment import (_dilate_cross, _disk, _erode_cross, _fill_holes, _stained_segments,
+                               find_regions, optical_density, percentile_u8, red_optical_density)
 
 SIZE = 128
 
@@ -75,6 +75,29 @@ def test_fast_paths_equal_the_whole_image_computation(seed):
     assert np.array_equal(seg, ndi.label(ref)[0])
     empty = _stained_segments(np.zeros((8, 8), bool), 1)
     assert not empty[0].any() and not empty[2].any()
+
+
+def test_fast_morphology_and_percentile_equal_scipy_and_numpy():
+    """The segmentation's own erosion, dilation, hole filling and histogram percentile give
+    bit for bit what scipy.ndimage and np.percentile give, on random masks of any shape
+    (one-pixel strips, holes at the edge) and random uint8 samples of any size."""
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        h, w = (int(v) for v in rng.integers(1, 30, 2))
+        m = rng.random((h, w)) < rng.uniform(0.1, 0.9)
+        assert np.array_equal(_erode_cross(m), ndi.binary_erosion(m))
+        assert np.array_equal(_dilate_cross(m), ndi.binary_dilation(m))
+        assert np.array_equal(_fill_holes(m), ndi.binary_fill_holes(m))
+        lo, hi = sorted(int(v) for v in rng.integers(0, 256, 2))
+        v = rng.integers(lo, hi + 1, int(rng.integers(1, 2000))).astype(np.uint8)
+        for q in (99, 90, 50, 0, 100, 12.5):
+            ref = np.percentile(v.astype(np.float32), q)
+            got = percentile_u8(v, q)
+            assert got == ref and got.dtype == ref.dtype, (q, got, ref)
+    ring = np.ones((9, 9), bool)
+    ring[3:6, 3:6] = False       # a hole: filled
+    ring[0, 4] = ring[1, 4] = False  # ... a notch from the edge is not a hole
+    assert _fill_holes(ring)[4, 4] and not _fill_holes(ring)[0, 4]
 
 
 def test_lobes_are_one_cell_and_platelets_are_no_cell():

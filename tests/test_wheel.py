@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import CLASSES, synthetic_cell
+from conftest import BUNDLED_BACKEND, CLASSES, synthetic_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,5 +69,5 @@ def test_wheel_install_predicts_with_its_bundled_files(shared_cache, tmp_path):
     res = json.loads((tmp_path / "r.json").read_text())
     s, (rec,) = res["summary"], res["results"]
     assert s["model"] == str(site / "bloodcell" / "bundled" / "model.safetensors")
-    assert s["backend"] == "onnx" and s["multi_cell_screen"] is True
+    assert s["backend"] == BUNDLED_BACKEND and s["multi_cell_screen"] is True
     assert rec["status"] == "ok" and rec["class"] in CLASSES and "multi_cell" in rec

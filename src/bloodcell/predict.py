@@ -127,7 +127,7 @@ class Classifier:
         if threads and backend == "torch":
             import torch
             torch.set_num_threads(int(threads))
-        if backend in ("onnx", "onnx-int8"):
+        if backend != "torch":
             if onnx_path is None and self.weights_path is None:
                 raise ValueError(f"backend {backend!r} needs a saved model or an onnx_path")
             self.onnx_path, session = self._open_onnx(onnx_path, threads)
@@ -153,18 +153,28 @@ class Classifier:
             return st.st_ino, st.st_mtime_ns, st.st_size
 
         def metadata(p):
+            if p in opened and opened[p][0] == stamp(p):
+                return opened[p][2]
             tried.append(p)
             s = ort_session(p, threads)
-            opened[p] = (stamp(p), s)  # a stale file re-exported in place is a new file
-            return dict(s.get_modelmeta().custom_metadata_map)
+            meta = dict(s.get_modelmeta().custom_metadata_map)
+            opened[p] = (stamp(p), s, meta)  # a stale file re-exported in place is a new file
+            return meta
 
         path = None
         try:
+            if self.backend == "auto":
+                path = None if onnx_path else auto_int8(self.weights_path, metadata)
+                self.backend = "onnx-int8" if path else "onnx"
             if self.backend == "onnx-int8" and onnx_path is None:
-                path = find_int8(self.weights_path, metadata)
-            else:
+                path = path or find_int8(self.weights_path, metadata)
+                if not int8_exact_here(metadata(path)):
+                    log.warning("%s has 8-bit weights and this CPU has no VNNI/AMX int8 dot product: "
+                                "its int8 products can saturate (use --backend onnx, or export with "
+                                "--int8-weight-bits 7)", path)
+            elif path is None:
                 path = ensure_onnx(self.weights_path, self._model, self.meta, onnx_path, metadata)
-            st, session = opened.get(path, (None, None))
+            st, session, _ = opened.get(path, (None, None, None))
             return path, session if st == stamp(path) else ort_session(path, threads)
         except (OSError, ValueError):  # ours: missing file, other weights
             raise
@@ -198,6 +208,7 @@ class Classifier:
     def fingerprint(self) -> dict:
         """What decides a record: a resumed run only reuses records made with the same."""
         return {"weights_sha1": weights_sha1(self.weights_path) if self.weights_path else None,
+                "backend": self.backend,
                 "temperature": self.temperature, "review_threshold": self.review_threshold,
                 "screen": screen_fingerprint(self.screen),
                 "input_check": self.input_check.fingerprint()}
@@ -375,6 +386,31 @@ class Classifier:
             for i, rec in batch:
                 out[i] = rec
         return out
+
+
+def int8_exact_here(onnx_meta: dict) -> bool:
+    """Whether an int8 file's weights multiply without saturating on this CPU: 7-bit
+    weights anywhere; 8-bit weights only with an int8 dot product (``cpu.has_int8_dot``)."""
+    from .cpu import has_int8_dot
+    return onnx_meta.get("bloodcell_int8_weight_bits", "7") != "8" or has_int8_dot()
+
+
+def auto_int8(weights_path, metadata) -> Path | None:
+    """The int8 file ``--backend auto`` runs: next to the weights, made from them, with the
+    measured recipe's 8-bit weights (older 7-bit files lost accuracy: those only on request)
+    and a CPU that multiplies them exactly. None: run the float model."""
+    from .export import default_int8_path
+    p = default_int8_path(Path(weights_path))
+    if not p.exists():
+        return None
+    try:
+        meta = metadata(p)
+    except Exception as e:  # a damaged int8 file must not stop the float model from running
+        log.warning("%s not used (%s: %s); running the float model", p, type(e).__name__, e)
+        return None
+    if meta.get("bloodcell_weights_sha1") != weights_sha1(weights_path):
+        return None
+    return p if meta.get("bloodcell_int8_weight_bits") == "8" and int8_exact_here(meta) else None
 
 
 def _channels_last(model):

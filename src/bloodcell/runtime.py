@@ -19,7 +19,9 @@ import numpy as np
 
 from .export import INPUT_NAME
 
-BACKENDS = ("torch", "onnx", "onnx-int8")  # onnx-int8: a quantised file made by `bloodcell export`
+# onnx-int8: a quantised file made by `bloodcell export`; auto: that file where it is made for
+# these weights with 8-bit weights and this CPU multiplies them exactly (cpu.has_int8_dot), else onnx
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
 
 
 class Runner(Protocol):

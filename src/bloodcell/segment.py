@@ -42,12 +42,28 @@ def optical_density(img: np.ndarray) -> np.ndarray:
     return np.log10(bg / np.maximum(a, 1.0)).clip(0, None)
 
 
+def percentile_u8(values: np.ndarray, q: float) -> np.float32:
+    """``np.percentile(values.astype(np.float32), q)`` ("linear" method), bit for bit,
+    for uint8 values, from their 256-bin histogram instead of a partial sort (4x less
+    CPU on a 128 px channel): the two order statistics around the quantile's position,
+    interpolated with numpy's own float32 arithmetic."""
+    n = values.size
+    cum = np.cumsum(np.bincount(values.ravel(), minlength=256))
+    pos = (n - 1) * (q / 100)
+    lo = int(np.floor(pos))
+    gamma = pos - lo
+    a, b = np.searchsorted(cum, [lo, min(lo + 1, n - 1)], side="right").astype(np.float32)
+    d = b - a
+    return b - d * np.float32(1 - gamma) if gamma >= 0.5 else a + d * np.float32(gamma)
+
+
 def red_optical_density(img: np.ndarray) -> np.ndarray:
     """``optical_density(img)[..., 0]``, bit for bit, at a fraction of the cost: the
     screen only needs the red channel, and a uint8 channel has 256 values, so the
-    logarithm is a 256-entry lookup table (this runs on every served image)."""
+    logarithm is a 256-entry lookup table and the background a histogram's percentile
+    (this runs on every served image)."""
     red = np.ascontiguousarray(img[..., 0])
-    bg = np.maximum(np.percentile(red.astype(np.float32), 99), 120.0)
+    bg = np.maximum(percentile_u8(red, 99), np.float32(120.0))
     lut = np.log10(np.float32(bg) / np.maximum(np.arange(256, dtype=np.float32), 1.0)).clip(0, None)
     return lut[red]
 
@@ -128,13 +144,51 @@ def _stained_segments(raw: np.ndarray, open_radius: int):
     m = open_radius + 2
     box = (slice(max(rows[0] - m, 0), rows[-1] + m + 1), slice(max(cols[0] - m, 0), cols[-1] + m + 1))
     sub = raw[box]
-    if open_radius:
+    if open_radius == 1:  # _disk(1) is the 4-neighbour cross: shifted copies, no scipy overhead
+        sub = _dilate_cross(_erode_cross(sub))
+    elif open_radius:
         sub = ndi.binary_opening(sub, _disk(open_radius))
-    sub = ndi.binary_fill_holes(sub)
+    sub = _fill_holes(sub)
     mask[box] = sub
     dist[box] = ndi.distance_transform_edt(sub)
     seg[box] = ndi.label(sub)[0]
     return mask, dist, seg
+
+
+def _erode_cross(m: np.ndarray) -> np.ndarray:
+    """``ndi.binary_erosion(m)`` (4-neighbour cross, outside = False), bit for bit."""
+    out = m.copy()
+    out[1:] &= m[:-1]
+    out[:-1] &= m[1:]
+    out[:, 1:] &= m[:, :-1]
+    out[:, :-1] &= m[:, 1:]
+    out[[0, -1]] = False
+    out[:, [0, -1]] = False
+    return out
+
+
+def _dilate_cross(m: np.ndarray) -> np.ndarray:
+    """``ndi.binary_dilation(m)`` (4-neighbour cross, outside = False), bit for bit."""
+    out = m.copy()
+    out[1:] |= m[:-1]
+    out[:-1] |= m[1:]
+    out[:, 1:] |= m[:, :-1]
+    out[:, :-1] |= m[:, 1:]
+    return out
+
+
+def _fill_holes(m: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes(m)``, bit for bit: a hole is a 4-connected background
+    component that does not reach the edge. One labelling instead of scipy's dilation
+    grown from the edge to convergence (about 10x less CPU here)."""
+    lab, n = ndi.label(~m)
+    if n == 0:
+        return m.copy()
+    outside = np.zeros(n + 1, bool)
+    for edge in (lab[0], lab[-1], lab[:, 0], lab[:, -1]):
+        outside[edge] = True
+    outside[0] = False  # label 0 is m itself
+    return ~outside[lab]
 
 
 def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -161,7 +215,7 @@ def _merge_lobes(seg: np.ndarray, dist: np.ndarray, gap: float, max_size: float,
     # 4-neighbours lie in its own segment or the background; the outline of segment i
     # is then its pixels on the outline of the whole mask (row-major order kept).
     fg = seg > 0
-    yy, xx = np.nonzero(fg & ~ndi.binary_erosion(fg))
+    yy, xx = np.nonzero(fg & ~_erode_cross(fg))
     lab = seg[yy, xx]
     order = np.argsort(lab, kind="stable")
     bounds = np.searchsorted(lab[order], np.arange(1, n + 2))

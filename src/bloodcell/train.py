@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import signal
 import threading
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import cpu
 from . import data as D
 from . import distributed as dist
 from .locate import Framing
@@ -44,29 +44,14 @@ log = logging.getLogger("bloodcell")
 
 # ----------------------------------------------------------------------------- helpers
 
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 autocast pays off only then (elsewhere it is emulated, slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 @functools.lru_cache(maxsize=None)
 def machine_name(device: torch.device) -> str:
     """What trained an epoch (history.jsonl, the study's table): the GPU's name, or the
     CPU model and its core count (epoch times mean little without it). Read once per device."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = ""
-    try:
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), "")
-    except OSError:
-        pass
-    bf16 = ", AMX/AVX512-bf16" if cpu_has_native_bf16() else ""
-    return f"{model or platform.processor() or 'CPU'} ({os.cpu_count()} cores{bf16})"
+    bf16 = ", AMX/AVX512-bf16" if cpu.has_native_bf16() else ""
+    return f"{cpu.cpu_model()} ({os.cpu_count()} cores{bf16})"
 
 
 def choose_device_precision(precision: str = "auto"):
@@ -75,7 +60,7 @@ def choose_device_precision(precision: str = "auto"):
         if device.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         else:
-            precision = "bf16" if cpu_has_native_bf16() else "fp32"
+            precision = "bf16" if cpu.has_native_bf16() else "fp32"
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
     return device, precision
@@ -91,7 +76,7 @@ def probe_precision(model, x: torch.Tensor, y: torch.Tensor, device, key: str | 
     CPU and ``key`` (model, size, batch) so that reruns (and --resume) choose the same."""
     import copy
     cache = D.default_cache_dir() / "precision.json"
-    key = f"{_cpu_name()}|torch {torch.__version__}|{key or type(model).__name__}|{tuple(x.shape)}"
+    key = f"{cpu.cpu_model()}|torch {torch.__version__}|{key or type(model).__name__}|{tuple(x.shape)}"
     known = json.loads(cache.read_text()) if cache.exists() else {}
     if key in known:
         return known[key]
@@ -112,16 +97,6 @@ def probe_precision(model, x: torch.Tensor, y: torch.Tensor, device, key: str | 
              times["fp32"], times["bf16"], best)
     D.atomic_write_json(cache, {**known, key: best})
     return best
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown cpu"
 
 
 def seed_everything(seed: int):

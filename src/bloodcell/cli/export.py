@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export import ONNX_OPSET, export, quantize_int8, train_images
+from ..export import INT8_CALIB_IMAGES, INT8_WEIGHT_BITS, ONNX_OPSET, export, quantize_int8, train_images
 from ..modelfile import bundled_model_path, resolve_model_path
 from ..predict import Classifier
 from .args import data_or_default
@@ -23,7 +23,8 @@ def cmd_export(args):
         fp32 = export(args.model, "onnx", Path(args.out or w.with_suffix(".onnx")).with_suffix(".fp32.onnx"),
                       args.opset)
         calib = train_images(args.model or bundled_model_path(), data_or_default(args.data), n=args.calib_images)
-        out = quantize_int8(fp32, args.out or w.with_suffix(".int8.onnx"), calib)
+        out = quantize_int8(fp32, args.out or w.with_suffix(".int8.onnx"), calib,
+                            weight_bits=args.int8_weight_bits)
         fp32.unlink()
     else:
         out = export(args.model, args.format, args.out, args.opset)
@@ -54,7 +55,12 @@ def add_commands(sub):
                    help="onnx (float32, same numbers as PyTorch) or onnx-int8 (static int8, "
                         "calibrated on training images of --data; faster, check its accuracy)")
     p.add_argument("--data", help="dataset folder for int8 calibration (default ../shared/data/pbc)")
-    p.add_argument("--calib-images", type=int, default=300)
+    p.add_argument("--calib-images", type=int, default=INT8_CALIB_IMAGES,
+                   help=f"training images for int8 calibration (default {INT8_CALIB_IMAGES})")
+    p.add_argument("--int8-weight-bits", type=int, choices=(7, 8), default=INT8_WEIGHT_BITS,
+                   help="8 (default: needs a CPU with VNNI or AMX to be used by default; "
+                        "`--backend auto` falls back to float elsewhere) or 7 (safe on any x86 CPU, "
+                        "less accurate)")
     p.add_argument("--out", help="output file (default: <model>.onnx next to the weights)")
     p.add_argument("--opset", type=int, default=ONNX_OPSET)
     p.add_argument("--no-verify", action="store_true", help="skip the PyTorch-vs-ONNX check")

@@ -68,7 +68,7 @@ def print_records(records: list[dict]) -> None:
 
 def cmd_predict(args):
     check_out_path(args.out, parquet=args.engine == "ray")
-    if args.onnx and args.backend != "onnx":
+    if args.onnx and args.backend not in ("onnx", "auto"):
         raise ValueError(f"--onnx {args.onnx} needs --backend onnx (not {args.backend})")
     if not args.paths and not args.examples:
         raise ValueError("nothing to classify: give image files, folders or globs, "
@@ -80,9 +80,10 @@ def cmd_predict(args):
     if args.engine == "ray":
         from ..ray_engine import ModelSpec, RayOptions, predict_ray
         if args.onnx or args.backend == "torch":
-            raise ValueError("--engine ray runs the model's own ONNX file: use --backend onnx or onnx-int8")
-        spec = ModelSpec(args.model, args.backend, screen, args.review_threshold,
-                         str(clf.onnx_path) if args.backend == "onnx" else None)
+            raise ValueError("--engine ray runs the model's own ONNX file: use --backend auto, onnx or onnx-int8")
+        # the actors run what --backend auto chose here (their CPUs are assumed alike)
+        spec = ModelSpec(args.model, clf.backend, screen, args.review_threshold,
+                         str(clf.onnx_path) if clf.backend == "onnx" else None)
         opts = RayOptions(args.address, args.actors, batch_size=args.batch_size)
         records, summary = predict_ray(clf, paths, spec, opts, out=args.out,
                                        include_flagged=args.include_flagged,
@@ -120,8 +121,10 @@ def add_commands(sub):
     p.add_argument("--batch-size", type=ranged(int, 1), default=64)
     p.add_argument("--workers", type=ranged(int, 0), default=None,
                    help=f"decode threads running ahead of the model (default {default_workers()}; 0 = inline)")
-    p.add_argument("--backend", choices=BACKENDS, default="onnx",
-                   help="onnx (ONNX Runtime; exported once and cached next to the model) or torch")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto (default: the model's int8 file where this CPU runs it exactly, else "
+                        "onnx), onnx (ONNX Runtime, float; exported once and cached next to the "
+                        "model), onnx-int8 or torch")
     p.add_argument("--onnx", help="use this exported .onnx file (with --backend onnx)")
     p.add_argument("--threads", type=ranged(int, 1), help="model compute threads (default: all cores)")
     p.add_argument("--review-threshold", type=ranged(float, 0, 1),

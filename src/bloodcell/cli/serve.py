@@ -44,8 +44,9 @@ def add_commands(sub):
                    help="inference threads (default: onnx every core, torch half the cores; 1 to 4)")
     p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")
     p.add_argument("--no-screen", action="store_true", help="no multi-cell flag")
-    p.add_argument("--backend", default="onnx", choices=BACKENDS,
-                   help="inference engine (default onnx; saliency always uses torch)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="inference engine (default auto: the model's int8 file where this CPU runs "
+                        "it exactly, else onnx; saliency always uses torch)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level (info logs every request)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",

@@ -36,7 +36,7 @@ class ServeConfig:
     max_request_mb: float | None = None       # whole upload request; None: max(200, 2 x per file)
     max_files: int = 1000                     # per request
     screen: Any = AUTO
-    backend: str = "onnx"
+    backend: str = "auto"                     # see predict.auto_int8
     threads: int | None = None                # None: default_threads(backend)
     log_level: str = "info"
     allowed_hosts: tuple[str, ...] = ()       # Host names answered besides loopback and `host`
