@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .differential import differential_count, review_counts
+from .decoding import use_processes
 from .predict import Classifier, default_workers
 
 log = logging.getLogger("bloodcell")
@@ -202,7 +203,7 @@ def check_out_path(out, parquet: bool = False) -> Path | None:
 
 def run_summary(clf: Classifier, records: list[dict], seconds: float, n_computed: int,
                 batch_size: int, workers: int, include_flagged: bool = False, n_resumed: int = 0,
-                fingerprint: dict | None = None, engine: str = "local") -> dict:
+                fingerprint: dict | None = None, engine: str = "local", decode: str | None = None) -> dict:
     """The summary of a predict run (either engine): provenance, differential, skips, speed."""
     from datetime import datetime, timezone
 
@@ -217,6 +218,7 @@ def run_summary(clf: Classifier, records: list[dict], seconds: float, n_computed
         "model": str(clf.weights_path) if clf.weights_path else None,
         "model_sha1": fp["weights_sha1"],
         "engine": engine, "backend": clf.backend, "batch_size": batch_size, "workers": workers,
+        **({"decode": decode} if decode else {}),
         "review_threshold": clf.review_threshold, "temperature": clf.temperature,
         "multi_cell_screen": clf.screen is not None,
         "n_inputs": len(records), "n_ok": sum(r["status"] == "ok" for r in records),
@@ -242,8 +244,11 @@ def _finish(out: Path, records: list[dict], classes: list[str], summary: dict) -
 
 def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: int = 64,
                   workers: int | None = None, include_flagged: bool = False,
-                  progress: bool = True, resume: bool = True) -> tuple[list[dict], dict]:
+                  progress: bool = True, resume: bool = True,
+                  decode: str = "auto") -> tuple[list[dict], dict]:
     """Classify every image under ``specs`` -> (records in input order, summary).
+    ``decode``: "threads", "processes" or "auto" (worker processes for big jobs:
+    ``decoding.use_processes``).
 
     With ``out``, finished records go to a journal (``<out>.partial.jsonl``) as
     they come; a rerun after an interruption reuses those whose file (path, size,
@@ -274,10 +279,11 @@ def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: i
     todo = [i for i, r in enumerate(records) if r is None]
     bar = tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc="classifying",
                disable=not progress, mininterval=0.5, file=sys.stderr)
+    processes = use_processes(decode, len(todo), workers)
     t0 = time.perf_counter()
     try:
         for batch in clf.iter_predict((items[i][0] for i in todo), names=(items[i][0] for i in todo),
-                                      batch_size=batch_size, workers=workers):
+                                      batch_size=batch_size, workers=workers, processes=processes):
             for j, rec in batch:
                 i = todo[j]
                 records[i] = rec
@@ -298,7 +304,7 @@ def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: i
     summary = run_summary(clf, records, seconds=time.perf_counter() - t0,
                           n_computed=sum(1 for i in todo if records[i].get("status") == "ok"),
                           batch_size=batch_size, workers=workers, include_flagged=include_flagged,
-                          n_resumed=n_resumed, fingerprint=fp)
+                          n_resumed=n_resumed, fingerprint=fp, decode="processes" if processes else "threads")
     if out is not None:
         _finish(out, records, clf.classes, summary)
     return records, summary

@@ -14,18 +14,17 @@ import json
 import logging
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .decoding import Decoder, DecodePool
 from .inputcheck import InputCheck
 from .locate import Framing
 from .modelfile import ModelFile, bundled_file, bundled_model_path, resolve_model_path, weights_sha1
 from .runtime import BACKENDS, OnnxRunner, Runner, TorchRunner, ort_session, softmax
-from .segment import DEFAULT_PARAMS
-from .transforms import ImageError, ImageSource, prepare, preprocess
+from .transforms import ImageSource, preprocess
 
 log = logging.getLogger("bloodcell")
 
@@ -266,62 +265,27 @@ class Classifier:
             log.warning("input check failed (%s: %s); images not checked", type(e).__name__, e)
             return [[] for _ in range(len(images))]
 
-    # -- decoding (runs in worker threads)
-    def _decode(self, src) -> dict:
-        """src -> {"model": uint8 array, "source": SourceInfo, "cell": CellBox | None, and
-        "regions" (the framing's stain segmentation, reused by the screen) or "screen_input"}."""
-        screen_size = int(self.screen.image_size) if self.screen is not None else None
-        if self.framing is None and screen_size not in (None, self.image_size) \
-                and isinstance(src, (str, os.PathLike)):
-            p = Path(src)  # read the file once; decode per size exactly as preprocess(path) would
-            if p.is_file() and p.stat().st_size > 0:
-                src = p.read_bytes()
-        try:
-            prep = prepare(src, self.image_size, self.framing)
-            out = {"model": prep.image, "source": prep.source, "cell": prep.cell}
-            if screen_size is None:
-                return out
-            if prep.regions is not None and screen_size == self.framing.work_size \
-                    and self.screen.params == DEFAULT_PARAMS:
-                out["regions"] = prep.regions  # one segmentation serves framing and screen
-            else:
-                out["screen_input"] = (prep.image if self.framing is None and screen_size == self.image_size
-                                       else preprocess(src, screen_size))
-            return out
-        except ImageError:
-            raise
-        except Exception as e:  # one odd file must never end a batch job
-            raise ImageError(str(src), f"could not decode ({type(e).__name__}: {e})") from None
+    # -- decoding (ahead of the model: bloodcell.decoding)
+    def decoder(self) -> Decoder:
+        """What decodes inputs for this model: its size, framing and current screen."""
+        return Decoder(self.image_size, self.framing, self.screen)
 
     def decode_safe(self, src):
-        """-> ({"model": array, "source": SourceInfo, "screen": dict | None, ...}, None) or
-        (None, skip reason). The screen scores here, in the worker, so it overlaps with the model too."""
-        try:
-            arrays = self._decode(src)
-        except ImageError as e:
-            return None, e.reason
-        arrays["screen"] = self._screen_one(arrays)
-        return arrays, None
-
-    def _screen_one(self, arrays: dict):
-        if self.screen is None:
-            return None
-        try:
-            if "regions" in arrays:
-                return self.screen.score_regions(arrays["regions"])
-            return self.screen.score_arrays([arrays["screen_input"]])[0]
-        except Exception as e:  # an add-on failing must not lose the classification
-            log.warning("multi-cell screen failed (%s: %s); image not screened", type(e).__name__, e)
-            return None
+        """-> ({"model": array, "source": SourceInfo, "cell", "screen": dict | None}, None) or
+        (None, skip reason). The screen scores here, ahead of the model, so it overlaps with it."""
+        return self.decoder().decode_safe(src)
 
     def iter_predict(self, inputs: Iterable, names: Iterable[str] | None = None,
-                     batch_size: int = 64, workers: int | None = None) -> Iterator[list[tuple[int, dict]]]:
+                     batch_size: int = 64, workers: int | None = None,
+                     processes: bool = False) -> Iterator[list[tuple[int, dict]]]:
         """Yield lists of (input index, record), one list per model batch, in input order.
-        ``workers`` decode threads run up to a few batches ahead of the model (0 = decode inline)."""
+        ``workers`` decode threads (or worker processes, with ``processes``) run up to a
+        few batches ahead of the model (0 = decode inline)."""
         workers = default_workers() if workers is None else workers
         names = iter(names) if names is not None else None
-        ex = ThreadPoolExecutor(workers, thread_name_prefix="decode") if workers > 0 else None
-        window: deque = deque()
+        pool = DecodePool(self.decoder(), workers, processes)
+        window: deque = deque()  # (indices and names, inputs, job), one job per pool.chunk inputs
+        queued = 0
         pending: list[tuple[int, str, dict]] = []
         done: list[tuple[int, dict]] = []
         ahead = max(2 * batch_size, 4 * workers)
@@ -338,25 +302,38 @@ class Classifier:
                 pending.clear()
 
         def take():
-            i, name, fut = window.popleft()
-            arrays, why = fut.result() if ex else fut
-            if arrays is None:
-                done.append((i, {"path": name, "status": f"skipped: {why}"}))
-            else:
-                pending.append((i, name, arrays))
-            if len(pending) >= batch_size:
-                flush()
+            nonlocal queued
+            keys, srcs, job = window.popleft()
+            queued -= len(keys)
+            for (i, name), (arrays, why) in zip(keys, pool.result(job, srcs)):
+                if arrays is None:
+                    done.append((i, {"path": name, "status": f"skipped: {why}"}))
+                else:
+                    pending.append((i, name, arrays))
+                if len(pending) >= batch_size:
+                    flush()
+
+        def submit(group):
+            nonlocal queued
+            if group:
+                window.append(([k for k, _ in group], [s for _, s in group], pool.submit([s for _, s in group])))
+                queued += len(group)
+                group.clear()
 
         try:
+            group: list = []
             for i, src in enumerate(inputs):
                 name = next(names) if names is not None else (
                     str(src) if isinstance(src, (str, os.PathLike)) else f"<input {i}>")
-                window.append((i, name, ex.submit(self.decode_safe, src) if ex else self.decode_safe(src)))
-                while len(window) > ahead or (not ex and window):
+                group.append(((i, name), src))
+                if len(group) >= pool.chunk:
+                    submit(group)
+                while queued > ahead or (pool.ex is None and window):
                     take()
                 if done:
                     yield sorted(done, key=lambda t: t[0])
                     done.clear()
+            submit(group)
             while window:  # drain, still handing out each batch as soon as it is done
                 take()
                 if done:
@@ -366,10 +343,7 @@ class Classifier:
             if done:
                 yield sorted(done, key=lambda t: t[0])
         finally:
-            if ex:
-                for _, _, fut in window:
-                    fut.cancel()
-                ex.shutdown(wait=True)
+            pool.close([job for _, _, job in window])
 
     def predict(self, inputs: ImageSource | Iterable[ImageSource], batch_size: int = 64,
                 workers: int | None = None) -> list[dict]:

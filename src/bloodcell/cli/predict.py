@@ -5,6 +5,7 @@ import sys
 
 from ..batch import check_out_path, predict_paths
 from ..predict import EXAMPLES_NOTE, Classifier, default_workers, example_files, examples_note
+from ..decoding import DECODE_MODES, PROCESS_MIN_INPUTS
 from ..runtime import BACKENDS
 from .args import ranged
 
@@ -39,7 +40,8 @@ def format_summary(s: dict) -> str:
     lines.append(f"{s['n_inputs']} input(s): {s['n_ok']} classified, {s['n_skipped']} skipped"
                  + (f", {s['n_resumed']} taken from the interrupted run" if s["n_resumed"] else ""))
     how = (f"ray, {s['backend']}, batch {s['batch_size']}" if s.get("engine") == "ray" else
-           f"{s['backend']}, batch {s['batch_size']}, {s['workers']} decode worker(s)")
+           f"{s['backend']}, batch {s['batch_size']}, {s['workers']} decode "
+           f"{'processes' if s.get('decode') == 'processes' else 'threads'}")
     lines.append(f"{s['n_computed']} image(s) in {s['seconds']:.1f} s: {s['images_per_s']:.1f} images/s "
                  f"({how})")
     if s["skipped"]:
@@ -93,7 +95,8 @@ def cmd_predict(args):
             raise ValueError(f"--out {args.out}: Parquet is written by --engine ray; use .csv or .json")
         records, summary = predict_paths(clf, paths, out=args.out, batch_size=args.batch_size,
                                          workers=args.workers, include_flagged=args.include_flagged,
-                                         progress=not args.no_progress, resume=not args.restart)
+                                         progress=not args.no_progress, resume=not args.restart,
+                                         decode=args.decode)
     if args.out is None or args.examples:  # the examples are few and meant to be looked at
         if len(records) <= 50:
             print_records(records)
@@ -121,6 +124,10 @@ def add_commands(sub):
     p.add_argument("--batch-size", type=ranged(int, 1), default=64)
     p.add_argument("--workers", type=ranged(int, 0), default=None,
                    help=f"decode threads running ahead of the model (default {default_workers()}; 0 = inline)")
+    p.add_argument("--decode", choices=DECODE_MODES, default="auto",
+                   help="decode and screen ahead of the model in threads or worker processes "
+                        f"(default auto: processes from {PROCESS_MIN_INPUTS} images on, when "
+                        "there are 2 or more workers; they start in ~0.5 s and need no GIL)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default: the model's int8 file where this CPU runs it exactly, else "
                         "onnx), onnx (ONNX Runtime, float; exported once and cached next to the "
