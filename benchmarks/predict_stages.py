@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from predict_throughput import cpu_model, files_of  # noqa: E402
+from predict_throughput import files_of  # noqa: E402
 
+from bloodcell.cpu import describe  # noqa: E402
 from bloodcell.data import default_data_dir  # noqa: E402
 from bloodcell.predict import Classifier  # noqa: E402
 from bloodcell.screen import features_from_regions  # noqa: E402
@@ -64,7 +65,7 @@ def main():
     probs = clf.predict_proba_arrays(x[:64])
     timed("records (batch 64)", lambda: [clf.records(["f"] * 64, probs, [None] * 64, [[]] * 64, [None] * 64)
                                          for _ in range(0, len(x), 64)])
-    print(f"{len(files)} files of {data}; {cpu_model()}, load average {os.getloadavg()[0]:.1f}\n")
+    print(f"{len(files)} files of {data}; {describe()}, load average {os.getloadavg()[0]:.1f}\n")
     print("| stage | CPU ms/image |\n|---|---:|")
     for stage, s in cpu.items():
         print(f"| {stage} | {1000 * s / len(files):.2f} |")

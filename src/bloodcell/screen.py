@@ -62,17 +62,18 @@ def features_from_regions(r: Regions) -> np.ndarray:
     f["stain_share"] = stained / n_px
     f["stain_od"] = float(r.od[r.mask].mean()) if stained else 0.0
     f["n_regions"] = float(len(r.big))
+    counts = r.areas if r.areas is not None else np.bincount(r.labels.ravel())
     if r.main:
-        sel = r.labels == r.main
-        yy, xx = np.nonzero(sel)
-        f["main_share"] = sel.sum() / n_px
+        yy, xx = np.nonzero(r.labels == r.main)
+        main_area = int(counts[r.main])
+        f["main_share"] = main_area / n_px
         f["main_offset"] = float(np.hypot(yy.mean() - (h - 1) / 2, xx.mean() - (w - 1) / 2)) / max(h, w)
-        f["outside_share"] = (stained - sel.sum()) / stained if stained else 0.0
+        f["outside_share"] = (stained - main_area) / stained if stained else 0.0
     # the strongest candidate for a second cell: the largest other stained group
     # of any size (a platelet, a pale red cell or a real nucleus: the model decides)
     others = [i for i in r.groups if i != r.main]
     if others:
-        areas = {i: int((r.labels == i).sum()) for i in others}
+        areas = {i: int(counts[i]) for i in others}
         j = max(others, key=areas.get)
         f["second_share"] = areas[j] / n_px
         f["second_od"] = r.core[j]
@@ -100,11 +101,10 @@ def _model_matrix(feats: np.ndarray) -> np.ndarray:
     return np.c_[np.log10(x[:, 0] + 1e-3), x[:, 1], x[:, 2] * 10.0]
 
 
-def _gauss_logpdf(x: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> np.ndarray:
-    d = x - mean
-    chol = np.linalg.cholesky(cov)
-    z = np.linalg.solve(chol, d.T)
-    return -0.5 * (np.sum(z * z, 0) + len(mean) * np.log(2 * np.pi)) - np.log(np.diag(chol)).sum()
+def _gauss_logpdf(x: np.ndarray, mean: np.ndarray, chol: np.ndarray, log_det: float) -> np.ndarray:
+    """Log density of N(mean, chol chol^T); ``log_det`` = sum(log(diag(chol)))."""
+    z = np.linalg.solve(chol, (x - mean).T)
+    return -0.5 * (np.sum(z * z, 0) + len(mean) * np.log(2 * np.pi)) - log_det
 
 
 class Screen:
@@ -123,6 +123,10 @@ class Screen:
         self.image_size = int(image_size)
         self.params = {**DEFAULT_PARAMS, **(params or {})}
         self.info = dict(info or {})
+        # the components' Cholesky factors once, not per image (the screen scores every image)
+        chols = [np.linalg.cholesky(c) for c in self.mixture["covariances"]]
+        self._components = [(np.log(w), mu, ch, np.log(np.diag(ch)).sum())
+                            for w, mu, ch in zip(self.mixture["weights"], self.mixture["means"], chols)]
 
     # -- fitting
     @classmethod
@@ -167,10 +171,9 @@ class Screen:
         has = feats[:, FEATURE_NAMES.index("second_share")] > 0
         if has.any():
             x = _model_matrix(feats[has])
-            m = self.mixture
-            logp = np.stack([np.log(w) + _gauss_logpdf(x, mu, cov)
-                             for w, mu, cov in zip(m["weights"], m["means"], m["covariances"])], 1)
-            k = m["multi_component"]
+            logp = np.stack([log_w + _gauss_logpdf(x, mu, chol, log_det)
+                             for log_w, mu, chol, log_det in self._components], 1)
+            k = self.mixture["multi_component"]
             rest = np.delete(logp, k, axis=1)
             odds = logp[:, k] - np.logaddexp.reduce(rest, axis=1)
             out[has] = np.clip(odds, _NO_SECOND_SCORE, -_NO_SECOND_SCORE)

@@ -84,6 +84,7 @@ class Regions:
     dist: np.ndarray          # distance to the mask edge (HxW): local nucleus half-width
     groups: list[int]         # all stained groups (specks removed)
     core: dict                # group -> 90th-percentile red OD
+    areas: np.ndarray | None = None  # pixels per label (index = label; 0 = unstained)
 
 
 def find_regions(img: np.ndarray, params: dict | None = None) -> Regions:
@@ -126,7 +127,7 @@ def find_regions(img: np.ndarray, params: dict | None = None) -> Regions:
         main = min(sized, key=lambda i: (best[i], -areas[i]))
     # other cells must also look like nuclei (dark chromatin)
     big = ([main] if main else []) + [i for i in sized if i != main and core[i] >= p["core_od"]]
-    return Regions(mask, labels, big, main, od, dist, groups, core)
+    return Regions(mask, labels, big, main, od, dist, groups, core, areas)
 
 
 def _stained_segments(raw: np.ndarray, open_radius: int):
