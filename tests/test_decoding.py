@@ -99,3 +99,19 @@ def test_cli_decode_option(cells, tmp_path, capsys):
     assert main(["predict", str(cells), "--model", str(model), "--backend", "torch", "--no-progress",
                  "--no-screen", "--decode", "processes", "--out", str(tmp_path / "r.json")]) == 0
     assert "decode processes" in capsys.readouterr().out
+
+
+def test_worker_processes_import_neither_torch_nor_onnxruntime(tmp_path, screen):
+    """The workers only decode and screen: a fresh interpreter each, so what they import
+    is what they cost in start-up and memory (torch alone is ~1 s and ~300 MB)."""
+    pool = D.DecodePool(D.Decoder(64, None, screen), workers=1, processes=True)
+    try:
+        img = tmp_path / "c.png"
+        Image.fromarray(synthetic_cell(2, size=64, seed=1)).save(img)
+        (arrays, why), = pool.result(pool.submit([str(img)]), [str(img)])
+        assert why is None and arrays["model"].shape == (64, 64, 3) and arrays["screen"] is not None
+        loaded = pool.ex.submit(eval, "sorted(m for m in ('torch', 'onnxruntime', 'sklearn') "
+                                      "if m in __import__('sys').modules)").result()
+        assert loaded == []
+    finally:
+        pool.close()
