@@ -304,7 +304,10 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calib,
 
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.quant")
+    root = logging.getLogger()  # the quantiser logs a line per rescaled bias to the root logger
+    level = root.level
     try:
+        root.setLevel(logging.ERROR)
         quantize_static(str(fp32_onnx), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
@@ -320,6 +323,7 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calib,
             p.key, p.value = k, v
         atomic_write_bytes(out, proto.SerializeToString())
     finally:
+        root.setLevel(level)
         if tmp.exists():
             tmp.unlink()
     return out
