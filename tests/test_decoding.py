@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -68,18 +69,20 @@ class DyingScreen:
         return [{"score": -1.0, "n_regions": 1, "multi_cell": False} for _ in images]
 
 
-def test_a_worker_process_that_dies_loses_no_image(tmp_path, caplog):
+@pytest.mark.parametrize("n, dies", [(N, 5), (240, 200)])  # all handed out already / mid-job
+def test_a_worker_process_that_dies_loses_no_image(tmp_path, caplog, n, dies):
     d = tmp_path / "cells"
     d.mkdir()
-    for i in range(N):
+    for i in range(n):
         img = synthetic_cell(i % 8, size=64, seed=i)
-        img[0, 0, 1] = 7 if i == 5 else 8  # image 5 kills the worker that screens it
+        img[0, 0, 1] = 7 if i == dies else 8  # this image kills the worker that screens it
         Image.fromarray(img).save(d / f"c{i:03d}.png")
     clf = P.Classifier.load(make_model(tmp_path / "model"), backend="torch", screen=DyingScreen())
     with caplog.at_level("WARNING", logger="bloodcell"):
         recs, summary = _run(clf, d, tmp_path, "processes", "r")
-    assert summary["n_ok"] == N and all(r["status"] == "ok" for r in recs)
-    assert "decode worker process failed" in caplog.text
+    assert summary["n_ok"] == n and all(r["status"] == "ok" for r in recs)
+    assert [r["path"] for r in recs] == sorted(str(f) for f in d.iterdir())
+    assert caplog.text.count("decode worker process failed") == 1  # said once, not per chunk
     assert all(r["multi_cell"] is False for r in recs)
 
 
@@ -115,3 +118,59 @@ def test_worker_processes_import_neither_torch_nor_onnxruntime(tmp_path, screen)
         assert loaded == []
     finally:
         pool.close()
+
+
+def test_summary_says_what_decoded():
+    from bloodcell.cli.predict import decoders
+    assert decoders({"workers": 2, "decode": "processes"}) == "2 decode processes"
+    assert decoders({"workers": 1, "decode": "processes"}) == "1 decode process"
+    assert decoders({"workers": 2, "decode": "threads"}) == "2 decode threads"
+    assert decoders({"workers": 1}) == "1 decode thread"
+    assert decoders({"workers": 0, "decode": "threads"}) == "decoded inline"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_workers_leave_when_the_main_process_is_killed(tmp_path):
+    """SIGKILL (or the OOM killer) gives the main process no chance to stop its pool: the
+    workers notice they are orphans and exit instead of idling on."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    code = ("from bloodcell import decoding as D\n"
+            "pool = D.DecodePool(D.Decoder(64), workers=2, processes=True)\n"
+            "pool.ex.submit(int).result()\n"
+            "print('ready', flush=True)\n"
+            "import time; time.sleep(600)\n")
+    main = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert main.stdout.readline().strip() == "ready"
+        workers = _children(main.pid)
+        assert len(workers) >= 2
+        main.send_signal(signal.SIGKILL)
+        main.wait()
+        deadline = time.time() + 15
+        while time.time() < deadline and any(_alive(w) for w in workers):
+            time.sleep(0.2)
+        assert not any(_alive(w) for w in workers), "decode workers outlived their main process"
+    finally:
+        main.kill()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:  # a zombie has exited: its stat says state Z
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False

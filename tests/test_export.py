@@ -164,9 +164,13 @@ def test_auto_backend_runs_the_int8_file_only_where_it_is_exact(model_dir, tmp_p
     clf = P.Classifier.load(model_dir, backend="auto", screen=None)
     assert (clf.backend, clf.onnx_path) == ("onnx-int8", q8)
     assert clf.fingerprint()["backend"] == "onnx-int8"  # a resumed job never mixes engines
+    # an int8 file named with --onnx is labelled as what it is
+    assert P.Classifier.load(model_dir, backend="auto", onnx_path=q8, screen=None).backend == "onnx-int8"
     monkeypatch.setattr(cpu, "has_int8_dot", lambda: False)
-    clf = P.Classifier.load(model_dir, backend="auto", screen=None)
+    with caplog.at_level("INFO", logger="bloodcell"):
+        clf = P.Classifier.load(model_dir, backend="auto", screen=None)
     assert clf.backend == "onnx" and clf.onnx_path != q8
+    assert "no int8 dot product" in caplog.text  # says why the float model runs
     with caplog.at_level("WARNING", logger="bloodcell"):  # asked for: runs, but says why it may be off
         assert P.Classifier.load(model_dir, backend="onnx-int8", screen=None).onnx_path == q8
     assert "can saturate" in caplog.text
@@ -174,7 +178,10 @@ def test_auto_backend_runs_the_int8_file_only_where_it_is_exact(model_dir, tmp_p
     monkeypatch.setattr(cpu, "has_int8_dot", lambda: True)
     q7 = E.quantize_int8(fp32, E.default_int8_path(weights), calib, weight_bits=7)
     assert E.onnx_metadata(q7)["bloodcell_int8_weight_bits"] == "7"
-    assert P.Classifier.load(model_dir, backend="auto", screen=None).backend == "onnx"
+    caplog.clear()
+    with caplog.at_level("INFO", logger="bloodcell"):
+        assert P.Classifier.load(model_dir, backend="auto", screen=None).backend == "onnx"
+    assert "7-bit" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="bloodcell"):
         assert P.Classifier.load(model_dir, backend="onnx-int8", screen=None).onnx_path == q7
@@ -182,13 +189,25 @@ def test_auto_backend_runs_the_int8_file_only_where_it_is_exact(model_dir, tmp_p
 
     other = make_model(tmp_path / "other", gain=3.0)  # an int8 file made from other weights
     E.default_int8_path(resolve_model_path(other)[0]).write_bytes(q8.read_bytes())
-    assert P.Classifier.load(other, backend="auto", screen=None).backend == "onnx"
+    caplog.clear()
+    with caplog.at_level("INFO", logger="bloodcell"):
+        assert P.Classifier.load(other, backend="auto", screen=None).backend == "onnx"
+    assert "other weights" in caplog.text
     E.default_int8_path(weights).write_bytes(b"not an onnx file")
     with caplog.at_level("WARNING", logger="bloodcell"):
         assert P.Classifier.load(model_dir, backend="auto", screen=None).backend == "onnx"
     assert "model.int8.onnx not used" in caplog.text
     with pytest.raises(ValueError, match="7 or 8"):
         E.quantize_int8(fp32, tmp_path / "x.onnx", calib, weight_bits=4)
+
+
+def test_an_onnx_file_of_another_input_size_is_refused_at_load(model_dir, tmp_path):
+    """--onnx naming another model's file: a clear error when the model loads, not an
+    ONNX Runtime error halfway through a job."""
+    small = make_model(tmp_path / "small", size=32)
+    other = E.export(small, out=tmp_path / "small.onnx")
+    with pytest.raises(ValueError, match=r"takes input .*32.* not this model's \[N, 64, 64, 3\]"):
+        P.Classifier.load(model_dir, backend="onnx", onnx_path=other, screen=None)
 
 
 def test_export_int8_cli_calibrated_on_training_images_only(synthetic_dataset, tmp_path, capsys):

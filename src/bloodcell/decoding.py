@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+import threading
+import time
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -98,11 +100,20 @@ class Decoder:
 _worker_decoder: Decoder | None = None
 
 
-def _start_worker(decoder: Decoder) -> None:
+def _start_worker(decoder: Decoder, parent: int) -> None:
     global _worker_decoder
     _worker_decoder = decoder
     # Ctrl-C reaches the whole process group: the main process stops the job and the pool
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # a main process killed outright (SIGKILL, the OOM killer) cannot stop its pool: the
+    # workers notice they were orphaned and leave instead of idling on forever
+    threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _decode_in_worker(srcs: Sequence) -> list:
@@ -120,31 +131,56 @@ class DecodePool:
         self.processes = bool(processes and workers > 0)
         self.chunk = PROCESS_CHUNK if self.processes else 1
         self.ex: Executor | None = None
+        self.broken = False
         if self.processes:
             import multiprocessing as mp
             self.ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                                          initializer=_start_worker, initargs=(decoder,))
+                                          initializer=_start_worker, initargs=(decoder, os.getpid()))
+            self._start_quietly(workers)
         elif workers > 0:
             self.ex = ThreadPoolExecutor(workers, thread_name_prefix="decode")
 
+    def _start_quietly(self, workers: int) -> None:
+        """Start every worker now, with SIGINT ignored: a spawned interpreter inherits that
+        through exec, so a Ctrl-C while the workers import is the main process's alone
+        (not a traceback from each of them)."""
+        main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            for _ in range(workers):  # the pool starts a process per task while none is idle
+                self.ex.submit(int)
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, old)
+
     def submit(self, srcs: Sequence):
-        if self.ex is None:
+        """A future of ``decode_many(srcs)``, or the list itself where it was decoded here."""
+        if self.ex is None or self.broken:
             return self.decoder.decode_many(srcs)
-        if self.processes:
+        if not self.processes:
+            return self.ex.submit(self.decoder.decode_many, list(srcs))
+        try:
             return self.ex.submit(_decode_in_worker, list(srcs))
-        return self.ex.submit(self.decoder.decode_many, list(srcs))
+        except BrokenExecutor as e:  # a worker died: the pool takes no more work
+            self._broke(e)
+            return self.decoder.decode_many(srcs)
 
     def result(self, job, srcs: Sequence) -> list:
-        if self.ex is None:
+        if isinstance(job, list):
             return job
         try:
             return job.result()
         except Exception as e:  # BrokenProcessPool, or a result that could not be sent back
             if not self.processes:
                 raise
-            log.warning("a decode worker process failed (%s: %s); decoding %d input(s) here",
-                        type(e).__name__, e, len(srcs))
+            self._broke(e)
             return self.decoder.decode_many(srcs)
+
+    def _broke(self, e: Exception) -> None:
+        if not self.broken:
+            log.warning("a decode worker process failed (%s: %s); decoding the rest in this process",
+                        type(e).__name__, e)
+        self.broken = isinstance(e, BrokenExecutor) or self.broken
 
     def close(self, pending=()) -> None:
         if self.ex is not None:

@@ -173,6 +173,8 @@ class Classifier:
                                 "--int8-weight-bits 7)", path)
             elif path is None:
                 path = ensure_onnx(self.weights_path, self._model, self.meta, onnx_path, metadata)
+                if onnx_path and "bloodcell_int8_weight_bits" in metadata(path):
+                    self.backend = "onnx-int8"  # an int8 file given by name: say so in the records' summary
             st, session, _ = opened.get(path, (None, None, None))
             return path, session if st == stamp(path) else ort_session(path, threads)
         except (OSError, ValueError):  # ours: missing file, other weights
@@ -382,9 +384,15 @@ def auto_int8(weights_path, metadata) -> Path | None:
     except Exception as e:  # a damaged int8 file must not stop the float model from running
         log.warning("%s not used (%s: %s); running the float model", p, type(e).__name__, e)
         return None
-    if meta.get("bloodcell_weights_sha1") != weights_sha1(weights_path):
+    why = ("it was made from other weights" if meta.get("bloodcell_weights_sha1") != weights_sha1(weights_path)
+           else "its weights are 7-bit (an older recipe, less accurate: --backend onnx-int8 runs it)"
+           if meta.get("bloodcell_int8_weight_bits") != "8"
+           else "this CPU has no int8 dot product (VNNI, AMX): 8-bit weights could saturate"
+           if not int8_exact_here(meta) else None)
+    if why:
+        log.info("running the float model: %s not used, %s", p, why)
         return None
-    return p if meta.get("bloodcell_int8_weight_bits") == "8" and int8_exact_here(meta) else None
+    return p
 
 
 def _channels_last(model):

@@ -103,14 +103,18 @@ class OnnxRunner:
                  session=None):
         self.path = path
         self.image_size = int(image_size)
-        if session is not None:
-            self.session = session
-            return
-        try:
-            self.session = ort_session(path, threads)
-        except Exception as e:  # onnxruntime's own error types for a damaged or foreign file
-            first = str(e).strip().splitlines()[0] if str(e).strip() else e
-            raise ValueError(f"{path}: not a usable ONNX model ({type(e).__name__}: {first})") from None
+        if session is None:
+            try:
+                session = ort_session(path, threads)
+            except Exception as e:  # onnxruntime's own error types for a damaged or foreign file
+                first = str(e).strip().splitlines()[0] if str(e).strip() else e
+                raise ValueError(f"{path}: not a usable ONNX model ({type(e).__name__}: {first})") from None
+        self.session = session
+        shape = session.get_inputs()[0].shape  # [batch, S, S, 3]; a file of another model fails here, not mid-job
+        if len(shape) != 4 or any(isinstance(d, int) and d != want
+                                  for d, want in zip(shape[1:], (self.image_size, self.image_size, 3))):
+            raise ValueError(f"{path}: takes input {shape}, not this model's [N, {self.image_size}, "
+                             f"{self.image_size}, 3] (an ONNX file of another model?)")
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
         x = check_batch(batch, self.image_size)

@@ -152,7 +152,9 @@ def _open_image(src: ImageSource, draft_size: int | None = None) -> tuple[Image.
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(name, f"refusing a possible decompression bomb ({e})") from None
+        # PIL's own check fires before ours on the largest images: the same words, our limit
+        raise ImageError(name, f"image too large (limit {MAX_PIXELS:,} pixels): refusing a possible "
+                               f"decompression bomb ({e})") from None
     except Image.UnidentifiedImageError:
         raise ImageError(name, "not an image (unrecognised file format)") from None
     except (OSError, SyntaxError, ValueError) as e:

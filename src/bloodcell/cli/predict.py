@@ -40,8 +40,7 @@ def format_summary(s: dict) -> str:
     lines.append(f"{s['n_inputs']} input(s): {s['n_ok']} classified, {s['n_skipped']} skipped"
                  + (f", {s['n_resumed']} taken from the interrupted run" if s["n_resumed"] else ""))
     how = (f"ray, {s['backend']}, batch {s['batch_size']}" if s.get("engine") == "ray" else
-           f"{s['backend']}, batch {s['batch_size']}, {s['workers']} decode "
-           f"{'processes' if s.get('decode') == 'processes' else 'threads'}")
+           f"{s['backend']}, batch {s['batch_size']}, {decoders(s)}")
     lines.append(f"{s['n_computed']} image(s) in {s['seconds']:.1f} s: {s['images_per_s']:.1f} images/s "
                  f"({how})")
     if s["skipped"]:
@@ -66,6 +65,15 @@ def print_records(records: list[dict]) -> None:
                  + r.get("input_warnings", []))
         print(f"{path}\t{r['class']}\t{r['probability']:.3f}\t[{top}]"
               + (f"\t{'; '.join(flags)}" if flags else ""))
+
+
+def decoders(summary: dict) -> str:
+    """What decoded ahead of the model, in words: "2 decode processes", "1 decode thread"..."""
+    n = summary["workers"]
+    if n == 0:
+        return "decoded inline"
+    kind = "process" if summary.get("decode") == "processes" else "thread"
+    return f"{n} decode {kind}{'es' if kind == 'process' and n > 1 else 's' if n > 1 else ''}"
 
 
 def cmd_predict(args):
@@ -123,7 +131,8 @@ def add_commands(sub):
     p.add_argument("--out", help="results file: .csv (one row per image) or .json (with the summary)")
     p.add_argument("--batch-size", type=ranged(int, 1), default=64)
     p.add_argument("--workers", type=ranged(int, 0), default=None,
-                   help=f"decode threads running ahead of the model (default {default_workers()}; 0 = inline)")
+                   help=f"decode threads or processes (--decode) running ahead of the model "
+                        f"(default {default_workers()}; 0 = decode inline)")
     p.add_argument("--decode", choices=DECODE_MODES, default="auto",
                    help="decode and screen ahead of the model in threads or worker processes "
                         f"(default auto: processes from {PROCESS_MIN_INPUTS} images on, when "
@@ -132,7 +141,8 @@ def add_commands(sub):
                    help="auto (default: the model's int8 file where this CPU runs it exactly, else "
                         "onnx), onnx (ONNX Runtime, float; exported once and cached next to the "
                         "model), onnx-int8 or torch")
-    p.add_argument("--onnx", help="use this exported .onnx file (with --backend onnx)")
+    p.add_argument("--onnx", help="use this exported .onnx file (with --backend auto or onnx; it "
+                                  "must take the model's input size)")
     p.add_argument("--threads", type=ranged(int, 1), help="model compute threads (default: all cores)")
     p.add_argument("--review-threshold", type=ranged(float, 0, 1),
                    help="flag images whose calibrated confidence is below this "
