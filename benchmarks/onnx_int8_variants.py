@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bloodcell import data as D
-from bloodcell.export import INPUT_NAME, ensure_onnx, onnx_metadata, train_images
+from bloodcell.export import ensure_onnx, onnx_metadata, quantize_int8, train_images
 from bloodcell.modelfile import ModelFile, bundled_model_path, resolve_model_path
 from bloodcell.predict import Classifier
 
@@ -42,29 +42,9 @@ VARIANTS = {
 
 def quantize(fp32: Path, out: Path, calib: np.ndarray, keep_float: tuple, method: str,
              seven_bit: bool = True) -> Path:
-    import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
-    g = onnx.load(str(fp32)).graph
-    convs = [n.name for n in g.node if n.op_type == "Conv"]
-    head = [n.name for n in g.node if n.op_type in ("Gemm", "MatMul")]
-    depthwise = [n.name for n in g.node if n.op_type == "Conv"
-                 and any(a.name == "group" and a.i > 1 for a in n.attribute)]
-    exclude = ((convs[:1] if "stem" in keep_float else []) + (convs[:3] if "stem3" in keep_float else [])
-               + (head if "head" in keep_float else []) + (depthwise if "depthwise" in keep_float else []))
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{INPUT_NAME: calib[i:i + 32]} for i in range(0, len(calib), 32)])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    # the same settings as export.quantize_int8 (QDQ, per-channel 7-bit weights), plus the exclusions
-    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    reduce_range=seven_bit, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=exclude, calibrate_method=getattr(CalibrationMethod, method))
-    return out
+    """export.quantize_int8 (QDQ, per-channel weights), with the variant's settings."""
+    return quantize_int8(fp32, out, calib, weight_bits=7 if seven_bit else 8, keep_float=keep_float,
+                         method=method)
 
 
 def main():

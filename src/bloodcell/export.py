@@ -274,22 +274,30 @@ INT8_CALIB_IMAGES = 1000
 
 
 def _float_node_names(fp32_onnx, keep_float: tuple[str, ...]) -> list[str]:
-    """Graph nodes left in float: "stem" = the first convolution, "head" = the classifier."""
+    """Graph nodes left in float: "stem" = the first convolution, "stem3" = the first three,
+    "head" = the classifier, "depthwise" = every grouped convolution."""
     import onnx
     g = onnx.load(str(fp32_onnx)).graph
-    convs = [n.name for n in g.node if n.op_type == "Conv"]
-    head = [n.name for n in g.node if n.op_type in ("Gemm", "MatMul")]
-    return (convs[:1] if "stem" in keep_float else []) + (head if "head" in keep_float else [])
+    convs = [n for n in g.node if n.op_type == "Conv"]
+    picks = {"stem": convs[:1], "stem3": convs[:3],
+             "head": [n for n in g.node if n.op_type in ("Gemm", "MatMul")],
+             "depthwise": [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]}
+    unknown = set(keep_float) - set(picks)
+    if unknown:
+        raise ValueError(f"unknown float node group(s) {sorted(unknown)}: use {', '.join(picks)}")
+    return list(dict.fromkeys(n.name for k in keep_float for n in picks[k]))
 
 
 def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calib,
                   batch: int = 32, weight_bits: int = INT8_WEIGHT_BITS,
-                  keep_float: tuple[str, ...] = INT8_FLOAT_NODES) -> Path:
+                  keep_float: tuple[str, ...] = INT8_FLOAT_NODES, method: str = "MinMax") -> Path:
     """Static int8 quantisation (QDQ, per-channel weights) calibrated on ``calib``, uint8
     images as the model takes them. ``weight_bits`` 8, or 7 (reduce_range) for CPUs whose
     int8 products can saturate with full-range weights (x86 without VNNI/AMX: see
-    ``runtime.int8_safe``); the file records which in ``bloodcell_int8_weight_bits``."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    ``predict.int8_exact_here``); the file records which in ``bloodcell_int8_weight_bits``.
+    ``method``: the activation ranges' calibration (MinMax, Percentile, Entropy)."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
 
     from .data import atomic_write_bytes
     if weight_bits not in (7, 8):
@@ -311,7 +319,8 @@ def quantize_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike, calib,
         quantize_static(str(fp32_onnx), str(tmp), Reader(), quant_format=QuantFormat.QDQ,
                         per_channel=True, reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8,
-                        nodes_to_exclude=_float_node_names(fp32_onnx, tuple(keep_float)))
+                        nodes_to_exclude=_float_node_names(fp32_onnx, tuple(keep_float)),
+                        calibrate_method=getattr(CalibrationMethod, method))
         import onnx
         proto = onnx.load(str(tmp))
         del proto.metadata_props[:]  # keep the float export's provenance (weights sha1, classes...)
