@@ -65,6 +65,23 @@ def test_framing_pads_with_the_background_colour_near_the_edge():
     assert np.abs(corner - np.array(bg)).max() < 25  # not black, not a reflection of the cell
 
 
+def test_partial_framing_keeps_part_of_the_size_difference():
+    """power 0.5: a nucleus twice another's size comes out sqrt(2) times as big, not the
+    same (power 1) nor twice (no framing); a nucleus of extent ``ref`` lands at ``target``."""
+    full, half = Framing(), Framing(power=0.5, ref=0.32)
+    small, large = CellBox(0.5, 0.5, 0.2, True), CellBox(0.5, 0.5, 0.4, True)
+
+    def framed(f, cell):
+        x0, _, x1, _ = f.crop_box(cell)
+        return cell.extent / (x1 - x0)
+
+    assert framed(full, small) == pytest.approx(framed(full, large))
+    assert framed(half, large) / framed(half, small) == pytest.approx(2 ** 0.5)
+    assert framed(half, CellBox(0.5, 0.5, 0.32, True)) == pytest.approx(half.target)
+    assert Framing.of_config({"power": 0.5}) == half
+    assert Framing.of_config(True) == full and Framing.of_config(False) is None
+
+
 def test_crop_box_is_limited():
     f = Framing(target=0.4, min_side=0.25, max_side=3.0)
     x0, _, x1, _ = f.crop_box(CellBox(0.5, 0.5, 0.01, True))  # a speck: no 40x zoom

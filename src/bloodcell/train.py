@@ -371,7 +371,7 @@ def prepare_data(cfg: TrainConfig, run: Path | None = None):
     """Scan, split (or reuse a manifest), load cached images. Shared with evaluate/study."""
     ds = D.scan(cfg.data)
     images, cache_info = D.load_images(ds, cfg.image_size, cfg.cache_dir, progress=cfg.progress,
-                                       framing=Framing() if cfg.framing else None)
+                                       framing=Framing.of_config(cfg.framing))
     if cfg.split_file:
         splits = D.apply_manifest(ds, D.read_manifest(Path(cfg.split_file)))
     else:
@@ -425,13 +425,18 @@ def build_trainer(cfg: TrainConfig, world: dist.World, device, precision: str,
     return Trainer(cfg, world, device, precision, data, model, opt, ema, aux, steps)
 
 
+def _framing_dict(cfg: TrainConfig) -> dict | None:
+    framing = Framing.of_config(cfg.framing)
+    return framing.to_dict() if framing else None
+
+
 def model_metadata(t: Trainer) -> ModelFile:
     """model.json, less the history and best epoch that each save adds."""
     cfg, ds = t.cfg, t.data.ds
     return ModelFile(
         architecture=cfg.model, classes=list(ds.classes), image_size=cfg.image_size,
         preprocess={"version": PREPROCESS_VERSION, "description": PREPROCESS_DESCRIPTION,
-                    "framing": Framing().to_dict() if cfg.framing else None},
+                    "framing": _framing_dict(cfg)},
         input="float32 NCHW RGB 0..255 (normalisation inside the model)",
         temperature=1.0, train_args={**asdict(cfg), "precision": t.precision},
         data={"root": str(ds.root), "n_images": len(ds), "skipped": ds.skipped,

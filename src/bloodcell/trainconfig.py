@@ -38,7 +38,7 @@ class TrainConfig:
                                "this decay per step (e.g. 0.998) and validate/save it; 0 = off")
     subclass_aux: float | None = option(help="weight of an auxiliary loss on file-name sub-types "
                                         "(PBC: BNE/SNE neutrophils, PMY/MY/MMY ig), training only; 0 = off")
-    framing: bool | None = option(cli=False)  # cell-centred framing (bloodcell.locate); per model
+    framing: bool | dict | None = option(cli=False)  # cell-centred framing (locate.Framing fields); per model
     seed: int = option(DEFAULT_SEED, help="seed of initialisation, shuffling and augmentation")
     split_seed: int = option(DEFAULT_SEED, help="seed of the train/val/test split")
     split_file: str | None = option(help="reuse a split manifest (split.csv of another run)")
