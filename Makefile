@@ -54,10 +54,11 @@ study: install
 # temperature and review threshold on validation, test metrics, the int8 file. Bundling it
 # into the package is a separate, deliberate step (only a model that measures better).
 MODEL_OUT ?= runs/recipe-s42
+MODEL     ?= lite0-recipe
 SEED      ?= 42
 TRAIN_ARGS ?=
 model: install
-	$(BIN)/bloodcell train --model lite0-recipe --data "$(DATA)" --out $(MODEL_OUT) --seed $(SEED) $(TRAIN_ARGS)
+	$(BIN)/bloodcell train --model $(MODEL) --data "$(DATA)" --out $(MODEL_OUT) --seed $(SEED) $(TRAIN_ARGS)
 	$(BIN)/bloodcell calibrate --model $(MODEL_OUT) --data "$(DATA)" --out $(MODEL_OUT)/calibration.json
 	$(BIN)/bloodcell evaluate --model $(MODEL_OUT) --data "$(DATA)" --split test --out $(MODEL_OUT)/eval-test
 	$(BIN)/bloodcell export --model $(MODEL_OUT) --format onnx-int8 --data "$(DATA)"

@@ -1,7 +1,8 @@
 """Other labs' cells: zero-shot accuracy and adaptation curves per external folder.
 
     PYTHONPATH=src python benchmarks/domain_eval.py ../shared/data/wbc_cellavision \
-        [--model RUN] [--ks 5,10,20] [--draws 3] [--json out.json] [--set adabn=0.5 ...]
+        [--model RUN] [--ks 5,10,20] [--draws 3] [--json out.json] [--set adabn=0.5 ...] \
+        [--zoom 0.8]
 
 Each FOLDER holds class sub-folders named like the model's classes (any letter case).
 Per folder:
@@ -14,20 +15,28 @@ Per folder:
   classes left out of the adaptation set -- is the test set: 8-way, 5-way, share
   flagged by the refitted input check, the adaptation's own seconds.
 Prints a table (mean +- sd over the draws) and writes everything as JSON.
+
+``--zoom F`` first scales every image about its centre (F < 1 zooms out, padding with
+the slide's background colour: ``restyle.zoom``), a fixed zoom for the whole folder, to
+measure how much of the gap is the lab's magnification.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from bloodcell.adapt import AdaptSettings, adapt, load_folder
 from bloodcell.predict import Classifier
+from bloodcell.restyle import zoom as zoom_about_centre
+from bloodcell.transforms import open_image
 
 WHITE = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 
@@ -103,6 +112,22 @@ def parse_settings(pairs: list[str]) -> AdaptSettings:
     return AdaptSettings(**kw)
 
 
+def zoomed_copy(folder: str, factor: float, out: Path) -> str:
+    """FOLDER's class folders with every image zoomed by ``factor`` (PNG, centre square)."""
+    for f in sorted(Path(folder).glob("*/*")):
+        try:
+            im = open_image(f)
+        except ValueError as e:
+            print(f"skipped {e}", file=sys.stderr)
+            continue
+        s = min(im.size)
+        left, top = (im.width - s) // 2, (im.height - s) // 2
+        square = np.asarray(im.crop((left, top, left + s, top + s)))
+        (out / f.parent.name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(zoom_about_centre(square, factor)).save(out / f.parent.name / f"{f.stem}.png")
+    return str(out)
+
+
 def fmt(c: dict, key: str) -> str:
     if "skipped" in c:
         return "-"
@@ -117,6 +142,8 @@ def main():
     ap.add_argument("--draws", type=int, default=3)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="adapt settings")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--zoom", type=float, default=None,
+                    help="zoom every image by this factor first (< 1: zoom out); see above")
     a = ap.parse_args()
     import logging
 
@@ -127,7 +154,11 @@ def main():
     ks = [int(k) for k in a.ks.split(",") if k]
     base = Classifier.load(a.model, screen=None)
     results = {"model": a.model or "bundled", "settings": asdict(settings), "draws": a.draws, "folders": {}}
+    tmp = tempfile.TemporaryDirectory()
     for folder in a.folders:
+        if a.zoom:
+            folder = zoomed_copy(folder, a.zoom, Path(tmp.name) / Path(folder).name)
+            results["zoom"] = a.zoom
         cells = load_folder(folder, base.classes, base.image_size, base.framing)
         zero = scores(base, cells.images, cells.labels, cells.sources)
         print(f"{folder}: {zero['n']} images {cells.class_counts()}; zero-shot 8-way {zero['acc8']:.3f}, "

@@ -161,3 +161,15 @@ def test_locator_against_hand_drawn_masks():
     assert len(centre) >= 97                    # a nucleus found in nearly every image
     assert np.median(centre) < 0.02 and np.percentile(centre, 90) < 0.07
     assert 0.9 < np.median(size) < 1.1 and np.percentile(size, 90) < 1.3
+
+
+def test_domain_augment_p_leaves_the_look_of_the_rest_alone():
+    """p = 0: geometry only (a flat slide stays exactly its colour); p = 1: every image recoloured."""
+    flat = torch.full((6, 3, 32, 32), 200.0)
+    flat[:, 2] = 180.0
+    torch.manual_seed(0)
+    np.random.seed(0)
+    none, every = DomainAugment(p=0.0).train(), DomainAugment(p=1.0).train()
+    torch.testing.assert_close(none(flat), flat)
+    changed = (every(flat) - flat).abs().amax(dim=(1, 2, 3)) > 1
+    assert bool(changed.all())

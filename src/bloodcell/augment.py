@@ -24,15 +24,16 @@ import torch.nn.functional as F
 class DomainAugment(torch.nn.Module):
     def __init__(self, zoom: float = 0.35, shift: float = 0.06, stain: float = 0.25,
                  color: float = 0.2, p_blur: float = 0.3, p_lowres: float = 0.3,
-                 min_res: float = 0.33, p_jpeg: float = 0.15, noise: float = 3.0):
+                 min_res: float = 0.33, p_jpeg: float = 0.15, noise: float = 3.0, p: float = 1.0):
         super().__init__()
+        self.p = p  # share of images that get the stain, colour and optics ops (all get geometry)
         self.zoom, self.shift, self.stain, self.color = zoom, shift, stain, color
         self.p_blur, self.p_lowres, self.min_res = p_blur, p_lowres, min_res
         self.p_jpeg, self.noise = p_jpeg, noise
 
     def extra_repr(self):
         return (f"zoom={self.zoom}, shift={self.shift}, stain={self.stain}, color={self.color}, "
-                f"p_blur={self.p_blur}, p_lowres={self.p_lowres}, p_jpeg={self.p_jpeg}")
+                f"p_blur={self.p_blur}, p_lowres={self.p_lowres}, p_jpeg={self.p_jpeg}, p={self.p}")
 
     def forward(self, x):
         if not self.training:
@@ -42,6 +43,13 @@ class DomainAugment(torch.nn.Module):
 
     def _augment(self, x):
         x = self.geometry(x)
+        if self.p < 1:  # the rest keep the source lab's look: in-domain accuracy needs them
+            keep = torch.rand(x.shape[0], device=x.device) >= self.p
+            return torch.where(keep.view(-1, 1, 1, 1), x, self._appearance(x)).clamp(0, 255) \
+                .contiguous(memory_format=torch.channels_last)
+        return self._appearance(x)
+
+    def _appearance(self, x):
         x = self.stain_jitter(x)
         x = self.colour_jitter(x)
         x = self.blur(x)

@@ -327,6 +327,15 @@ def lite0_robust2(num_classes: int, image_size: int = 224, pretrained: bool | st
     return lite0_robust(num_classes, image_size, pretrained)
 
 
+@register("lite0-robust3", "lite0-robust2 with the domain augmentation's stain, colour and optics "
+          "ops on half of the images (the other half keep PBC's look)",
+          lr=2e-3, weight_decay=1e-4, label_smoothing=0.1, schedule="onecycle", epochs=12,
+          batch_size=48, image_size=128, patience=0, optimizer="adamw", framing={"power": 0.5})
+def lite0_robust3(num_classes: int, image_size: int = 224, pretrained: bool | str = True, **_):
+    from .augment import DomainAugment
+    return _lite0(num_classes, pretrained, frozen=False, augment=DomainAugment(p=0.5), dropout=0.2)
+
+
 # Gen 5 with a bigger frozen backbone: the study froze ResNet-50 (25 M parameters); of the
 # offline weights Lite2 (6 M, 260 px native) is the closest in capacity.
 @register("lite2-frozen", "Gen 5 alternative: augmentation, ImageNet EfficientNet-Lite2 frozen, "
