@@ -336,6 +336,14 @@ def lite0_robust3(num_classes: int, image_size: int = 224, pretrained: bool | st
     return _lite0(num_classes, pretrained, frozen=False, augment=DomainAugment(p=0.5), dropout=0.2)
 
 
+@register("lite0-domain", "Ablation of lite0-robust3 without the framing (centre square as the "
+          "recipe): what the nucleus-centred crop costs on PBC",
+          lr=2e-3, weight_decay=1e-4, label_smoothing=0.1, schedule="onecycle", epochs=12,
+          batch_size=48, image_size=128, patience=0, optimizer="adamw")
+def lite0_domain(num_classes: int, image_size: int = 224, pretrained: bool | str = True, **_):
+    return lite0_robust3(num_classes, image_size, pretrained)
+
+
 # Gen 5 with a bigger frozen backbone: the study froze ResNet-50 (25 M parameters); of the
 # offline weights Lite2 (6 M, 260 px native) is the closest in capacity.
 @register("lite2-frozen", "Gen 5 alternative: augmentation, ImageNet EfficientNet-Lite2 frozen, "
