@@ -43,11 +43,15 @@ class DomainAugment(torch.nn.Module):
 
     def _augment(self, x):
         x = self.geometry(x)
-        if self.p < 1:  # the rest keep the source lab's look: in-domain accuracy needs them
-            keep = torch.rand(x.shape[0], device=x.device) >= self.p
-            return torch.where(keep.view(-1, 1, 1, 1), x, self._appearance(x)).clamp(0, 255) \
-                .contiguous(memory_format=torch.channels_last)
-        return self._appearance(x)
+        if self.p >= 1:
+            return self._appearance(x)
+        # the rest keep the source lab's look (in-domain accuracy needs them); only the
+        # picked images go through the appearance ops (the JPEG one is a Python loop)
+        pick = torch.rand(x.shape[0], device=x.device) < self.p
+        if pick.any():
+            x = x.clone()
+            x[pick] = self._appearance(x[pick])
+        return x.clamp(0, 255).contiguous(memory_format=torch.channels_last)
 
     def _appearance(self, x):
         x = self.stain_jitter(x)
