@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from bloodcell.data import atomic_write_bytes, default_data_dir
-from bloodcell.models import lite0_weights_path, load_state_dict_file
+from bloodcell.models import lite_weights_path, load_state_dict_file
 from bloodcell.transforms import preprocess
 
 
@@ -45,6 +45,8 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--quality", type=int, default=80)
+    ap.add_argument("--variants", default="lite0",
+                    help="EfficientNet-Lite ImageNet weights to pack, comma-separated (lite0,lite1,lite2)")
     args = ap.parse_args(argv)
 
     out, data = Path(args.out), Path(args.data or default_data_dir())
@@ -62,16 +64,18 @@ def main(argv=None):
         w = csv.DictWriter(f, fieldnames=list(manifest[0]))
         w.writeheader()
         w.writerows(manifest)
-    # fp16 and without the ImageNet classifier: a third of the original file
-    sd = {k: (v.half() if v.is_floating_point() else v).contiguous()
-          for k, v in load_state_dict_file(lite0_weights_path()).items() if not k.startswith("_fc.")}
-    save_file(sd, str(out / "lite0.safetensors"))
+    for variant in args.variants.split(","):
+        # fp16 and without the ImageNet classifier: a third of the original file
+        sd = {k: (v.half() if v.is_floating_point() else v).contiguous()
+              for k, v in load_state_dict_file(lite_weights_path(variant)).items() if not k.startswith("_fc.")}
+        save_file(sd, str(out / f"{variant}.safetensors"))
     # one archive: the device tool's size limit counts small files badly
     with tarfile.open(out / "pbc.tgz", "w:gz") as tar:
         tar.add(out / "pbc", arcname="pbc")
     shutil.rmtree(out / "pbc")
+    weights = sum((out / f"{v}.safetensors").stat().st_size for v in args.variants.split(","))
     print(f"{len(jobs)} images ({total / 2**20:.1f} MiB) at {args.size} px, weights "
-          f"{(out / 'lite0.safetensors').stat().st_size / 2**20:.1f} MiB -> {out}", file=sys.stderr)
+          f"{weights / 2**20:.1f} MiB -> {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

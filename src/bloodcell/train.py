@@ -32,6 +32,7 @@ from tqdm import tqdm
 from . import cpu
 from . import data as D
 from . import distributed as dist
+from .distill import SoftTargets
 from .locate import Framing
 from .modelfile import ModelFile, resolve_model_path
 from .models import create_model, library_versions, save_model
@@ -234,6 +235,7 @@ class Trainer:
     opt: torch.optim.Optimizer
     ema: WeightEMA | None
     aux: SubtypeHead | None
+    soft: SoftTargets | None  # a teacher's probabilities (--distill)
     steps_per_epoch: int
     net: torch.nn.Module | None = None  # what a step calls: the model, or DDP around it
 
@@ -416,13 +418,19 @@ def build_trainer(cfg: TrainConfig, world: dist.World, device, precision: str,
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = WeightEMA(model, cfg.ema) if cfg.ema else None
+    soft = None
+    if cfg.distill:
+        soft = SoftTargets.read(cfg.distill, data.ds, cfg.distill_weight, cfg.distill_temperature)
+        soft.check_covers(data.tr, data.ds)
+        log.info("distilling from %s (weight %g, temperature %g)", cfg.distill, cfg.distill_weight,
+                 cfg.distill_temperature)
     n = len(data.tr)
     steps = math.ceil(n / cfg.batch_size)
     if world.distributed and 0 < n % cfg.batch_size < 2 * world.size:
         steps -= 1  # a last batch too small for every rank to get 2 images
     if cfg.max_steps_per_epoch:
         steps = min(steps, cfg.max_steps_per_epoch)
-    return Trainer(cfg, world, device, precision, data, model, opt, ema, aux, steps)
+    return Trainer(cfg, world, device, precision, data, model, opt, ema, aux, soft, steps)
 
 
 def _framing_dict(cfg: TrainConfig) -> dict | None:
@@ -464,7 +472,10 @@ def train_one_epoch(t: Trainer, epoch: int, stop: GracefulStop) -> EpochStats:
             group["lr"] = lr_at((epoch - 1) * t.steps_per_epoch + b, t.total_steps, cfg.lr, cfg.schedule)
         with autocast(device, t.precision):
             logits = t.net(x)
-            loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+            if t.soft is not None:
+                loss = t.soft.loss(logits.float(), target, idx, cfg.label_smoothing)
+            else:
+                loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
             if t.aux is not None:
                 loss = loss + t.aux.loss(idx)
         t.opt.zero_grad(set_to_none=True)

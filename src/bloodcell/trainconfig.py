@@ -38,6 +38,12 @@ class TrainConfig:
                                "this decay per step (e.g. 0.998) and validate/save it; 0 = off")
     subclass_aux: float | None = option(help="weight of an auxiliary loss on file-name sub-types "
                                         "(PBC: BNE/SNE neutrophils, PMY/MY/MMY ig), training only; 0 = off")
+    distill: str | None = option(help="a teacher's predictions.csv (`bloodcell evaluate --model TEACHER "
+                                 "--split train --out DIR`) covering the training images: learn its "
+                                 "probabilities as well as the labels (distill.py)")
+    distill_weight: float = option(0.5, help="share of the distillation term in the loss (with --distill)")
+    distill_temperature: float = option(2.0, help="temperature of the teacher and student "
+                                        "probabilities in the distillation term")
     framing: bool | dict | None = option(cli=False)  # cell-centred framing (locate.Framing fields); per model
     seed: int = option(DEFAULT_SEED, help="seed of initialisation, shuffling and augmentation")
     split_seed: int = option(DEFAULT_SEED, help="seed of the train/val/test split")
