@@ -5,10 +5,13 @@ training images (half B) is marked ``test``, in ``fold-b.csv`` the other half (A
 A teacher trained on fold-a's train rows and run with ``bloodcell evaluate
 --split test`` answers for half B on images it never trained on, and the other
 way round; together the two predictions.csv files cover every training image
-for ``bloodcell train --distill``. Validation rows stay validation rows; test rows
-of the original manifest are dropped (a teacher must never see them).
+for ``bloodcell train --distill fold-a/predictions.csv,fold-b/predictions.csv``.
+Validation rows stay validation rows; test rows of the original manifest are
+dropped (a teacher must never see them), so the folds fit a copy of the data
+without its test images, such as the pack of benchmarks/pack_for_device.py (a
+manifest must name every file of the folder it is used with):
 
-    python scripts/crossfit_splits.py runs/make-model-s42/split.csv --out .gpu/p14
+    python scripts/crossfit_splits.py .gpu/p14/split.csv --out .gpu/p14
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ def main(argv=None):
     train = [r for r in rows if r["split"] == "train"]
     in_a = dict(zip((r["path"] for r in train), halves(train, args.seed)))
     n_a = sum(in_a.values())
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     for name, held_out_a in (("fold-a.csv", False), ("fold-b.csv", True)):
         out = Path(args.out) / name
         with open(out, "w", newline="") as f:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from . import cpu
 from . import data as D
 from . import distributed as dist
-from .distill import SoftTargets
+from .distill import SoftTargets, TeacherFile, check_settings
 from .locate import Framing
 from .modelfile import ModelFile, resolve_model_path
 from .models import create_model, library_versions, save_model
@@ -252,6 +252,10 @@ class Trainer:
         """The network that is validated and saved: the EMA when there is one."""
         return self.ema.module if self.ema is not None else self.model
 
+    def settings(self) -> dict:
+        """Settings a resumed run must keep (beyond the model's weights and shapes)."""
+        return {"distill_teacher": self.soft.record()} if self.soft is not None else {}
+
     def checkpointed(self) -> dict[str, torch.nn.Module]:
         """Modules saved beside the model and optimiser in the training checkpoint."""
         return {k: v for k, v in (("ema", self.ema and self.ema.averaged),
@@ -318,7 +322,7 @@ class GracefulStop:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(run: Path, model, opt, progress: Progress, extra=None):
+def save_checkpoint(run: Path, model, opt, progress: Progress, extra=None, settings: dict | None = None):
     """Last completed epoch: model (+ ``extra`` modules: EMA, auxiliary head) + optimizer
     tensors in safetensors, the rest in JSON."""
     from safetensors.torch import save as st_save
@@ -334,7 +338,7 @@ def save_checkpoint(run: Path, model, opt, progress: Progress, extra=None):
     D.atomic_write_bytes(run / "checkpoint" / "last.safetensors", st_save(tensors))
     D.atomic_write_json(run / "checkpoint" / "last.json", {
         "epoch": progress.epoch, "history": progress.history, "best": progress.best,
-        "param_groups": osd["param_groups"], "numpy_rng": _np_rng_to_json()})
+        "param_groups": osd["param_groups"], "numpy_rng": _np_rng_to_json(), "settings": settings or {}})
 
 
 def _np_rng_to_json():
@@ -342,10 +346,14 @@ def _np_rng_to_json():
     return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
 
 
-def load_checkpoint(run: Path, model, opt, extra=None) -> Progress:
-    """Restore what ``save_checkpoint`` wrote, random streams included."""
+def load_checkpoint(run: Path, model, opt, extra=None, settings: dict | None = None) -> Progress:
+    """Restore what ``save_checkpoint`` wrote, random streams included; ``settings`` (the
+    run's distillation) must be those the run started with."""
     from safetensors.torch import load_file
     meta = json.loads((run / "checkpoint" / "last.json").read_text())
+    if meta.get("settings", {}) != (settings or {}):
+        raise ValueError(f"{run}: the run started with {meta.get('settings') or 'no distillation'}, "
+                         f"not {settings or 'no distillation'}; resume with the settings it started with")
     t = load_file(str(run / "checkpoint" / "last.safetensors"))
     for prefix, module in {"model": model, **(extra or {})}.items():
         sd = {k[len(prefix) + 1:]: v for k, v in t.items() if k.startswith(prefix + ".")}
@@ -403,7 +411,7 @@ def load_data(cfg: TrainConfig, run: Path, world: dist.World) -> TrainData:
 
 
 def build_trainer(cfg: TrainConfig, world: dist.World, device, precision: str,
-                  data: TrainData) -> Trainer:
+                  data: TrainData, teacher: TeacherFile | None = None) -> Trainer:
     """Model, precision (probed on "auto"), auxiliary head, optimiser, EMA, steps per epoch."""
     model = create_model(cfg.model, len(data.ds.classes), cfg.image_size, pretrained=cfg.pretrained,
                          **cfg.extra).to(device).to(memory_format=torch.channels_last)
@@ -420,7 +428,7 @@ def build_trainer(cfg: TrainConfig, world: dist.World, device, precision: str,
     ema = WeightEMA(model, cfg.ema) if cfg.ema else None
     soft = None
     if cfg.distill:
-        soft = SoftTargets.read(cfg.distill, data.ds, cfg.distill_weight, cfg.distill_temperature)
+        soft = SoftTargets.read(cfg.distill, data.ds, cfg.distill_weight, cfg.distill_temperature, teacher)
         soft.check_covers(data.tr, data.ds)
         log.info("distilling from %s (weight %g, temperature %g)", cfg.distill, cfg.distill_weight,
                  cfg.distill_temperature)
@@ -446,7 +454,7 @@ def model_metadata(t: Trainer) -> ModelFile:
         preprocess={"version": PREPROCESS_VERSION, "description": PREPROCESS_DESCRIPTION,
                     "framing": _framing_dict(cfg)},
         input="float32 NCHW RGB 0..255 (normalisation inside the model)",
-        temperature=1.0, train_args={**asdict(cfg), "precision": t.precision},
+        temperature=1.0, train_args={**asdict(cfg), "precision": t.precision, **t.settings()},
         data={"root": str(ds.root), "n_images": len(ds), "skipped": ds.skipped,
               "class_counts": ds.class_counts(), "split_counts": t.data.split_counts()},
         split_manifest_sha1=t.data.manifest_hash, library_versions=library_versions(),
@@ -552,10 +560,14 @@ def _train(cfg: TrainConfig, tracker, world: dist.World) -> dict:
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     device, precision = _start(cfg, world)
-    t = build_trainer(cfg, world, device, precision, load_data(cfg, run, world))
+    teacher = None
+    if cfg.distill:  # its errors before the image cache is built, not after
+        check_settings(cfg.distill_weight, cfg.distill_temperature)
+        teacher = TeacherFile.read(cfg.distill)
+    t = build_trainer(cfg, world, device, precision, load_data(cfg, run, world), teacher)
     progress = Progress()
     if cfg.resume and (run / "checkpoint" / "last.json").exists():
-        progress = load_checkpoint(run, t.model, t.opt, t.checkpointed())
+        progress = load_checkpoint(run, t.model, t.opt, t.checkpointed(), t.settings())
     if world.rank:  # each rank its own augmentation draws (DDP gives all rank 0's weights)
         torch.manual_seed(cfg.seed * 1000 + 7919 * world.rank + progress.epoch + 1)
     t.net = dist.wrap(t.model, world, device)
@@ -582,7 +594,7 @@ def _train(cfg: TrainConfig, tracker, world: dist.World) -> dict:
                 _write_history(run, progress.history)
                 if improved:
                     save_model(t.kept, replace(meta, history=progress.history, best=progress.best), run)
-                save_checkpoint(run, t.model, t.opt, progress, t.checkpointed())
+                save_checkpoint(run, t.model, t.opt, progress, t.checkpointed(), t.settings())
             if stop.requested:
                 break
     return _finish(t, run, progress, not stop.requested, tracker)

@@ -39,7 +39,8 @@ class TrainConfig:
     subclass_aux: float | None = option(help="weight of an auxiliary loss on file-name sub-types "
                                         "(PBC: BNE/SNE neutrophils, PMY/MY/MMY ig), training only; 0 = off")
     distill: str | None = option(help="a teacher's predictions.csv (`bloodcell evaluate --model TEACHER "
-                                 "--split train --out DIR`) covering the training images: learn its "
+                                 "--out DIR`) covering the training images, or several, comma-separated "
+                                 "(cross-fitted teachers: scripts/crossfit_splits.py): learn its "
                                  "probabilities as well as the labels (distill.py)")
     distill_weight: float = option(0.5, help="share of the distillation term in the loss (with --distill)")
     distill_temperature: float = option(2.0, help="temperature of the teacher and student "
