@@ -336,8 +336,8 @@ def lite0_robust3(num_classes: int, image_size: int = 224, pretrained: bool | st
     return _lite0(num_classes, pretrained, frozen=False, augment=DomainAugment(p=0.5), dropout=0.2)
 
 
-# lite0-domain kept robust3's PBC cost without the framing (val 0.982): what is left is the
-# geometry every image gets, a zoom of up to 1.35x either way where PBC's magnification never changes
+# Was the wide zoom (up to 1.35x either way) what cost robust3 PBC accuracy? No: val 0.982 as
+# robust3's 0.981, and a third of the geometric robustness lost (docs/experiments.md row 37)
 @register("lite0-robust4", "lite0-robust3 with the recipe's mild zoom (10 %) instead of 35 %: the "
           "framing, not the augmentation, handles the lab's magnification",
           lr=2e-3, weight_decay=1e-4, label_smoothing=0.1, schedule="onecycle", epochs=12,
