@@ -484,12 +484,13 @@ def test_missing_screen_is_tolerated(model_dir, tmp_path):
 
 def test_model_worker_batches_concurrent_requests(model_dir):
     clf = Classifier.load(model_dir)
-    arrays = [synthetic_cell(i % 8, 64, seed=i) for i in range(6)]
+    arrays = [{"model": synthetic_cell(i % 8, 64, seed=i)} for i in range(6)]
     w = ModelWorker(clf)
     try:
         futs = [w.predict(arrays[i:i + 2]) for i in range(0, 6, 2)]
         got = np.concatenate([f.result(10) for f in futs])
-        np.testing.assert_allclose(got, clf.predict_proba_arrays(np.stack(arrays)), atol=1e-5)
+        np.testing.assert_allclose(got, clf.predict_proba_arrays(np.stack([a["model"] for a in arrays])),
+                                   atol=1e-5)
         assert w.call(lambda a, b: a + b, 2, 3).result(10) == 5
         with pytest.raises(ZeroDivisionError):
             w.call(lambda: 1 / 0).result(10)

@@ -143,7 +143,7 @@ def flat_record(r: dict, classes: Sequence[str]) -> dict:
             "top3": "; ".join(f"{t['class']} {t['probability']:.4f}" for t in r.get("top3", [])),
             "needs_review": r.get("needs_review") if ok else None,
             "multi_cell": r.get("multi_cell"), "multi_cell_score": r.get("multi_cell_score"),
-            "input_warnings": "; ".join(r.get("input_warnings", [])),
+            "model": r.get("model"), "input_warnings": "; ".join(r.get("input_warnings", [])),
             **{f"p_{c}": (probs[c] if ok else None) for c in classes}}
 
 

@@ -94,7 +94,7 @@ def split_logits(model_path, data, split_file=None, cache_dir=None, batch_size: 
     from .inputcheck import InputCheck, fit_input_check
     from .predict import Classifier
     from .runtime import batched_logits
-    clf = Classifier.load(model_path, backend=backend, screen=None)
+    clf = Classifier.load(model_path, backend=backend, screen=None, fallback=None)
     ds = D.scan(data, classes=clf.classes)
     images, _ = D.load_images(ds, clf.image_size, cache_dir, progress=progress, framing=clf.framing)
     splits = D.model_splits(ds, clf.meta.train_args, model_path, split_file)

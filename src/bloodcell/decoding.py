@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .inputcheck import InputCheck
 from .locate import Framing
 from .segment import DEFAULT_PARAMS
 from .transforms import ImageError, prepare, preprocess
@@ -36,19 +37,33 @@ PROCESS_CHUNK = 16
 
 
 @dataclass
+class Route:
+    """Where images unlike the model's training colours go instead: ``check`` (the main
+    model's input check) picks them; they are prepared again for the other model
+    (its size and framing)."""
+    check: InputCheck
+    image_size: int
+    framing: Framing | None = None
+
+
+@dataclass
 class Decoder:
     """An input -> ``({"model": uint8 array, "source": SourceInfo, "cell": CellBox | None,
     "screen": dict | None}, None)``, or ``(None, reason)`` for an input that is no usable
-    image. ``screen``: a multi-cell ``Screen`` or None."""
+    image. ``screen``: a multi-cell ``Screen`` or None. With a ``route``, an image its
+    check calls unlike the training images also gets ``"alt"`` and ``"alt_cell"``: its
+    preparation for the other model."""
     image_size: int
     framing: Framing | None = None
     screen: Any = None
+    route: Route | None = None
 
     def decode_safe(self, src) -> tuple[dict | None, str | None]:
         try:
             arrays = self._decode(src)
         except ImageError as e:
             return None, e.reason
+        self._route_one(src, arrays)
         arrays["screen"] = self._screen_one(arrays)
         arrays.pop("regions", None)  # the segmentation is not sent back from a worker process
         arrays.pop("screen_input", None)
@@ -82,6 +97,16 @@ class Decoder:
             raise
         except Exception as e:  # one odd file must never end a batch job
             raise ImageError(str(src), f"could not decode ({type(e).__name__}: {e})") from None
+
+    def _route_one(self, src, arrays: dict) -> None:
+        if self.route is None or not self.route.check.unlike(arrays["model"][None])[0]:
+            return
+        try:
+            alt = prepare(src, self.route.image_size, self.route.framing)
+            arrays["alt"], arrays["alt_cell"] = alt.image, alt.cell
+        except Exception as e:  # the main model's answer stands
+            log.warning("%s: not prepared for the other-labs model (%s: %s)", src if isinstance(
+                src, (str, os.PathLike)) else "an input", type(e).__name__, e)
 
     def _screen_one(self, arrays: dict):
         if self.screen is None:

@@ -52,7 +52,11 @@ def start(world: World) -> torch.device | None:
 
 def stop(world: World) -> None:
     if world.distributed:
+        import gc
         import torch.distributed as dist
+        # DDP's reducer and gloo's pending work must go while the group still exists: freed
+        # later, at interpreter exit, a gloo thread can abort the process (SIGABRT)
+        gc.collect()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -80,7 +80,7 @@ def evaluate(model_path=None, data=None, split: str = "test", out=None, split_fi
     from .predict import Classifier
     from .runtime import batched_logits, softmax
     model_path = Path(model_path) if model_path else bundled_model_path()
-    clf = Classifier.load(model_path, backend=backend, screen=None)
+    clf = Classifier.load(model_path, backend=backend, screen=None, fallback=None)
     ds = D.scan(data, classes=clf.classes)
     images, _ = D.load_images(ds, clf.image_size, cache_dir, progress=progress, framing=clf.framing)
     if split == "all":

@@ -128,22 +128,31 @@ class InputCheck:
         a transforms.SourceInfo, or (width, height), of the input before preprocessing."""
         return self.warnings_batch(np.asarray(image)[None], [source])[0]
 
+    def _colour_verdicts(self, images: np.ndarray):
+        """-> (distance or None, far from the training colours, grayscale, blank), per image."""
+        feats, spread, grey_sd = _stats(images)
+        dist = None if self.stats is None else _mahalanobis(feats, self.mean, self.cov_inv)
+        gray, blank = spread < GRAY_SPREAD, grey_sd < BLANK_SD
+        far = np.zeros(len(feats), bool) if dist is None else (dist > self.threshold) & ~gray & ~blank
+        return dist, far, gray, blank
+
+    def unlike(self, images: np.ndarray) -> np.ndarray:
+        """bool [N]: stained colour images whose colours are unlike the training images'
+        (another lab's stain or scanner): the "colours unlike" warning, without the text."""
+        return self._colour_verdicts(np.asarray(images))[1]
+
     def warnings_batch(self, images: np.ndarray,
                        sources: list[tuple | None] | None = None) -> list[list[str]]:
         """:meth:`warnings` for a batch of preprocessed images [N, S, S, 3] (vectorised)."""
-        feats, spread, grey_sd = _stats(images)
-        far = np.zeros(len(feats), bool)
-        if self.stats is not None:
-            dist = _mahalanobis(feats, self.mean, self.cov_inv)
-            far = dist > self.threshold
+        dist, far, gray, blank = self._colour_verdicts(images)
         out = []
-        for i, source in enumerate(sources or [None] * len(feats)):
+        for i, source in enumerate(sources or [None] * len(far)):
             w = []
-            if spread[i] < GRAY_SPREAD:
+            if gray[i]:
                 w.append("no colour (grayscale image); the model was trained on stained colour images")
-            if grey_sd[i] < BLANK_SD:
+            if blank[i]:
                 w.append("blank image (nearly uniform)")
-            if not w and far[i]:
+            if far[i]:
                 w.append(f"colours unlike the training images (distance {dist[i]:.1f} > {self.threshold:.1f}): "
                          "another stain or scanner, or not a blood-cell image?")
             if source is not None:

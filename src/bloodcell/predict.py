@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .decoding import Decoder, DecodePool
+from .decoding import Decoder, DecodePool, Route
 from .inputcheck import InputCheck
 from .locate import Framing
 from .modelfile import ModelFile, bundled_file, bundled_model_path, resolve_model_path, weights_sha1
@@ -29,6 +29,8 @@ from .transforms import ImageSource, preprocess
 log = logging.getLogger("bloodcell")
 
 DEFAULT_REVIEW_THRESHOLD = 0.9
+FALLBACK_NAME = "other-labs"
+FALLBACK_DIR = "other-labs"  # the bundled fallback model's folder, beside the bundled model
 
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -97,11 +99,13 @@ class Classifier:
 
     def __init__(self, model, meta: ModelFile | dict, review_threshold: float | None = None,
                  backend: str = "torch", onnx_path=None, weights_path=None, screen=None,
-                 threads: int | None = None):
+                 threads: int | None = None, fallback: "Classifier | None" = None):
         """``model`` may be None on an ONNX backend: the torch model is then loaded from
         ``weights_path`` only when needed (an ONNX export to make, ``.model`` asked for),
         so ONNX inference runs without importing torch at all. A dict ``meta`` is checked
-        as a ``ModelFile``."""
+        as a ``ModelFile``. ``fallback``: the classifier that answers instead for images
+        whose colours this model's input check calls unlike its training images (the
+        bundled other-labs model); its records say ``"model": "other-labs"``."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: use {' or '.join(BACKENDS)}")
         if model is None and (backend == "torch" or weights_path is None):
@@ -120,6 +124,7 @@ class Classifier:
         self.screen = screen
         self.input_check = InputCheck.from_meta(meta)
         self.framing = Framing.of_model(meta)
+        self.fallback = _checked_fallback(fallback, self)
         self.threads = threads
         self.onnx_path = None
         self._runner = None  # made on first use for torch (an ONNX Classifier may never need it)
@@ -193,9 +198,16 @@ class Classifier:
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, backend: str = "torch", onnx_path=None,
-             screen="auto", **kw) -> "Classifier":
+             screen="auto", fallback="auto", **kw) -> "Classifier":
         """``path``: run folder, model.json or .safetensors (None = the bundled model).
-        ``screen``: "auto" (bundled multi-cell screen if any), None, or a screen path."""
+        ``screen``: "auto" (bundled multi-cell screen if any), None, or a screen path.
+        ``fallback``: the model for images unlike this one's training colours: "auto" (the
+        bundled other-labs model, for the bundled model only), None, or a model path."""
+        if fallback == "auto":
+            fallback = bundled_fallback_path() if path is None else None
+        if fallback is not None:
+            fallback = cls.load(fallback, backend=backend, screen=None, fallback=None,
+                                threads=kw.get("threads"))
         path = path if path is not None else bundled_model_path()
         weights, meta_file = resolve_model_path(path)
         if backend == "torch":
@@ -204,7 +216,7 @@ class Classifier:
         else:  # ONNX Runtime: the torch model only if an export must be made
             model, meta = None, ModelFile.load(meta_file)
         return cls(model, meta, backend=backend, onnx_path=onnx_path, weights_path=weights,
-                   screen=load_screen(screen), **kw)
+                   screen=load_screen(screen), fallback=fallback, **kw)
 
     def fingerprint(self) -> dict:
         """What decides a record: a resumed run only reuses records made with the same."""
@@ -212,7 +224,8 @@ class Classifier:
                 "backend": self.backend,
                 "temperature": self.temperature, "review_threshold": self.review_threshold,
                 "screen": screen_fingerprint(self.screen),
-                "input_check": self.input_check.fingerprint()}
+                "input_check": self.input_check.fingerprint(),
+                **({"fallback": self.fallback.fingerprint()} if self.fallback else {})}
 
     # -- arrays in, probabilities out
     def predict_logits_arrays(self, batch: np.ndarray) -> np.ndarray:
@@ -224,6 +237,15 @@ class Classifier:
         """uint8 [N,S,S,3] already preprocessed -> calibrated probabilities [N,C]."""
         return softmax(self.predict_logits_arrays(batch) / self.temperature)
 
+    def predict_proba_decoded(self, items: Sequence[dict]) -> np.ndarray:
+        """Decoded inputs (:meth:`decode_safe`'s dicts) -> calibrated probabilities [N, C]:
+        this model's, or the fallback's for the inputs the decoder routed to it ("alt")."""
+        probs = self.predict_proba_arrays(np.stack([a["model"] for a in items]))
+        routed = [i for i, a in enumerate(items) if "alt" in a]
+        if routed and self.fallback is not None:
+            probs[routed] = self.fallback.predict_proba_arrays(np.stack([items[i]["alt"] for i in routed]))
+        return probs
+
     def preprocess(self, src: ImageSource) -> np.ndarray:
         return preprocess(src, self.image_size, self.framing)
 
@@ -232,25 +254,36 @@ class Classifier:
         return self.predict_proba_arrays(np.stack([self.preprocess(x) for x in inputs]))
 
     def record(self, name: str, probs: np.ndarray, screen: dict | None = None,
-               input_warnings: Sequence[str] = (), cell=None) -> dict:
-        """One result; an image with input warnings (see ``check_inputs``) always needs review."""
-        return self.records([name], np.asarray(probs)[None], [screen], [input_warnings], [cell])[0]
+               input_warnings: Sequence[str] = (), cell=None, decoded: dict | None = None) -> dict:
+        """One result; an image with input warnings (see ``check_inputs``) always needs review.
+        ``decoded``: the input's :meth:`decode_safe` dict (says whether it was routed)."""
+        return self.records([name], np.asarray(probs)[None], [screen], [input_warnings], [cell],
+                            None if decoded is None else [decoded])[0]
 
     def records(self, names: Sequence[str], probs: np.ndarray, screens: Sequence[dict | None],
-                input_warnings: Sequence[Sequence[str]], cells: Sequence) -> list[dict]:
+                input_warnings: Sequence[Sequence[str]], cells: Sequence,
+                decoded: Sequence[dict] | None = None) -> list[dict]:
         """:meth:`record` for a batch: probabilities [N, C] ranked and made Python floats
         once per batch, not per image (per-image numpy calls cost ~4 % of predict's CPU)."""
         top3 = np.argsort(-probs, axis=1)[:, :3].tolist()
+        routed = [self.fallback is not None and "alt" in a for a in decoded or [{}] * len(names)]
         return [self._record(*row) for row in zip(names, probs.tolist(), top3, screens,
-                                                      input_warnings, cells)]
+                                                      input_warnings, cells, routed,
+                                                      decoded or [None] * len(names))]
 
-    def _record(self, name, probs: list[float], top3: list[int], screen, input_warnings, cell) -> dict:
+    def _record(self, name, probs: list[float], top3: list[int], screen, input_warnings, cell,
+                routed: bool = False, decoded=None) -> dict:
         p = probs[top3[0]]
+        threshold = self.fallback.review_threshold if routed else self.review_threshold
         rec = {"path": name, "status": "ok", "class": self.classes[top3[0]], "probability": p,
                "top3": [{"class": self.classes[i], "probability": probs[i]} for i in top3],
                "probabilities": dict(zip(self.classes, probs)),
-               "needs_review": p < self.review_threshold or bool(input_warnings),
+               "needs_review": p < threshold or bool(input_warnings),
                "input_warnings": list(input_warnings)}
+        if self.fallback is not None:
+            rec["model"] = FALLBACK_NAME if routed else "main"
+        if routed:
+            cell = decoded.get("alt_cell")
         if cell is not None:  # a framing model: was the cell found, or the whole image used?
             rec["cell_located"] = bool(cell.found)
         if screen is not None:
@@ -270,7 +303,9 @@ class Classifier:
     # -- decoding (ahead of the model: bloodcell.decoding)
     def decoder(self) -> Decoder:
         """What decodes inputs for this model: its size, framing and current screen."""
-        return Decoder(self.image_size, self.framing, self.screen)
+        route = None if self.fallback is None else Route(
+            self.input_check, self.fallback.image_size, self.fallback.framing)
+        return Decoder(self.image_size, self.framing, self.screen, route)
 
     def decode_safe(self, src):
         """-> ({"model": array, "source": SourceInfo, "cell", "screen": dict | None}, None) or
@@ -294,12 +329,11 @@ class Classifier:
 
         def flush():
             if pending:
-                batch = np.stack([a["model"] for _, _, a in pending])
-                probs = self.predict_proba_arrays(batch)
-                warns = self.check_inputs(batch, [a["source"] for _, _, a in pending])
-                recs = self.records([name for _, name, _ in pending], probs,
-                                    [a["screen"] for _, _, a in pending], warns,
-                                    [a["cell"] for _, _, a in pending])
+                items = [a for _, _, a in pending]
+                probs = self.predict_proba_decoded(items)
+                warns = self.check_inputs(np.stack([a["model"] for a in items]), [a["source"] for a in items])
+                recs = self.records([name for _, name, _ in pending], probs, [a["screen"] for a in items],
+                                    warns, [a["cell"] for a in items], items)
                 done.extend((i, rec) for (i, _, _), rec in zip(pending, recs))
                 pending.clear()
 
@@ -393,6 +427,25 @@ def auto_int8(weights_path, metadata) -> Path | None:
         log.info("running the float model: %s not used, %s", p, why)
         return None
     return p
+
+
+def bundled_fallback_path() -> Path | None:
+    """The bundled other-labs model's folder, None when this installation has none."""
+    p = bundled_file(FALLBACK_DIR)
+    return p if (p / "model.json").exists() else None
+
+
+def _checked_fallback(fallback: "Classifier | None", main: "Classifier") -> "Classifier | None":
+    if fallback is None:
+        return None
+    if list(fallback.classes) != main.classes:
+        raise ValueError(f"the fallback model's classes {fallback.classes} are not this model's {main.classes}")
+    if main.input_check.stats is None:
+        raise ValueError("a fallback model needs the main model's colour statistics to route "
+                         "images to it (fit them with `bloodcell calibrate`)")
+    if fallback.fallback is not None:
+        raise ValueError("a fallback model cannot have a fallback of its own")
+    return fallback
 
 
 def _channels_last(model):

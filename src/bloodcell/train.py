@@ -550,7 +550,9 @@ def train(cfg: TrainConfig, tracker=None) -> dict:
     from .tracking import Tracker
     world = dist.from_env()
     try:
-        return _train(cfg, tracker if tracker is not None and world.main else Tracker.off(), world)
+        summary = _train(cfg, tracker if tracker is not None and world.main else Tracker.off(), world)
+        dist.barrier(world)  # no rank tears the group down while rank 0 still writes
+        return summary
     finally:
         dist.stop(world)
 

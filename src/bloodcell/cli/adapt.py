@@ -15,7 +15,7 @@ def cmd_adapt(args):
     out = Path(args.out)
     if (out / "model.json").exists() and not args.overwrite:
         raise ValueError(f"{out} already holds a model; choose another --out or pass --overwrite")
-    base = Classifier.load(args.model, screen=None)
+    base = Classifier.load(args.model, screen=None, fallback=None)
     if args.data:
         cells = load_folder(args.data, base.classes, base.image_size, base.framing)
     else:

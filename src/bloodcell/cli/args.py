@@ -22,6 +22,11 @@ def data_or_default(path):
     return str(d)
 
 
+def fallback_arg(value: str):
+    """--other-labs-model: "auto" stays "auto", "none" is None, anything else a model path."""
+    return None if value.lower() == "none" else value
+
+
 def ranged(kind, lo, hi=None, lo_open=False):
     """argparse type: a finite number in lo..hi (over lo with lo_open); errors name the value."""
     want = (f"over {lo:g}" if lo_open else f"{lo:g} or more") if hi is None else (

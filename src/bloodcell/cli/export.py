@@ -32,8 +32,8 @@ def cmd_export(args):
           "input uint8 [N,S,S,3], output logits)")
     if not args.no_verify:
         # the same images through both runtimes: the export must not change answers
-        t = Classifier.load(args.model, backend="torch", screen=None)
-        o = Classifier.load(args.model, backend="onnx", onnx_path=out, screen=None)
+        t = Classifier.load(args.model, backend="torch", screen=None, fallback=None)
+        o = Classifier.load(args.model, backend="onnx", onnx_path=out, screen=None, fallback=None)
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (8, t.image_size, t.image_size, 3), dtype=np.uint8)
         pt, po = t.predict_proba_arrays(x), o.predict_proba_arrays(x)

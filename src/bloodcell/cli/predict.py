@@ -7,7 +7,7 @@ from ..batch import check_out_path, predict_paths
 from ..predict import EXAMPLES_NOTE, Classifier, default_workers, example_files, examples_note
 from ..decoding import DECODE_MODES, PROCESS_MIN_INPUTS
 from ..runtime import BACKENDS
-from .args import ranged
+from .args import fallback_arg, ranged
 
 
 def format_summary(s: dict) -> str:
@@ -86,9 +86,12 @@ def cmd_predict(args):
     paths = args.paths + ([str(f) for f in example_files()] if args.examples else [])
     screen = None if args.no_screen else (args.screen or "auto")
     clf = Classifier.load(args.model, backend=args.backend, onnx_path=args.onnx, screen=screen,
-                          review_threshold=args.review_threshold, threads=args.threads)
+                          review_threshold=args.review_threshold, threads=args.threads,
+                          fallback=fallback_arg(args.other_labs_model))
     if args.engine == "ray":
         from ..ray_engine import ModelSpec, RayOptions, predict_ray
+        if args.other_labs_model != "auto":
+            raise ValueError("--engine ray runs the model's default other-labs model: leave --other-labs-model out")
         if args.onnx or args.backend == "torch":
             raise ValueError("--engine ray runs the model's own ONNX file: use --backend auto, onnx or onnx-int8")
         # the actors run what --backend auto chose here (their CPUs are assumed alike)
@@ -149,6 +152,10 @@ def add_commands(sub):
                         "(default: the model's calibrated value)")
     p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")
     p.add_argument("--no-screen", action="store_true", help="do not run the multi-cell screen")
+    p.add_argument("--other-labs-model", default="auto", metavar="auto|none|MODEL",
+                   help="model for images whose colours the main model calls unlike its training images "
+                        "(another lab's stain or scanner): auto (default: the bundled other-labs model, "
+                        "with the bundled model), none, or a run folder / model file")
     p.add_argument("--include-flagged", action="store_true",
                    help="count multi-cell images and images with input warnings in the "
                         "differential count too")

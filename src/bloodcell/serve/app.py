@@ -69,12 +69,13 @@ def load_classifier(cfg: ServeConfig) -> Classifier:
         clf = cfg.model
     else:
         try:  # ONNX Runtime: ~2x less CPU per image than torch; Grad-CAM still uses torch
-            clf = Classifier.load(cfg.model, backend=cfg.backend, screen=None, threads=cfg.threads)
+            clf = Classifier.load(cfg.model, backend=cfg.backend, screen=None, threads=cfg.threads,
+                                  fallback=cfg.other_labs_model)
         except Exception as e:  # e.g. no writable cache for the export: torch still works
             if cfg.backend == "torch":
                 raise
             log.warning("ONNX backend unavailable (%s); serving with torch", e)
-            clf = Classifier.load(cfg.model, backend="torch", screen=None,
+            clf = Classifier.load(cfg.model, backend="torch", screen=None, fallback=cfg.other_labs_model,
                                   threads=min(cfg.threads or 1, default_threads("torch")))
     clf.screen = load_screen(cfg.screen)
     return clf

@@ -70,7 +70,7 @@ def new_cell(clf, cell: PreparedCell, probs: np.ndarray, sample_id: str, model_v
              created: str) -> tuple[dict, dict]:
     """-> (the database row, the API result) of a classified cell."""
     sc = cell.arrays.get("screen")
-    rec = clf.record(cell.name, probs, sc, cell.warnings)
+    rec = clf.record(cell.name, probs, sc, cell.warnings, decoded=cell.arrays)
     cid = secrets.token_hex(8)
     row = {"id": cid, "sample_id": sample_id, "file_name": cell.name, "media_type": cell.media_type,
            "image": cell.data, "created": created, "model_version": model_version,
@@ -84,7 +84,7 @@ def new_cell(clf, cell: PreparedCell, probs: np.ndarray, sample_id: str, model_v
            "image_sha1": hashlib.sha1(cell.data).hexdigest()}
     res = {"file": cell.name, "status": "ok", "cell_id": cid,
            **{k: rec[k] for k in ("class", "probability", "probabilities", "top3", "needs_review",
-                                  "input_warnings", "multi_cell", "multi_cell_score") if k in rec}}
+                                  "input_warnings", "multi_cell", "multi_cell_score", "model") if k in rec}}
     if sc is not None:
         res["n_regions"] = row["n_regions"]
     return row, res

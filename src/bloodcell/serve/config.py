@@ -36,6 +36,7 @@ class ServeConfig:
     max_request_mb: float | None = None       # whole upload request; None: max(200, 2 x per file)
     max_files: int = 1000                     # per request
     screen: Any = AUTO
+    other_labs_model: Any = AUTO              # Classifier.load's fallback: AUTO, None or a path
     backend: str = "auto"                     # see predict.auto_int8
     threads: int | None = None                # None: default_threads(backend)
     log_level: str = "info"

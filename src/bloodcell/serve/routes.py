@@ -69,7 +69,7 @@ async def classify(L: Lab, datas: list[bytes], names: list[str], refused: list, 
         return {"sample_id": None, "sample": sample_name, "n_ok": 0, "n_errors": len(cells),
                 "results": results}
     sample_row = await run_in_threadpool(L.store.sample_for_name, sample_name)
-    probs = await asyncio.wrap_future(L.worker.predict([cells[i].arrays["model"] for i in ok]))
+    probs = await asyncio.wrap_future(L.worker.predict([cells[i].arrays for i in ok]))
     ts, rows = now(), []
     for i, p in zip(ok, probs):
         row, results[i] = new_cell(L.clf, cells[i], p, sample_row["id"], L.card["version"], ts)

@@ -7,12 +7,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
-
 
 @dataclass
 class _Predict:
-    arrays: list[np.ndarray]  # preprocessed uint8 [S, S, 3], one per image
+    items: list[dict]  # decoded inputs (Classifier.decode_safe): "model" uint8 [S, S, 3], maybe "alt"
     future: Future = field(default_factory=Future)
 
 
@@ -38,9 +36,9 @@ class ModelWorker:
     def close(self):
         self.q.put(None)
 
-    def predict(self, arrays: list[np.ndarray]) -> Future:
-        """-> Future of the calibrated probabilities [len(arrays), C]."""
-        job = _Predict(list(arrays))
+    def predict(self, items: list[dict]) -> Future:
+        """-> Future of the calibrated probabilities [len(items), C] (``clf.predict_proba_decoded``)."""
+        job = _Predict(list(items))
         self.q.put(job)
         return job.future
 
@@ -66,7 +64,7 @@ class ModelWorker:
     def _gather(self, first: _Predict) -> tuple[list[_Predict], list[_Call]]:
         """The predictions already waiting, up to max_batch images; calls met on the way
         run after the batch."""
-        batch, calls, n = [first], [], len(first.arrays)
+        batch, calls, n = [first], [], len(first.items)
         while n < self.max_batch:
             try:
                 nxt = self.q.get_nowait()
@@ -79,7 +77,7 @@ class ModelWorker:
                 calls.append(nxt)
             else:
                 batch.append(nxt)
-                n += len(nxt.arrays)
+                n += len(nxt.items)
         return batch, calls
 
     @staticmethod
@@ -91,12 +89,12 @@ class ModelWorker:
 
     def _predict(self, jobs: list[_Predict]):
         try:
-            probs = self.clf.predict_proba_arrays(np.concatenate([np.stack(j.arrays) for j in jobs]))
+            probs = self.clf.predict_proba_decoded([it for j in jobs for it in j.items])
         except BaseException as e:  # noqa: BLE001 - handed to the waiting requests
             for j in jobs:
                 j.future.set_exception(e)
             return
         i = 0
         for j in jobs:
-            j.future.set_result(probs[i:i + len(j.arrays)])
-            i += len(j.arrays)
+            j.future.set_result(probs[i:i + len(j.items)])
+            i += len(j.items)

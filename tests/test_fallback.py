@@ -1,0 +1,140 @@
+"""The other-labs fallback: images whose colours the main model's input check calls
+unlike its training images are classified by a second model (its own preprocessing),
+in `Classifier.predict`, the CSV and the lab page alike; the rest keep the main model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import CLASSES
+from test_inputcheck import stained
+from test_predict import make_model
+
+from bloodcell import batch as B
+from bloodcell import modelfile as MF
+from bloodcell import predict as P
+from bloodcell.inputcheck import fit_input_check
+from bloodcell.modelfile import ModelFile
+from bloodcell.transforms import prepare
+
+
+def _with_check(run, framing=None):
+    """Give a saved model colour statistics fitted on `stained` images (and a framing)."""
+    j = run / "model.json"
+    meta = ModelFile.load(j)
+    pre = dict(meta.preprocess or {})
+    if framing is not None:
+        pre["framing"] = framing
+    meta.input_check = fit_input_check(stained(300))
+    meta.preprocess = pre
+    meta.save(j)
+    return run
+
+
+@pytest.fixture
+def pair(tmp_path):
+    main = _with_check(make_model(tmp_path / "main", seed=0))
+    other = _with_check(make_model(tmp_path / "other", seed=1), framing={"power": 0.5})
+    return main, other
+
+
+@pytest.fixture
+def inputs():
+    pbc_like = list(stained(6, seed=5))
+    foreign = [a[..., ::-1].copy() for a in stained(4, seed=6)]  # another stain: channels swapped
+    return pbc_like + foreign
+
+
+def test_unlike_images_go_to_the_fallback(pair, inputs):
+    main, other = pair
+    clf = P.Classifier.load(main, screen=None, fallback=other)
+    alone = P.Classifier.load(main, screen=None)
+    fb = P.Classifier.load(other, screen=None)
+    assert clf.fallback is not None and fb.framing is not None
+    recs = clf.predict(inputs, batch_size=3)
+    assert [r["model"] for r in recs] == ["main"] * 6 + ["other-labs"] * 4
+    for r, own in zip(recs[:6], alone.predict(inputs[:6])):
+        assert r["probabilities"] == pytest.approx(own["probabilities"], abs=1e-6)
+        assert "model" not in own  # no fallback: records as before
+    for r, x in zip(recs[6:], inputs[6:]):
+        # the fallback's own preprocessing (its framing), its own model and temperature
+        want = fb.predict_proba_arrays(prepare(x, fb.image_size, fb.framing).image[None])[0]
+        assert list(r["probabilities"].values()) == pytest.approx(want.tolist(), abs=1e-6)
+        assert r["needs_review"] and any("colours unlike" in w for w in r["input_warnings"])
+        assert "cell_located" in r  # the fallback frames cells: its record says whether it found one
+    routed = [r["class"] for r in recs[6:]]
+    mains = [r["class"] for r in alone.predict(inputs[6:])]
+    assert routed != mains  # two different random models: the answers are the fallback's
+
+
+def test_fallback_is_refused_when_it_cannot_route(tmp_path, pair):
+    main, other = pair
+    bare = make_model(tmp_path / "bare", seed=2)  # no colour statistics: nothing to route on
+    with pytest.raises(ValueError, match="colour statistics"):
+        P.Classifier.load(bare, screen=None, fallback=other)
+    meta = ModelFile.load(other / "model.json")
+    meta.classes = list(reversed(CLASSES))
+    meta.save(other / "model.json")
+    with pytest.raises(ValueError, match="classes"):
+        P.Classifier.load(main, screen=None, fallback=other)
+
+
+def test_bundled_fallback_is_auto_for_the_bundled_model_only(pair, monkeypatch, tmp_path):
+    main, other = pair
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    for f in main.glob("model.*"):
+        (bundle / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(MF, "BUNDLED_DIR", bundle)
+    assert P.Classifier.load(screen=None).fallback is None  # no other-labs folder: none
+    (bundle / P.FALLBACK_DIR).mkdir()
+    for f in other.glob("model.*"):
+        (bundle / P.FALLBACK_DIR / f.name).write_bytes(f.read_bytes())
+    assert P.Classifier.load(screen=None).fallback is not None
+    assert P.Classifier.load(screen=None, fallback=None).fallback is None
+    assert P.Classifier.load(main, screen=None).fallback is None  # a named model: no bundled fallback
+
+
+def test_csv_and_journal_say_which_model(pair, inputs, tmp_path):
+    main, other = pair
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i, a in enumerate(inputs):
+        Image.fromarray(a).save(d / f"c{i:02d}.png")
+    clf = P.Classifier.load(main, screen=None, fallback=other)
+    out = tmp_path / "res.csv"
+    B.predict_paths(clf, [str(d)], out, progress=False)
+    rows = out.read_text().splitlines()
+    col = rows[0].split(",").index("model")
+    assert [r.split(",")[col] for r in rows[1:]] == ["main"] * 6 + ["other-labs"] * 4
+    # another fallback model changes the records: the journal's fingerprint says so
+    assert clf.fingerprint()["fallback"] != P.Classifier.load(main, screen=None).fingerprint().get("fallback")
+
+
+def test_lab_page_routes_like_predict(pair, inputs):
+    from bloodcell.serve.cells import new_cell, prepare_cells
+    from bloodcell.serve.worker import ModelWorker
+    import io
+    main, other = pair
+    clf = P.Classifier.load(main, screen=None, fallback=other)
+    datas = []
+    for a in inputs:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG")
+        datas.append(buf.getvalue())
+    cells = prepare_cells(clf, datas, [f"c{i}.png" for i in range(len(datas))], [None] * len(datas))
+    w = ModelWorker(clf)
+    try:
+        probs = w.predict([c.arrays for c in cells]).result(30)
+    finally:
+        w.close()
+    res = [new_cell(clf, c, p, "s", "v", "t")[1] for c, p in zip(cells, probs)]
+    ref = clf.predict(datas)
+    assert [r["model"] for r in res] == [r["model"] for r in ref] == ["main"] * 6 + ["other-labs"] * 4
+    for r, q in zip(res, ref):
+        assert r["class"] == q["class"] and r["probability"] == pytest.approx(q["probability"], abs=1e-6)
+    assert json.dumps(res)  # JSON-ready for the API
+    assert np.isfinite(probs).all()
