@@ -14,6 +14,9 @@ Per folder:
   (``bloodcell.adapt``, settings --set), and the rest of the folder -- including the
   classes left out of the adaptation set -- is the test set: 8-way, 5-way, share
   flagged by the refitted input check, the adaptation's own seconds.
+With the bundled model, zero shot runs through `Classifier.predict` on the files, so the
+images its input check routes to the bundled other-labs model are that model's answers
+(``--no-other-labs``: the bundled model alone); adaptation starts from the main model.
 Prints a table (mean +- sd over the draws) and writes everything as JSON.
 
 ``--zoom F`` first scales every image about its centre (F < 1 zooms out, padding with
@@ -41,14 +44,31 @@ from bloodcell.transforms import open_image
 WHITE = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"]
 
 
-def scores(clf: Classifier, images: np.ndarray, labels: np.ndarray, sources) -> dict:
+def on_arrays(clf: Classifier, images: np.ndarray, sources) -> tuple[np.ndarray, list]:
+    """(probabilities, input warnings) of preprocessed images."""
+    probs = np.concatenate([clf.predict_proba_arrays(images[i:i + 64]) for i in range(0, len(images), 64)])
+    return probs, clf.check_inputs(images, sources)
+
+
+def on_files(clf: Classifier, paths: list[Path]) -> tuple[np.ndarray, list]:
+    """The same through ``clf.predict`` on the files: what `bloodcell predict` answers,
+    with the other-labs model for the images the main model's input check routes to it."""
+    recs = clf.predict([str(p) for p in paths])
+    bad = [r for r in recs if r["status"] != "ok"]
+    if bad:
+        raise ValueError(f"{bad[0]['path']}: {bad[0]['status']}")
+    routed = sum(r.get("model") == "other-labs" for r in recs)
+    print(f"  {routed} of {len(recs)} images answered by the other-labs model", flush=True)
+    return (np.array([[r["probabilities"][c] for c in clf.classes] for r in recs]),
+            [r["input_warnings"] for r in recs])
+
+
+def scores(clf: Classifier, probs: np.ndarray, warns: list, labels: np.ndarray) -> dict:
     """8-way, 5-way accuracy and the share with input warnings (the images `bloodcell
     predict` leaves out of the differential count; the multi-cell screen is not run)."""
-    probs = np.concatenate([clf.predict_proba_arrays(images[i:i + 64]) for i in range(0, len(images), 64)])
     white = [clf.classes.index(c) for c in WHITE]
     in5 = np.isin(labels, white)
     pred5 = np.array(white)[probs[:, white].argmax(1)]
-    warns = clf.check_inputs(images, sources)
     wrong = probs.argmax(1) != labels
     errors = {}
     for t, q in zip(labels[wrong], probs.argmax(1)[wrong]):  # what each class was mistaken for
@@ -85,7 +105,7 @@ def curve(model, cells, k: int, draws: int, settings: AdaptSettings) -> dict:
         a = adapt(model, cells.subset(tr), s)
         secs = time.perf_counter() - t0
         clf = Classifier(a.model, a.meta)
-        r = scores(clf, cells.images[te], cells.labels[te], [cells.sources[i] for i in te])
+        r = scores(clf, *on_arrays(clf, cells.images[te], [cells.sources[i] for i in te]), cells.labels[te])
         r.update(draw=d, n_adapt=int(len(tr)), adapt_classes=a.report["class_counts"], seconds=round(secs, 1),
                  cpu_seconds=a.report["cpu_seconds"],
                  temperature=a.meta.temperature, cross_fitted=a.report.get("cross_fitted"))
@@ -142,6 +162,7 @@ def main():
     ap.add_argument("--draws", type=int, default=3)
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="adapt settings")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--no-other-labs", action="store_true", help="zero shot without the other-labs model")
     ap.add_argument("--zoom", type=float, default=None,
                     help="zoom every image by this factor first (< 1: zoom out); see above")
     a = ap.parse_args()
@@ -152,7 +173,7 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     settings = parse_settings(a.set)
     ks = [int(k) for k in a.ks.split(",") if k]
-    base = Classifier.load(a.model, screen=None)
+    base = Classifier.load(a.model, screen=None, **({"fallback": None} if a.no_other_labs else {}))
     results = {"model": a.model or "bundled", "settings": asdict(settings), "draws": a.draws, "folders": {}}
     tmp = tempfile.TemporaryDirectory()
     for folder in a.folders:
@@ -160,7 +181,8 @@ def main():
             folder = zoomed_copy(folder, a.zoom, Path(tmp.name) / Path(folder).name)
             results["zoom"] = a.zoom
         cells = load_folder(folder, base.classes, base.image_size, base.framing)
-        zero = scores(base, cells.images, cells.labels, cells.sources)
+        zero = scores(base, *(on_files(base, [Path(folder) / n for n in cells.names]) if base.fallback
+                              else on_arrays(base, cells.images, cells.sources)), cells.labels)
         print(f"{folder}: {zero['n']} images {cells.class_counts()}; zero-shot 8-way {zero['acc8']:.3f}, "
               f"5-way {zero['acc5']:.3f}, flagged {zero['flagged']:.2f}", flush=True)
         res = {"class_counts": cells.class_counts(), "zero_shot": zero, "k": {}}

@@ -115,6 +115,7 @@ def test_csv_and_journal_say_which_model(pair, inputs, tmp_path):
 
 
 def test_lab_page_routes_like_predict(pair, inputs):
+    from bloodcell.serve.app import model_card
     from bloodcell.serve.cells import new_cell, prepare_cells
     from bloodcell.serve.worker import ModelWorker
     import io
@@ -131,7 +132,12 @@ def test_lab_page_routes_like_predict(pair, inputs):
         probs = w.predict([c.arrays for c in cells]).result(30)
     finally:
         w.close()
-    res = [new_cell(clf, c, p, "s", "v", "t")[1] for c, p in zip(cells, probs)]
+    card = model_card(clf, main)
+    new = [new_cell(clf, c, p, "s", card, "t") for c, p in zip(cells, probs)]
+    res = [r for _, r in new]
+    versions = [row["model_version"] for row, _ in new]
+    assert versions == [card["version"]] * 6 + [card["other_labs_model"]["version"]] * 4
+    assert card["other_labs_model"]["version"] != card["version"]
     ref = clf.predict(datas)
     assert [r["model"] for r in res] == [r["model"] for r in ref] == ["main"] * 6 + ["other-labs"] * 4
     for r, q in zip(res, ref):

@@ -42,13 +42,16 @@ def model_card(clf: Classifier, model_path) -> dict:
     # the file's content names the model; its schema version does not (an older file = the same model)
     content = {k: v for k, v in meta.to_dict().items() if k != "schema_version"}
     digest = hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return {"architecture": meta.architecture, "classes": clf.classes,
+    card = {"architecture": meta.architecture, "classes": clf.classes,
             "image_size": clf.image_size, "version": str(meta.version or digest),
             "model_id": digest, "bloodcell_version": __version__,
             "review_threshold": clf.review_threshold, "temperature": clf.temperature,
             "preprocess": meta.preprocess or None, "metrics": metrics,
             "description": meta.description,
             "data": {k: v for k, v in (meta.data or {}).items() if k != "root"} or None}
+    if clf.fallback is not None:  # answers for images unlike the training colours
+        card["other_labs_model"] = model_card(clf.fallback, clf.fallback.weights_path)
+    return card
 
 
 def _check_model_path(model) -> None:

@@ -66,11 +66,15 @@ def prepare_cells(clf, datas: list[bytes], names: list[str], refused: list[str |
     return cells
 
 
-def new_cell(clf, cell: PreparedCell, probs: np.ndarray, sample_id: str, model_version: str,
+def new_cell(clf, cell: PreparedCell, probs: np.ndarray, sample_id: str, card: dict,
              created: str) -> tuple[dict, dict]:
-    """-> (the database row, the API result) of a classified cell."""
+    """-> (the database row, the API result) of a classified cell. ``card``: the app's
+    model card (the version of the model that answered goes into the row)."""
     sc = cell.arrays.get("screen")
     rec = clf.record(cell.name, probs, sc, cell.warnings, decoded=cell.arrays)
+    model_version = card["other_labs_model" if rec.get("model") == "other-labs" else "version"]
+    if isinstance(model_version, dict):
+        model_version = model_version["version"]
     cid = secrets.token_hex(8)
     row = {"id": cid, "sample_id": sample_id, "file_name": cell.name, "media_type": cell.media_type,
            "image": cell.data, "created": created, "model_version": model_version,

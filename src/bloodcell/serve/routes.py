@@ -72,7 +72,7 @@ async def classify(L: Lab, datas: list[bytes], names: list[str], refused: list, 
     probs = await asyncio.wrap_future(L.worker.predict([cells[i].arrays for i in ok]))
     ts, rows = now(), []
     for i, p in zip(ok, probs):
-        row, results[i] = new_cell(L.clf, cells[i], p, sample_row["id"], L.card["version"], ts)
+        row, results[i] = new_cell(L.clf, cells[i], p, sample_row["id"], L.card, ts)
         rows.append(row)
     dupes = await run_in_threadpool(L.store.add_cells, rows)
     for k, old in dupes.items():
