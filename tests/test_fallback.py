@@ -14,6 +14,7 @@ from test_inputcheck import stained
 from test_predict import make_model
 
 from bloodcell import batch as B
+from bloodcell.cli.predict import format_summary
 from bloodcell import modelfile as MF
 from bloodcell import predict as P
 from bloodcell.inputcheck import fit_input_check
@@ -106,7 +107,10 @@ def test_csv_and_journal_say_which_model(pair, inputs, tmp_path):
         Image.fromarray(a).save(d / f"c{i:02d}.png")
     clf = P.Classifier.load(main, screen=None, fallback=other)
     out = tmp_path / "res.csv"
-    B.predict_paths(clf, [str(d)], out, progress=False)
+    _, summary = B.predict_paths(clf, [str(d)], out, progress=False)
+    assert summary["n_other_labs"] == 4 and summary["other_labs_model"].startswith(str(other))
+    assert "4 image(s) with colours unlike the training images were classified by the other-labs" \
+        in format_summary(summary)
     rows = out.read_text().splitlines()
     col = rows[0].split(",").index("model")
     assert [r.split(",")[col] for r in rows[1:]] == ["main"] * 6 + ["other-labs"] * 4

@@ -221,6 +221,10 @@ def run_summary(clf: Classifier, records: list[dict], seconds: float, n_computed
         **({"decode": decode} if decode else {}),
         "review_threshold": clf.review_threshold, "temperature": clf.temperature,
         "multi_cell_screen": clf.screen is not None,
+        **({"other_labs_model": str(clf.fallback.weights_path) if clf.fallback.weights_path else None,
+            "other_labs_model_sha1": fp["fallback"]["weights_sha1"],
+            "n_other_labs": sum(r.get("model") == "other-labs" for r in records)}
+           if clf.fallback is not None else {}),
         "n_inputs": len(records), "n_ok": sum(r["status"] == "ok" for r in records),
         "n_skipped": len(skipped), "n_resumed": n_resumed, "n_computed": n_computed,
         "seconds": round(seconds, 3), "images_per_s": n_computed / seconds if seconds > 0 else 0.0,

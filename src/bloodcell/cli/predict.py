@@ -37,6 +37,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"needs review: {r['n_needs_review']} of {s['n_ok']} classified "
                      f"({100.0 * r['n_needs_review'] / s['n_ok']:.1f}%): {r['n_low_confidence']} with "
                      f"confidence < {s['review_threshold']:.3g}, {r['n_input_warnings']} with input warnings")
+    if s.get("n_other_labs"):
+        lines.append(f"{s['n_other_labs']} image(s) with colours unlike the training images were classified "
+                     f"by the other-labs model ({s['other_labs_model']}); they need review")
     lines.append(f"{s['n_inputs']} input(s): {s['n_ok']} classified, {s['n_skipped']} skipped"
                  + (f", {s['n_resumed']} taken from the interrupted run" if s["n_resumed"] else ""))
     how = (f"ray, {s['backend']}, batch {s['batch_size']}" if s.get("engine") == "ray" else
