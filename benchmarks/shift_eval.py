@@ -89,7 +89,9 @@ def pick_cells(root: Path, split: str, per_class: int, meta: ModelFile):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", help="run folder, or 'bundled' (repeatable)")
+    ap.add_argument("--model", action="append",
+                    help="run folder, 'bundled' (with the bundled other-labs model for the images its "
+                         "input check routes to it, as `bloodcell predict`), or 'bundled-alone' (repeatable)")
     ap.add_argument("--data", default=None, help="default: ../shared/data/pbc")
     ap.add_argument("--split", default="val")
     ap.add_argument("--per-class", type=int, default=40)
@@ -98,7 +100,8 @@ def main():
     a = ap.parse_args()
     root = Path(a.data or default_data_dir())
     models = a.model or ["bundled"]
-    clfs = {m: Classifier.load(None if m == "bundled" else m, backend="onnx", screen=None) for m in models}
+    clfs = {m: Classifier.load(None if m.startswith("bundled") else m, backend="onnx", screen=None,
+                               **({"fallback": None} if m == "bundled-alone" else {})) for m in models}
     cells = pick_cells(root, a.split, a.per_class, next(iter(clfs.values())).meta)
     originals = [(c, Image.open(p).convert("RGB")) for c, p in cells]
     print(f"{len(cells)} {a.split}-split images of {root} ({a.per_class} per class, seed-42 split)")

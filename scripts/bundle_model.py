@@ -29,6 +29,12 @@ MAX_BYTES = 25_000_000
 
 def main(run: Path, dest: Path = BUNDLED_DIR):
     meta = ModelFile.load(run / "model.json")
+    if dest != BUNDLED_DIR:  # the other-labs model: it must fit the bundled model it serves
+        main_meta = ModelFile.load(BUNDLED_DIR / "model.json")
+        if list(meta.classes) != list(main_meta.classes):
+            sys.exit(f"{run}: classes {meta.classes} are not the bundled model's {main_meta.classes}")
+        if main_meta.input_check is None:
+            sys.exit("the bundled model has no colour statistics to route images with (bloodcell calibrate)")
     ev = json.loads((run / "eval-test" / "evaluation.json").read_text())
     metrics = json.loads((run / "eval-test" / "metrics.json").read_text())
     calib = json.loads((run / "calibration.json").read_text())

@@ -3,6 +3,7 @@ unlike its training images are classified by a second model (its own preprocessi
 in `Classifier.predict`, the CSV and the lab page alike; the rest keep the main model."""
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -71,6 +72,30 @@ def test_unlike_images_go_to_the_fallback(pair, inputs):
     assert routed != mains  # two different random models: the answers are the fallback's
 
 
+def test_predict_proba_and_answering_route_like_predict(pair, inputs):
+    main, other = pair
+    clf = P.Classifier.load(main, screen=None, fallback=other)
+    recs = clf.predict(inputs)
+    proba = clf.predict_proba(inputs)
+    want = np.array([[r["probabilities"][c] for c in CLASSES] for r in recs])
+    np.testing.assert_allclose(proba, want, atol=1e-6)
+    who, arr = clf.answering(inputs[-1])  # what the lab page's Grad-CAM explains
+    assert who is clf.fallback and arr.shape == (who.image_size, who.image_size, 3)
+    assert clf.answering(inputs[0])[0] is clf
+    with pytest.raises(ValueError, match="input 0"):
+        clf.predict_proba([b"not an image"])
+
+
+def test_review_counts_use_the_answering_models_threshold(pair, inputs):
+    main, other = pair
+    clf = P.Classifier.load(main, screen=None, fallback=other)
+    clf.review_threshold, clf.fallback.review_threshold = 0.0, 1.0  # main never low, fallback always
+    recs = clf.predict(inputs)
+    from bloodcell.differential import review_counts
+    r = review_counts(recs, clf.review_threshold, clf.fallback.review_threshold)
+    assert r["n_low_confidence"] == 4 and r["n_input_warnings"] == 4 and r["n_needs_review"] == 4
+
+
 def test_fallback_is_refused_when_it_cannot_route(tmp_path, pair):
     main, other = pair
     bare = make_model(tmp_path / "bare", seed=2)  # no colour statistics: nothing to route on
@@ -79,11 +104,19 @@ def test_fallback_is_refused_when_it_cannot_route(tmp_path, pair):
     meta = ModelFile.load(other / "model.json")
     meta.classes = list(reversed(CLASSES))
     meta.save(other / "model.json")
-    with pytest.raises(ValueError, match="classes"):
+    with pytest.raises(ValueError, match=f"other-labs model {other}.*classes"):
         P.Classifier.load(main, screen=None, fallback=other)
+    clf = P.Classifier.load(main, screen=None)
+    with pytest.raises(TypeError, match="a Classifier"):
+        P.Classifier(clf.model, clf.meta, fallback=str(other))
 
 
-def test_bundled_fallback_is_auto_for_the_bundled_model_only(pair, monkeypatch, tmp_path):
+def test_cli_option_values():
+    from bloodcell.cli.args import fallback_arg
+    assert fallback_arg("AUTO") == "auto" and fallback_arg("None") is None and fallback_arg("runs/x") == "runs/x"
+
+
+def test_bundled_fallback_is_auto_for_the_bundled_model_only(pair, monkeypatch, tmp_path, caplog):
     main, other = pair
     bundle = tmp_path / "bundle"
     bundle.mkdir()
@@ -97,6 +130,17 @@ def test_bundled_fallback_is_auto_for_the_bundled_model_only(pair, monkeypatch, 
     assert P.Classifier.load(screen=None).fallback is not None
     assert P.Classifier.load(screen=None, fallback=None).fallback is None
     assert P.Classifier.load(main, screen=None).fallback is None  # a named model: no bundled fallback
+    # a broken bundled other-labs model never blocks the bundled model: a warning, no fallback
+    meta = ModelFile.load(bundle / P.FALLBACK_DIR / "model.json")
+    meta.classes = list(reversed(CLASSES))
+    meta.save(bundle / P.FALLBACK_DIR / "model.json")
+    with caplog.at_level("WARNING", logger="bloodcell"):
+        assert P.Classifier.load(screen=None).fallback is None
+    assert "other-labs model was not loaded" in caplog.text
+    (bundle / P.FALLBACK_DIR / "model.safetensors").unlink()
+    assert P.Classifier.load(screen=None).fallback is None
+    with pytest.raises(FileNotFoundError):  # asked for by name: an error
+        P.Classifier.load(screen=None, fallback=bundle / P.FALLBACK_DIR)
 
 
 def test_csv_and_journal_say_which_model(pair, inputs, tmp_path):
@@ -111,9 +155,9 @@ def test_csv_and_journal_say_which_model(pair, inputs, tmp_path):
     assert summary["n_other_labs"] == 4 and summary["other_labs_model"].startswith(str(other))
     assert "4 image(s) with colours unlike the training images were classified by the other-labs" \
         in format_summary(summary)
-    rows = out.read_text().splitlines()
-    col = rows[0].split(",").index("model")
-    assert [r.split(",")[col] for r in rows[1:]] == ["main"] * 6 + ["other-labs"] * 4
+    rows = list(csv.DictReader(out.open(newline="")))
+    assert list(rows[0])[-1] == "model"  # last: the other columns keep their places
+    assert [r["model"] for r in rows] == ["main"] * 6 + ["other-labs"] * 4
     # another fallback model changes the records: the journal's fingerprint says so
     assert clf.fingerprint()["fallback"] != P.Classifier.load(main, screen=None).fingerprint().get("fallback")
 
@@ -140,7 +184,7 @@ def test_lab_page_routes_like_predict(pair, inputs):
     new = [new_cell(clf, c, p, "s", card, "t") for c, p in zip(cells, probs)]
     res = [r for _, r in new]
     versions = [row["model_version"] for row, _ in new]
-    assert versions == [card["version"]] * 6 + [card["other_labs_model"]["version"]] * 4
+    assert versions == [card["version"]] * 6 + [f"other-labs:{card['other_labs_model']['version']}"] * 4
     assert card["other_labs_model"]["version"] != card["version"]
     ref = clf.predict(datas)
     assert [r["model"] for r in res] == [r["model"] for r in ref] == ["main"] * 6 + ["other-labs"] * 4

@@ -143,8 +143,19 @@ def flat_record(r: dict, classes: Sequence[str]) -> dict:
             "top3": "; ".join(f"{t['class']} {t['probability']:.4f}" for t in r.get("top3", [])),
             "needs_review": r.get("needs_review") if ok else None,
             "multi_cell": r.get("multi_cell"), "multi_cell_score": r.get("multi_cell_score"),
-            "model": r.get("model"), "input_warnings": "; ".join(r.get("input_warnings", [])),
-            **{f"p_{c}": (probs[c] if ok else None) for c in classes}}
+            "input_warnings": "; ".join(r.get("input_warnings", [])),
+            **{f"p_{c}": (probs[c] if ok else None) for c in classes},
+            **({"model": r["model"]} if "model" in r else {})}
+
+
+def flat_records(records: Sequence[dict], classes: Sequence[str]) -> list[dict]:
+    """:func:`flat_record` for a run, one set of columns for all: "model" (which model
+    answered) only in runs with an other-labs model, last, so the other columns stay put."""
+    rows = [flat_record(r, classes) for r in records]
+    if any("model" in r for r in rows):
+        for r in rows:
+            r.setdefault("model", None)
+    return rows
 
 
 def write_results(out: Path, records: list[dict], classes: list[str], summary: dict) -> None:
@@ -159,8 +170,7 @@ def write_results(out: Path, records: list[dict], classes: list[str], summary: d
     text_cols = ("path", "status", "input_warnings")  # free text: guarded against formulas
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    for n, r in enumerate(records):
-        row = flat_record(r, classes)
+    for n, row in enumerate(flat_records(records, classes)):
         if n == 0:
             w.writerow(list(row))
         w.writerow(["" if v is None else csv_safe(v) if k in text_cols else
@@ -229,7 +239,8 @@ def run_summary(clf: Classifier, records: list[dict], seconds: float, n_computed
         "n_skipped": len(skipped), "n_resumed": n_resumed, "n_computed": n_computed,
         "seconds": round(seconds, 3), "images_per_s": n_computed / seconds if seconds > 0 else 0.0,
         "differential": differential_count(records, clf.classes, include_flagged),
-        "review": review_counts(records, clf.review_threshold),
+        "review": review_counts(records, clf.review_threshold,
+                                clf.fallback.review_threshold if clf.fallback is not None else None),
         "skipped": skipped,
     }
 

@@ -74,10 +74,13 @@ def differential_count(records: Sequence[dict], classes: Sequence[str],
             "counts": counts, **class_shares(counts)}
 
 
-def review_counts(records: Sequence[dict], threshold: float) -> dict:
-    """Why the classified images need review (an image can have both reasons)."""
+def review_counts(records: Sequence[dict], threshold: float, other_labs_threshold: float | None = None) -> dict:
+    """Why the classified images need review (an image can have both reasons). Records
+    the other-labs model answered are held to its own threshold."""
     ok = [r for r in records if r.get("status") == "ok"]
+    low = [r["probability"] < (other_labs_threshold if other_labs_threshold is not None
+                               and r.get("model") == "other-labs" else threshold) for r in ok]
     return {"n_needs_review": sum(bool(r.get("needs_review")) for r in ok),
-            "n_low_confidence": sum(r["probability"] < threshold for r in ok),
+            "n_low_confidence": sum(low),
             "n_input_warnings": sum(bool(r.get("input_warnings")) for r in ok)}
 

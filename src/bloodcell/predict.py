@@ -203,11 +203,9 @@ class Classifier:
         ``screen``: "auto" (bundled multi-cell screen if any), None, or a screen path.
         ``fallback``: the model for images unlike this one's training colours: "auto" (the
         bundled other-labs model, for the bundled model only), None, or a model path."""
-        if fallback == "auto":
+        auto = isinstance(fallback, str) and fallback == "auto"
+        if auto:
             fallback = bundled_fallback_path() if path is None else None
-        if fallback is not None:
-            fallback = cls.load(fallback, backend=backend, screen=None, fallback=None,
-                                threads=kw.get("threads"))
         path = path if path is not None else bundled_model_path()
         weights, meta_file = resolve_model_path(path)
         if backend == "torch":
@@ -215,8 +213,35 @@ class Classifier:
             model, meta = load_model(path)
         else:  # ONNX Runtime: the torch model only if an export must be made
             model, meta = None, ModelFile.load(meta_file)
-        return cls(model, meta, backend=backend, onnx_path=onnx_path, weights_path=weights,
-                   screen=load_screen(screen), fallback=fallback, **kw)
+        clf = cls(model, meta, backend=backend, onnx_path=onnx_path, weights_path=weights,
+                  screen=load_screen(screen), **kw)
+        if fallback is not None:
+            try:
+                clf.attach_fallback(fallback, backend, kw.get("threads"), kw.get("review_threshold"))
+            except Exception as e:
+                if not auto:
+                    raise
+                # like the screen, an add-on: never block the bundled model itself
+                log.warning("the bundled other-labs model was not loaded (%s: %s); the bundled model "
+                            "classifies every image", type(e).__name__, e)
+        return clf
+
+    def attach_fallback(self, fallback, backend: str = "torch", threads: int | None = None,
+                        review_threshold: float | None = None) -> None:
+        """Route images unlike this model's training colours to ``fallback`` (a Classifier,
+        or a model path loaded with this backend, these threads and review threshold)."""
+        if not isinstance(fallback, Classifier):
+            fallback = Classifier.load(fallback, backend=backend, screen=None, fallback=None, threads=threads,
+                                       review_threshold=review_threshold)
+        self.fallback = _checked_fallback(fallback, self)
+
+    def answering(self, src: ImageSource) -> tuple["Classifier", np.ndarray]:
+        """(the classifier that answers for this input, the array it classifies): this one
+        and its preprocessing, or the fallback and its own, as :meth:`predict` routes it."""
+        arrays, why = Decoder(self.image_size, self.framing, None, self._route()).decode_safe(src)
+        if arrays is None:
+            raise ValueError(why)
+        return (self.fallback, arrays["alt"]) if "alt" in arrays and self.fallback else (self, arrays["model"])
 
     def fingerprint(self) -> dict:
         """What decides a record: a resumed run only reuses records made with the same."""
@@ -225,6 +250,7 @@ class Classifier:
                 "temperature": self.temperature, "review_threshold": self.review_threshold,
                 "screen": screen_fingerprint(self.screen),
                 "input_check": self.input_check.fingerprint(),
+                "preprocess": self.meta.preprocess or None,
                 **({"fallback": self.fallback.fingerprint()} if self.fallback else {})}
 
     # -- arrays in, probabilities out
@@ -240,18 +266,35 @@ class Classifier:
     def predict_proba_decoded(self, items: Sequence[dict]) -> np.ndarray:
         """Decoded inputs (:meth:`decode_safe`'s dicts) -> calibrated probabilities [N, C]:
         this model's, or the fallback's for the inputs the decoder routed to it ("alt")."""
-        probs = self.predict_proba_arrays(np.stack([a["model"] for a in items]))
-        routed = [i for i, a in enumerate(items) if "alt" in a]
-        if routed and self.fallback is not None:
-            probs[routed] = self.fallback.predict_proba_arrays(np.stack([items[i]["alt"] for i in routed]))
+        if not items:
+            return np.zeros((0, len(self.classes)), np.float32)
+        routed = np.array([self.fallback is not None and "alt" in a for a in items], bool)
+        parts = {}  # each model runs on its own images only
+        if not routed.all():
+            parts[False] = self.predict_proba_arrays(np.stack([a["model"] for a, r in zip(items, routed) if not r]))
+        if routed.any():
+            parts[True] = self.fallback.predict_proba_arrays(np.stack([a["alt"] for a, r in zip(items, routed) if r]))
+        probs = np.empty((len(items), len(self.classes)), next(iter(parts.values())).dtype)
+        for r, p in parts.items():
+            probs[routed == r] = p
         return probs
 
     def preprocess(self, src: ImageSource) -> np.ndarray:
         return preprocess(src, self.image_size, self.framing)
 
     def predict_proba(self, inputs: Sequence[ImageSource]) -> np.ndarray:
-        """scikit-learn style: probabilities for inputs that must all be valid images."""
-        return self.predict_proba_arrays(np.stack([self.preprocess(x) for x in inputs]))
+        """scikit-learn style: probabilities for inputs that must all be valid images
+        (routed to the fallback as :meth:`predict` routes them; no multi-cell screen)."""
+        if self.fallback is None:
+            return self.predict_proba_arrays(np.stack([self.preprocess(x) for x in inputs]))
+        dec = Decoder(self.image_size, self.framing, None, self._route())
+        items = []
+        for i, x in enumerate(inputs):
+            arrays, why = dec.decode_safe(x)
+            if arrays is None:
+                raise ValueError(f"input {i}: {why}")
+            items.append(arrays)
+        return self.predict_proba_decoded(items)
 
     def record(self, name: str, probs: np.ndarray, screen: dict | None = None,
                input_warnings: Sequence[str] = (), cell=None, decoded: dict | None = None) -> dict:
@@ -303,9 +346,13 @@ class Classifier:
     # -- decoding (ahead of the model: bloodcell.decoding)
     def decoder(self) -> Decoder:
         """What decodes inputs for this model: its size, framing and current screen."""
-        route = None if self.fallback is None else Route(
-            self.input_check, self.fallback.image_size, self.fallback.framing)
-        return Decoder(self.image_size, self.framing, self.screen, route)
+        return Decoder(self.image_size, self.framing, self.screen, self._route())
+
+    def _route(self) -> Route | None:
+        """Images the input check calls unlike the training colours -> the fallback's preparation."""
+        if self.fallback is None:
+            return None
+        return Route(self.input_check, self.fallback.image_size, self.fallback.framing)
 
     def decode_safe(self, src):
         """-> ({"model": array, "source": SourceInfo, "cell", "screen": dict | None}, None) or
@@ -435,16 +482,24 @@ def bundled_fallback_path() -> Path | None:
     return p if (p / "model.json").exists() else None
 
 
+class FallbackMismatch(ValueError):
+    """A fallback model that cannot serve this model (other classes, nothing to route on)."""
+
+
 def _checked_fallback(fallback: "Classifier | None", main: "Classifier") -> "Classifier | None":
     if fallback is None:
         return None
+    if not isinstance(fallback, Classifier):
+        raise TypeError(f"fallback: a Classifier, not {type(fallback).__name__} (Classifier.load takes a "
+                        "model path as fallback=)")
     if list(fallback.classes) != main.classes:
-        raise ValueError(f"the fallback model's classes {fallback.classes} are not this model's {main.classes}")
+        raise FallbackMismatch(f"other-labs model {fallback.weights_path or ''}: its classes {fallback.classes} "
+                         f"are not those of {main.weights_path or 'the main model'} {main.classes}")
     if main.input_check.stats is None:
-        raise ValueError("a fallback model needs the main model's colour statistics to route "
+        raise FallbackMismatch("a fallback model needs the main model's colour statistics to route "
                          "images to it (fit them with `bloodcell calibrate`)")
     if fallback.fallback is not None:
-        raise ValueError("a fallback model cannot have a fallback of its own")
+        raise FallbackMismatch("a fallback model cannot have a fallback of its own")
     return fallback
 
 

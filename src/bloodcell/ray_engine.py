@@ -50,6 +50,7 @@ class ModelSpec:
     screen: str | None = "auto"  # "auto", None, or a screen file
     review_threshold: float | None = None
     onnx_path: str | None = None  # the driver's ONNX file: used where a node sees it (no re-export)
+    fallback: str | None = "auto"  # the other-labs model: "auto", None or a model path
 
 
 class ClassifyBatch:
@@ -59,7 +60,7 @@ class ClassifyBatch:
         from .predict import Classifier
         onnx = spec.onnx_path if spec.onnx_path and Path(spec.onnx_path).is_file() else None
         self.clf = Classifier.load(spec.model, backend=spec.backend, screen=spec.screen, onnx_path=onnx,
-                                   review_threshold=spec.review_threshold, threads=1)
+                                   review_threshold=spec.review_threshold, threads=1, fallback=spec.fallback)
 
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch["path"]]
@@ -167,8 +168,8 @@ def write_any(out: Path, records: list[dict], classes: list[str], summary: dict)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from .batch import flat_record
-    rows = [flat_record(r, classes) for r in records]
+    from .batch import flat_records
+    rows = flat_records(records, classes)
     table = pa.Table.from_pylist(rows)
     table = table.replace_schema_metadata({"bloodcell_summary": json.dumps(summary)})
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

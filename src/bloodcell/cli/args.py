@@ -23,8 +23,8 @@ def data_or_default(path):
 
 
 def fallback_arg(value: str):
-    """--other-labs-model: "auto" stays "auto", "none" is None, anything else a model path."""
-    return None if value.lower() == "none" else value
+    """--other-labs-model: "auto" (any case) is "auto", "none" None, anything else a model path."""
+    return {"none": None, "auto": "auto"}.get(value.lower(), value)
 
 
 def ranged(kind, lo, hi=None, lo_open=False):

@@ -65,7 +65,7 @@ def print_records(records: list[dict]) -> None:
             continue
         top = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top3"])
         flags = ((["needs review"] if r["needs_review"] else []) + (["multi-cell"] if r.get("multi_cell") else [])
-                 + r.get("input_warnings", []))
+                 + (["other-labs model"] if r.get("model") == "other-labs" else []) + r.get("input_warnings", []))
         print(f"{path}\t{r['class']}\t{r['probability']:.3f}\t[{top}]"
               + (f"\t{'; '.join(flags)}" if flags else ""))
 
@@ -93,13 +93,12 @@ def cmd_predict(args):
                           fallback=fallback_arg(args.other_labs_model))
     if args.engine == "ray":
         from ..ray_engine import ModelSpec, RayOptions, predict_ray
-        if args.other_labs_model != "auto":
-            raise ValueError("--engine ray runs the model's default other-labs model: leave --other-labs-model out")
         if args.onnx or args.backend == "torch":
             raise ValueError("--engine ray runs the model's own ONNX file: use --backend auto, onnx or onnx-int8")
         # the actors run what --backend auto chose here (their CPUs are assumed alike)
         spec = ModelSpec(args.model, clf.backend, screen, args.review_threshold,
-                         str(clf.onnx_path) if clf.backend == "onnx" else None)
+                         str(clf.onnx_path) if clf.backend == "onnx" else None,
+                         fallback_arg(args.other_labs_model))
         opts = RayOptions(args.address, args.actors, batch_size=args.batch_size)
         records, summary = predict_ray(clf, paths, spec, opts, out=args.out,
                                        include_flagged=args.include_flagged,

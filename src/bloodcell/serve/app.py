@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 
 from .. import __version__
 from ..modelfile import bundled_model_path, resolve_model_path
-from ..predict import Classifier, load_screen
-from .config import Lab, ServeConfig, default_threads
+from ..predict import Classifier, FallbackMismatch, load_screen
+from .config import AUTO, Lab, ServeConfig, default_threads
 from .routes import short
 from .store import Store, StoreBusy, default_db_path
 from .worker import ModelWorker
@@ -70,10 +70,15 @@ def load_classifier(cfg: ServeConfig) -> Classifier:
     Classifier passed in)."""
     if isinstance(cfg.model, Classifier):
         clf = cfg.model
+        if cfg.other_labs_model not in (AUTO, None):  # a Classifier as given, unless told
+            clf.attach_fallback(cfg.other_labs_model, clf.backend, cfg.threads)
     else:
         try:  # ONNX Runtime: ~2x less CPU per image than torch; Grad-CAM still uses torch
+            # (a model that cannot be paired with its other-labs model is refused, not retried)
             clf = Classifier.load(cfg.model, backend=cfg.backend, screen=None, threads=cfg.threads,
                                   fallback=cfg.other_labs_model)
+        except FallbackMismatch:
+            raise
         except Exception as e:  # e.g. no writable cache for the export: torch still works
             if cfg.backend == "torch":
                 raise
@@ -94,6 +99,8 @@ def create_app(config: ServeConfig | None = None, **settings):
     cfg = config or ServeConfig(**settings)
     if not isinstance(cfg.model, Classifier):
         _check_model_path(cfg.model)
+    if cfg.other_labs_model not in (AUTO, None) and not isinstance(cfg.other_labs_model, Classifier):
+        _check_model_path(cfg.other_labs_model)
     store = Store(cfg.db_path if cfg.db_path is not None else default_db_path())  # before the slow load
     try:
         clf = load_classifier(cfg)

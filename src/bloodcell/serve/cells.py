@@ -72,9 +72,8 @@ def new_cell(clf, cell: PreparedCell, probs: np.ndarray, sample_id: str, card: d
     model card (the version of the model that answered goes into the row)."""
     sc = cell.arrays.get("screen")
     rec = clf.record(cell.name, probs, sc, cell.warnings, decoded=cell.arrays)
-    model_version = card["other_labs_model" if rec.get("model") == "other-labs" else "version"]
-    if isinstance(model_version, dict):
-        model_version = model_version["version"]
+    model_version = (f"other-labs:{card['other_labs_model']['version']}" if rec.get("model") == "other-labs"
+                     else card["version"])
     cid = secrets.token_hex(8)
     row = {"id": cid, "sample_id": sample_id, "file_name": cell.name, "media_type": cell.media_type,
            "image": cell.data, "created": created, "model_version": model_version,

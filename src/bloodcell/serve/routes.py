@@ -212,9 +212,10 @@ async def cell_saliency(cell_id: str, class_name: str | None = None, L: Lab = De
     key = (cell_id, class_name)
     if key not in L.saliency_cache:
         from ..saliency import gradcam, overlay_png  # torch: only when asked for
-        arr = await run_in_threadpool(L.clf.preprocess, data)  # framed as the model saw it
+        # the model that answered (main or other-labs), on the input as it saw it
+        who, arr = await run_in_threadpool(L.clf.answering, data)
         idx = L.clf.classes.index(class_name) if class_name else None
-        heat, _ = await asyncio.wrap_future(L.worker.call(gradcam, L.clf.model, arr, idx))
+        heat, _ = await asyncio.wrap_future(L.worker.call(gradcam, who.model, arr, idx))
         base = await run_in_threadpool(open_image, data)
         L.saliency_cache[key] = await run_in_threadpool(overlay_png, base, heat)
         while len(L.saliency_cache) > 256:
