@@ -18,7 +18,9 @@ preprocessing (framing included), as `bloodcell predict` would see a file of ano
   the CellaVision-blog images);  ``zoom-out-2``: padded with background to 2x the side
   (cell half as large, like a lower magnification);  ``crop-tight``: central crop of 0.45
   of the side (the cell fills the frame).
-Prints 8-way accuracy per shift and model; ``mean-shifted`` averages all shifts but none.
+Prints 8-way accuracy per shift and model; ``mean-shifted`` averages all shifts but none;
+for a model with an other-labs model (``bundled``), how many images it answered.
+``--split test --per-class 100000 --shifts none``: the whole test split as predict reads it.
 """
 import argparse
 import io
@@ -105,23 +107,28 @@ def main():
     cells = pick_cells(root, a.split, a.per_class, next(iter(clfs.values())).meta)
     originals = [(c, Image.open(p).convert("RGB")) for c, p in cells]
     print(f"{len(cells)} {a.split}-split images of {root} ({a.per_class} per class, seed-42 split)")
-    table = {}
+    table, routed = {}, {name: {} for name in a.shifts.split(",")}
     print("| shift | " + " | ".join(models) + " |")
     print("|---|" + "---:|" * len(models))
     for name in a.shifts.split(","):
         shifted = [np.asarray(SHIFTS[name](im)) for _, im in originals]
-        row = {}
+        row, cell = {}, {}
         for m, clf in clfs.items():
             recs = clf.predict(shifted)
             row[m] = float(np.mean([r["class"] == c for (c, _), r in zip(originals, recs)]))
+            cell[m] = f"{row[m]:.3f}"
+            if clf.fallback is not None:  # how many the other-labs model answered
+                routed[name][m] = sum(r.get("model") == "other-labs" for r in recs)
+                cell[m] += f" ({routed[name][m]} routed)"
         table[name] = row
-        print(f"| {name} | " + " | ".join(f"{row[m]:.3f}" for m in models) + " |", flush=True)
+        print(f"| {name} | " + " | ".join(cell[m] for m in models) + " |", flush=True)
     mean = {m: float(np.mean([table[s][m] for s in table if s != "none"])) for m in models}
     table["mean-shifted"] = mean
     print("| **mean-shifted** | " + " | ".join(f"**{mean[m]:.3f}**" for m in models) + " |")
     if a.json:
         D.atomic_write_json(Path(a.json), {"split": a.split, "per_class": a.per_class,
-                                           "n_images": len(cells), "accuracy": table})
+                                           "n_images": len(cells), "accuracy": table,
+                                           "routed_to_other_labs": routed})
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ in `Classifier.predict`, the CSV and the lab page alike; the rest keep the main 
 from __future__ import annotations
 
 import csv
+import io
 import json
 
 import numpy as np
@@ -166,7 +167,6 @@ def test_lab_page_routes_like_predict(pair, inputs):
     from bloodcell.serve.app import model_card
     from bloodcell.serve.cells import new_cell, prepare_cells
     from bloodcell.serve.worker import ModelWorker
-    import io
     main, other = pair
     clf = P.Classifier.load(main, screen=None, fallback=other)
     datas = []
@@ -192,3 +192,30 @@ def test_lab_page_routes_like_predict(pair, inputs):
         assert r["class"] == q["class"] and r["probability"] == pytest.approx(q["probability"], abs=1e-6)
     assert json.dumps(res)  # JSON-ready for the API
     assert np.isfinite(probs).all()
+
+
+def test_lab_page_stores_and_explains_the_answering_model(pair, inputs, tmp_path, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from bloodcell import saliency
+    from bloodcell.serve import create_app
+    main, other = pair
+    seen = []
+    real = saliency.gradcam
+    monkeypatch.setattr(saliency, "gradcam", lambda model, arr, idx: seen.append((model, arr.shape)) or
+                        real(model, arr, idx))
+    files = []
+    for i, a in enumerate(inputs):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG")
+        files.append(("files", (f"c{i}.png", buf.getvalue(), "image/png")))
+    app = create_app(model=str(main), other_labs_model=str(other), db_path=tmp_path / "lab.db", screen=None)
+    with TestClient(app, base_url="http://127.0.0.1:8000") as c:
+        assert "other_labs_model" in c.get("/api/model").json()
+        res = c.post("/api/predict", files=files).json()
+        assert [r["model"] for r in res["results"]] == ["main"] * 6 + ["other-labs"] * 4
+        cells = c.get(f"/api/samples/{res['sample_id']}").json()["cells"]
+        assert [x.get("model", "main") for x in cells] == ["main"] * 6 + ["other-labs"] * 4
+        for i in (0, 9):  # Grad-CAM runs on the model that answered, on its own input
+            assert c.get(f"/api/cells/{res['results'][i]['cell_id']}/saliency").status_code == 200
+    assert len(seen) == 2 and seen[0][0] is not seen[1][0]  # the main model, then the fallback

@@ -243,6 +243,8 @@ def _cell_json(r: sqlite3.Row) -> dict:
             d.pop(k)
     else:
         d["multi_cell"] = bool(d["multi_cell"])
+    if (d.get("model_version") or "").startswith("other-labs:"):  # serve.cells.new_cell's mark
+        d["model"] = "other-labs"
     d["class"] = d["true_class"] or d["predicted_class"]  # what the differential counts
     d["corrected"] = d["true_class"] is not None
     return d

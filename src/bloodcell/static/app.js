@@ -196,11 +196,15 @@ async function loadExamples() {
   }
 }
 
+const OTHER_LABS_NOTE = "Its colours are unlike the training images, so the other-labs model " +
+  "(trained for other stains, scanners and zooms) classified it; it needs review.";
+
 function resultToCell(r, sampleId) {
   return { id: r.cell_id, sample_id: sampleId, file_name: r.file, predicted_class: r.class,
     probability: r.probability, probabilities: r.probabilities, top3: r.top3,
     needs_review: r.needs_review, multi_cell: r.multi_cell, multi_cell_score: r.multi_cell_score,
-    input_warnings: r.input_warnings || [], true_class: null, class: r.class, corrected: false };
+    input_warnings: r.input_warnings || [], true_class: null, class: r.class, corrected: false,
+    model: r.model };
 }
 
 function addError(msg) {
@@ -252,6 +256,7 @@ function cardFor(c) {
   else if (c.needs_review) flags.append(el("span", { class: "tag review", text: "review" }));
   if (c.multi_cell) flags.append(el("span", { class: "tag multi", text: "multi-cell" }));
   if (hasWarnings(c)) flags.append(el("span", { class: "tag unusual", text: "unusual input", title: c.input_warnings.join("\n") }));
+  if (c.model === "other-labs") flags.append(el("span", { class: "tag unusual", text: "other-labs model", title: OTHER_LABS_NOTE }));
   meta.append(...[
     el("div", { class: "card-row" },
       el("span", { class: "card-class" }, dot(c.class), el("span", { class: "card-class-name", text: c.class })),
@@ -413,6 +418,7 @@ function renderViewer() {
   else if (c.needs_review && !hasWarnings(c)) flags.append(el("span", { class: "tag review", text: "needs review: low confidence" }));
   if (c.multi_cell) flags.append(el("span", { class: "tag multi", text: `multi-cell image (score ${Number(c.multi_cell_score).toFixed(2)})` }));
   if (hasWarnings(c)) for (const w of c.input_warnings) flags.append(el("span", { class: "tag unusual", text: `unusual input: ${w}` }));
+  if (c.model === "other-labs") flags.append(el("span", { class: "tag unusual", text: "classified by the other-labs model", title: OTHER_LABS_NOTE }));
   const ol = $("#v-top3");
   ol.textContent = "";
   for (const t of c.top3) {
