@@ -27,7 +27,7 @@ import numpy as np
 
 from bloodcell.cpu import describe
 from bloodcell.data import default_data_dir, iter_image_files
-from bloodcell.modelfile import bundled_model_path
+from bloodcell.modelfile import BUNDLED_DIR, bundled_model_path
 from bloodcell.predict import Classifier, default_workers
 from bloodcell.transforms import preprocess
 
@@ -195,7 +195,12 @@ def main(argv=None):
         return whole_process(files, (["--model", a.model] if a.model else []) + extra, a.repeat)
 
     threads = [int(x) or None for x in a.threads.split(",")]
-    clf = Classifier.load(model, backend="torch", screen=None)
+    # the bundled model loads as `bloodcell predict` loads it: with the other-labs model, if shipped
+    if not a.model and model.parent == BUNDLED_DIR:
+        model, fallback = None, "auto"
+    else:
+        fallback = None
+    clf = Classifier.load(model, backend="torch", screen=None, fallback=fallback)
     size = clf.image_size
     sub = files[: min(n, 500)]
     t, c = timed(lambda: [preprocess(f, size) for f in sub])
@@ -209,7 +214,7 @@ def main(argv=None):
     for backend in a.backends.split(","):
       for th in threads:
         torch.set_num_threads(th or default_torch_threads)
-        clf = Classifier.load(model, backend=backend, screen=None, threads=th)
+        clf = Classifier.load(model, backend=backend, screen=None, threads=th, fallback=fallback)
         label = backend + (f" ({th} thread{'s' if th > 1 else ''})" if th else "")
         clf.predict_proba_arrays(arrays[:32])  # warm-up (thread pools, allocations)
         t, c = timed(lambda: [clf.predict_proba_arrays(arrays[i:i + 64]) for i in range(0, len(arrays), 64)])
@@ -233,7 +238,7 @@ def main(argv=None):
     if a.screen:  # each backend's best setting again, with the multi-cell screen on
         for label in dict.fromkeys(r[0] for r in rows):
             r = max((r for r in rows if r[0] == label), key=lambda r: r[3])
-            clf = Classifier.load(model, backend=r[6], screen="auto", threads=r[7])
+            clf = Classifier.load(model, backend=r[6], screen="auto", threads=r[7], fallback=fallback)
             if clf.screen is None:
                 print("(no bundled multi-cell screen: not timed)")
                 break
