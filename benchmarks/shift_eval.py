@@ -122,9 +122,10 @@ def main():
                 cell[m] += f" ({routed[name][m]} routed)"
         table[name] = row
         print(f"| {name} | " + " | ".join(cell[m] for m in models) + " |", flush=True)
-    mean = {m: float(np.mean([table[s][m] for s in table if s != "none"])) for m in models}
-    table["mean-shifted"] = mean
-    print("| **mean-shifted** | " + " | ".join(f"**{mean[m]:.3f}**" for m in models) + " |")
+    if any(s != "none" for s in table):
+        mean = {m: float(np.mean([table[s][m] for s in table if s != "none"])) for m in models}
+        table["mean-shifted"] = mean
+        print("| **mean-shifted** | " + " | ".join(f"**{mean[m]:.3f}**" for m in models) + " |")
     if a.json:
         D.atomic_write_json(Path(a.json), {"split": a.split, "per_class": a.per_class,
                                            "n_images": len(cells), "accuracy": table,

@@ -219,3 +219,32 @@ def test_lab_page_stores_and_explains_the_answering_model(pair, inputs, tmp_path
         for i in (0, 9):  # Grad-CAM runs on the model that answered, on its own input
             assert c.get(f"/api/cells/{res['results'][i]['cell_id']}/saliency").status_code == 200
     assert len(seen) == 2 and seen[0][0] is not seen[1][0]  # the main model, then the fallback
+
+
+def test_shipped_other_labs_model_takes_restained_pbc_cells(real_data):
+    """The shipped pair on real cells: PBC images stay with the bundled model; the same
+    cells with a yellow background (another lab's stain, as benchmarks/shift_eval.py
+    makes it) go to the other-labs model, which reads them (row 41: 0.975 of 240)."""
+    if P.bundled_fallback_path() is None:
+        pytest.skip("this installation ships no other-labs model")
+    clf = P.Classifier.load(screen=None)
+    assert clf.fallback is not None and clf.fallback.framing is not None
+    files = [(c, sorted((real_data / c).glob("*.jpg"))[5]) for c in CLASSES if c != "platelet"]
+    plain = [np.asarray(Image.open(f).convert("RGB")) for _, f in files]
+    od = [-np.log((a.astype(np.float32) + 1) / 256) * np.float32([0.9, 1.0, 1.3]) + np.float32([0, 0.02, 0.12])
+          for a in plain]
+    yellow = [np.clip(np.exp(-x) * 256 - 1, 0, 255).astype(np.uint8) for x in od]
+    recs = clf.predict(plain + yellow)
+    assert [r["model"] for r in recs] == ["main"] * 7 + ["other-labs"] * 7
+    assert sum(r["class"] == c for r, (c, _) in zip(recs[7:], files)) >= 6
+    assert all(r["needs_review"] for r in recs[7:])
+
+
+def test_float_onnx_of_the_shipped_pair_is_cached_outside_the_package():
+    """An installed package is read-only: the other-labs model's float ONNX export goes
+    to the user cache, like the bundled model's."""
+    if P.bundled_fallback_path() is None:
+        pytest.skip("this installation ships no other-labs model")
+    clf = P.Classifier.load(backend="onnx", screen=None)
+    assert MF.BUNDLED_DIR not in clf.fallback.onnx_path.resolve().parents
+    assert not (P.bundled_fallback_path() / "model.onnx").exists()

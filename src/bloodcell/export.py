@@ -234,7 +234,7 @@ def ensure_onnx(weights_path: str | os.PathLike, model, meta: ModelFile,
                     return c
             except Exception as e:  # unreadable cache: rebuild it
                 log.warning("%s: unreadable ONNX cache (%s); re-exporting", c, e)
-    if Path(weights_path).resolve().parent == BUNDLED_DIR:
+    if BUNDLED_DIR in Path(weights_path).resolve().parents:  # the bundled model or its other-labs model
         candidates = candidates[1:]  # never write into the package (read-only once installed)
     if model is None:
         from .models import load_model
