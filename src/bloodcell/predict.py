@@ -238,7 +238,7 @@ class Classifier:
     def answering(self, src: ImageSource) -> tuple["Classifier", np.ndarray]:
         """(the classifier that answers for this input, the array it classifies): this one
         and its preprocessing, or the fallback and its own, as :meth:`predict` routes it."""
-        arrays, why = Decoder(self.image_size, self.framing, None, self._route()).decode_safe(src)
+        arrays, why = self._unscreened_decoder().decode_safe(src)
         if arrays is None:
             raise ValueError(why)
         return (self.fallback, arrays["alt"]) if "alt" in arrays and self.fallback else (self, arrays["model"])
@@ -287,7 +287,7 @@ class Classifier:
         (routed to the fallback as :meth:`predict` routes them; no multi-cell screen)."""
         if self.fallback is None:
             return self.predict_proba_arrays(np.stack([self.preprocess(x) for x in inputs]))
-        dec = Decoder(self.image_size, self.framing, None, self._route())
+        dec = self._unscreened_decoder()
         items = []
         for i, x in enumerate(inputs):
             arrays, why = dec.decode_safe(x)
@@ -347,6 +347,10 @@ class Classifier:
     def decoder(self) -> Decoder:
         """What decodes inputs for this model: its size, framing and current screen."""
         return Decoder(self.image_size, self.framing, self.screen, self._route())
+
+    def _unscreened_decoder(self) -> Decoder:
+        """:meth:`decoder` without the multi-cell screen (the routing decision only)."""
+        return Decoder(self.image_size, self.framing, None, self._route())
 
     def _route(self) -> Route | None:
         """Images the input check calls unlike the training colours -> the fallback's preparation."""
