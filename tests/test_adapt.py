@@ -1,6 +1,7 @@
 """bloodcell adapt: a few labelled cells of another lab -> an adapted run folder."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -174,11 +175,29 @@ def test_reviewed_cells_of_the_lab_database_are_the_labelled_cells(base, tmp_pat
         A.load_reviewed(db, CLASSES, 128, sample="smear C")
     with pytest.raises(FileNotFoundError):
         A.load_reviewed(tmp_path / "missing.db", CLASSES, 128)
+    before = db.read_bytes()  # the server checkpointed it into the main file when it closed
+    assert len(A.load_reviewed(db, CLASSES, 128).labels) == 25
+    assert db.read_bytes() == before and not db.with_name("lab.sqlite3-wal").stat().st_size
     out = tmp_path / "run"
     assert main(["adapt", "--db", str(db), "--sample", "smear A", "--out", str(out), "--model", str(base),
                  *FAST]) == 0
     ad = Classifier.load(out, screen=None).meta.adaptation
     assert ad["n_images"] == 13 and ad["data"] == str(db)
+
+
+def test_adapt_reads_only_lab_databases_and_changes_none(tmp_path):
+    import sqlite3
+    other = tmp_path / "other.sqlite3"
+    with sqlite3.connect(other) as c:
+        c.execute("CREATE TABLE customers (id INTEGER)")
+    empty = tmp_path / "empty.sqlite3"
+    empty.write_bytes(b"")
+    for db, why in ((other, "not a bloodcell lab database .its tables: customers"),
+                    (empty, "empty .0-byte. file")):
+        before = db.read_bytes()
+        with pytest.raises(OSError, match=why):
+            A.load_reviewed(db, CLASSES, 128)
+        assert db.read_bytes() == before
 
 
 def test_class_matching_and_folds():
@@ -324,4 +343,38 @@ def test_cross_fitting_does_not_change_the_full_fine_tune(base, lab_folder):
     a2 = A.adapt(base, cells, A.AdaptSettings(mode="full", steps=2, train_from=14, folds=2, anchors=True))
     sd0, sd2 = a0.model.state_dict(), a2.model.state_dict()
     assert all(torch.equal(sd0[k], sd2[k]) for k in sd0)
-    assert a2.meta.temperature != a0.meta.temperature  # refitted on the out-of-fold logits
+    # refitted on the out-of-fold logits, never below the base model's (1.5 here)
+    assert a2.meta.adaptation["cross_fitted"]["fitted_temperature"] > 0
+    assert a2.meta.temperature == max(1.5, a2.meta.adaptation["cross_fitted"]["fitted_temperature"])
+
+
+def test_soup_averages_fits_and_wise_blends_back_to_the_start():
+    """soup=2: the mean of the fits with seeds s and s + 1000; wise=w: w of that plus
+    1 - w of the start (floating tensors only; counters stay)."""
+    start = torch.nn.Linear(3, 2)
+    w0 = start.weight.detach().clone()
+
+    def fit(part, idx, seed):  # a "fit" that moves the weights by its seed
+        with torch.no_grad():
+            part.weight.add_(float(seed))
+    one = copy.deepcopy(start)
+    A._averaged(fit, A.AdaptSettings(mode="head", soup=2, wise=1.0))(one, None, 1)
+    assert torch.allclose(one.weight, w0 + (1 + 1001) / 2)
+    blended = copy.deepcopy(start)
+    A._averaged(fit, A.AdaptSettings(mode="head", soup=2, wise=0.25))(blended, None, 1)
+    assert torch.allclose(blended.weight, w0 + 0.25 * (1 + 1001) / 2)
+    assert A._averaged(fit, A.AdaptSettings(mode="head")) is fit  # the default: one plain fit
+    with pytest.raises(ValueError, match="wise"):
+        A.AdaptSettings(wise=1.5)
+
+
+def test_a_handful_of_cells_all_right_out_of_fold_cannot_make_the_model_overconfident(base, lab_folder,
+                                                                                     monkeypatch):
+    """Cells every out-of-fold model gets right fit a temperature near 0 (every answer ~1.0,
+    no review flag ever): the base model's is kept instead."""
+    import bloodcell.calibrate as C
+    clf = Classifier.load(base, screen=None)
+    cells = A.load_folder(lab_folder, clf.classes, clf.image_size, clf.framing)
+    monkeypatch.setattr(C, "fit_temperature", lambda logits, y: 0.07)
+    a = A.adapt(base, cells, A.AdaptSettings(mode="head", steps=5, folds=2))
+    assert a.meta.temperature == 1.5 and a.report["cross_fitted"]["fitted_temperature"] == 0.07

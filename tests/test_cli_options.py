@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import pytest
 
@@ -67,3 +68,36 @@ def test_add_options_on_another_dataclass():
     assert options_to_config(Cfg, p.parse_args(["--name", "b"])) == Cfg("b")
     with pytest.raises(SystemExit):
         p.parse_args([])  # --name is required: it has no default
+
+
+def test_out_paths_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    """adapt, evaluate, export, calibrate and train refuse an --out they could not write at
+    the end, before minutes of work (checked with a file in the way: works as root too)."""
+    import bloodcell.adapt
+    import bloodcell.cli.train
+    from bloodcell.cli import main
+    from bloodcell.cli.args import check_out
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        check_out(afile, folder=True)
+    with pytest.raises(ValueError, match="is a folder"):
+        check_out(tmp_path, folder=False)
+    with pytest.raises(ValueError, match="afile is not a folder"):
+        check_out(afile / "run" / "x.json", folder=False)
+    check_out(tmp_path / "new" / "deeper", folder=True)  # folders still to make are fine
+    assert not (tmp_path / "new").exists()  # and none is made by the check
+    if os.geteuid() != 0:  # root may write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        with pytest.raises(ValueError, match="not writable"):
+            check_out(ro / "run", folder=True)
+    monkeypatch.setattr(bloodcell.adapt, "adapt", lambda *a, **k: pytest.fail("fitted before checking --out"))
+    monkeypatch.setattr(bloodcell.cli.train, "evaluate", lambda *a, **k: pytest.fail("evaluated first"))
+    for cmd in (["adapt", "--data", str(tmp_path), "--out", str(afile)],
+                ["evaluate", "--data", str(tmp_path), "--out", str(afile)],
+                ["calibrate", "--model", str(tmp_path), "--data", str(tmp_path), "--out", str(afile / "c.json")],
+                ["export", "--out", str(afile / "m.onnx")]):
+        assert main(cmd) == 2, cmd
+        err = capsys.readouterr().err
+        assert f"--out {afile}" in err and "not a folder" in err, (cmd, err)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import zipfile
 
 import numpy as np
 import pytest
@@ -97,6 +98,30 @@ def test_review_counts_use_the_answering_models_threshold(pair, inputs):
     assert r["n_low_confidence"] == 4 and r["n_input_warnings"] == 4 and r["n_needs_review"] == 4
 
 
+def test_summary_counts_low_confidence_per_models_threshold(pair, inputs, tmp_path):
+    """The printed summary names each threshold with the images it flagged (a total
+    under the main threshold alone would count routed images it did not judge)."""
+    main, other = pair
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i, a in enumerate(inputs):
+        Image.fromarray(a).save(d / f"c{i:02d}.png")
+    clf = P.Classifier.load(main, screen=None, fallback=other)
+    clf.review_threshold, clf.fallback.review_threshold = 0.0, 1.0  # main never low, fallback always
+    _, s = B.predict_paths(clf, [str(d)], progress=False)
+    assert s["other_labs_review_threshold"] == 1.0 and s["review"]["n_low_confidence_other_labs"] == 4
+    assert "0 with confidence < 0 (main model) and 4 < 1 (other-labs model)" in format_summary(s)
+    # a run with nothing classified keeps the columns of the run it would have been
+    (tmp_path / "empty").mkdir()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"not an image")
+    for folder in ("empty", "bad"):
+        out = tmp_path / f"{folder}.csv"
+        B.predict_paths(clf, [str(tmp_path / folder)], out, progress=False)
+        assert out.read_text().splitlines()[0].endswith(",model"), folder
+
+
 def test_fallback_is_refused_when_it_cannot_route(tmp_path, pair):
     main, other = pair
     bare = make_model(tmp_path / "bare", seed=2)  # no colour statistics: nothing to route on
@@ -115,6 +140,29 @@ def test_fallback_is_refused_when_it_cannot_route(tmp_path, pair):
 def test_cli_option_values():
     from bloodcell.cli.args import fallback_arg
     assert fallback_arg("AUTO") == "auto" and fallback_arg("None") is None and fallback_arg("runs/x") == "runs/x"
+
+
+def test_a_bad_model_path_is_named_with_its_option(pair, tmp_path, capsys, monkeypatch):
+    """With --model and --other-labs-model both given, the error says which one is wrong,
+    with the path as typed, the same words in predict and serve."""
+    import uvicorn
+
+    from bloodcell.cli import main as cli
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("server started"))
+    model, _ = pair
+    img = tmp_path / "cell.png"
+    Image.fromarray(stained(1)[0]).save(img)
+    not_model = tmp_path / "notes.txt"
+    not_model.write_text("x")
+    for cmd in (["predict", str(img), "--no-screen"], ["serve", "--no-screen", "--db", str(tmp_path / "l.db")]):
+        for bad in (str(not_model), str(tmp_path / "missing"), ""):
+            assert cli([*cmd, "--model", str(model), "--other-labs-model", bad]) == 2
+            err = capsys.readouterr().err
+            assert f"--other-labs-model {bad or chr(39) * 2}" in err and "--model " + str(model) not in err, err
+        assert cli([*cmd, "--model", str(tmp_path / "missing"), "--other-labs-model", str(model)]) == 2
+        err = capsys.readouterr().err
+        assert f"--model {tmp_path / 'missing'}: not a model (no such file or folder)" in err, err
+    assert not (tmp_path / "l.db").exists()  # refused before the lab's database is made
 
 
 def test_bundled_fallback_is_auto_for_the_bundled_model_only(pair, monkeypatch, tmp_path, caplog):
@@ -216,6 +264,15 @@ def test_lab_page_stores_and_explains_the_answering_model(pair, inputs, tmp_path
         assert [r["model"] for r in res["results"]] == ["main"] * 6 + ["other-labs"] * 4
         cells = c.get(f"/api/samples/{res['sample_id']}").json()["cells"]
         assert [x.get("model", "main") for x in cells] == ["main"] * 6 + ["other-labs"] * 4
+        # the lab's exports say it too, as predict's CSV does
+        sid = res["sample_id"]
+        rows = list(csv.DictReader(io.StringIO(c.get(f"/api/samples/{sid}/export.csv").text)))
+        by_id = {r["cell_id"]: r["model"] for r in rows}
+        assert [by_id[r["cell_id"]] for r in res["results"]] == ["main"] * 6 + ["other-labs"] * 4
+        assert all(r["model_version"].startswith("other-labs:") == (r["model"] == "other-labs") for r in rows)
+        with zipfile.ZipFile(io.BytesIO(c.get(f"/api/samples/{sid}/export.zip").content)) as z:
+            labels = list(csv.DictReader(io.StringIO(z.read("labels.csv").decode())))
+        assert sorted(r["model"] for r in labels) == ["main"] * 6 + ["other-labs"] * 4
         for i in (0, 9):  # Grad-CAM runs on the model that answered, on its own input
             assert c.get(f"/api/cells/{res['results'][i]['cell_id']}/saliency").status_code == 200
     assert len(seen) == 2 and seen[0][0] is not seen[1][0]  # the main model, then the fallback

@@ -139,3 +139,23 @@ def test_refitted_screen_is_not_served_from_the_journal(tmp_path):
     same = bundled_screen()
     recs, s = run(same)
     assert s["n_resumed"] == 4 and same.seen == 2
+
+
+def test_resumed_records_name_the_files_as_this_command_does(tmp_path, monkeypatch):
+    """Interrupted with relative paths in one folder, resumed from another with absolute
+    ones: every record's path is this command's (a stale relative path points nowhere)."""
+    model = make_model(tmp_path / "model")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(6):
+        Image.fromarray(synthetic_cell(i % 8, seed=i)).save(imgs / f"c{i}.png")
+    out = tmp_path / "results.csv"
+    monkeypatch.chdir(tmp_path)
+    clf = P.Classifier.load(model, backend="torch", screen=bundled_screen(stop_after=4))
+    with pytest.raises(KeyboardInterrupt):
+        B.predict_paths(clf, ["imgs"], out=out, batch_size=2, workers=0, progress=False)
+    monkeypatch.chdir(imgs)
+    clf = P.Classifier.load(model, backend="torch", screen=bundled_screen())
+    recs, s = B.predict_paths(clf, [str(imgs)], out=out, batch_size=2, workers=0, progress=False)
+    assert s["n_resumed"] == 4
+    assert sorted(r["path"] for r in recs) == sorted(str(imgs / f"c{i}.png") for i in range(6))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sqlite3
 import struct
 import warnings
 import zipfile
@@ -571,12 +572,18 @@ def test_cli_bad_model_and_db_fail_with_one_line(model_dir, tmp_path, capsys, ca
     assert not (tmp_path / "a.db").exists()
     notdb = tmp_path / "notes.sqlite3"
     notdb.write_text("not a database " * 100)
-    for db in (tmp_path, notdb, "/proc/x.sqlite"):
+    foreign = tmp_path / "crm.sqlite3"  # another program's database: not the lab's to add tables to
+    with sqlite3.connect(foreign) as c:
+        c.execute("CREATE TABLE customers (id INTEGER)")
+    for db in (tmp_path, notdb, foreign, "/proc/x.sqlite"):
         if str(db).startswith("/proc") and not Path("/proc").is_dir():
             continue
         assert main(["serve", "--model", str(model_dir), "--db", str(db), "--no-screen"]) == 2
         err = capsys.readouterr().err
         assert str(db) in err and len(err.strip().splitlines()) == 1, err
+        assert db != foreign or "not a bloodcell lab database (its tables: customers)" in err
+    with sqlite3.connect(foreign) as c:
+        assert [r[0] for r in c.execute("SELECT name FROM sqlite_master")] == ["customers"]
 
 
 # ------------------------------------------------------------------ issue 16: hardening

@@ -112,6 +112,20 @@ def test_decompression_bomb_refused(tmp_path):
             preprocess(p, 32)
 
 
+def test_unreadable_file_is_not_called_corrupt(tmp_path, monkeypatch):
+    """A good image the user may not read (permissions) must not read as corrupt: they
+    might delete it. (Open refused by the OS, simulated: root reads any file.)"""
+    p = tmp_path / "locked.png"
+    Image.fromarray(synthetic_cell(1, 32)).save(p)
+
+    def refuse(fp, *a, **k):
+        raise PermissionError(13, "Permission denied", str(fp))
+    monkeypatch.setattr(Image, "open", refuse)
+    with pytest.raises(ImageError, match="cannot read the file .Permission denied.") as e:
+        preprocess(p, 32)
+    assert "corrupt" not in str(e.value) and "locked.png" in str(e.value)
+
+
 def test_bad_array_shape():
     with pytest.raises(ImageError, match="shape"):
         preprocess(np.zeros((10, 10, 2), np.uint8), 8)

@@ -21,7 +21,9 @@ class-folder FOLDER, or the reviewed cells of the lab page's database), this:
    model adapted without it (``folds``), so the temperature is not fitted on
    cells the model has memorised (that would make it over-confident); these
    out-of-fold models see fewer cells than the final one, which errs on the
-   cautious (under-confident) side;
+   cautious (under-confident) side; and it is never below the base model's (a
+   handful of cells all right out of fold would fit a temperature near 0: every
+   answer ~1.0 and no review flag);
 5. refits the input check's colour statistics on the new lab's cells, with a
    small-sample threshold (``inputcheck.fit_input_check(predictive=True)``), and
    records the lab's image size, so its cells are not all flagged as unusual;
@@ -116,6 +118,8 @@ class AdaptSettings:
                                # does not unlearn those classes
     anchor_style: bool | None = None  # anchors restyled to the lab's zoom and colours (bloodcell.restyle;
                                       # wbc_cellavision k=10: 0.819 vs 0.805 in PBC's style)
+    soup: int = 1              # fits from the same start with different seeds, weights averaged
+    wise: float = 1.0          # share of the fitted weights kept; the rest is the start's (WiSE-FT)
 
     def __post_init__(self):
         if self.mode not in MODE_DEFAULTS:
@@ -123,6 +127,8 @@ class AdaptSettings:
         for k, v in MODE_DEFAULTS[self.mode].items():
             if getattr(self, k) is None:
                 setattr(self, k, v)
+        if self.soup < 1 or not 0.0 <= self.wise <= 1.0:
+            raise ValueError(f"adapt soup {self.soup} (>= 1) or wise {self.wise} (0..1) out of range")
         if self.augment not in AUGMENTS:
             raise ValueError(f"adapt augment {self.augment!r}: use one of {', '.join(AUGMENTS)}")
 
@@ -206,7 +212,7 @@ def load_reviewed(db, classes: list[str], size: int, framing: Framing | None = N
     path = Path(db)
     if not path.is_file():
         raise FileNotFoundError(f"database not found: {path}")
-    store = Store(path, exclusive=False)  # read while the lab page may be running on it
+    store = Store(path, read_only=True)  # read while the lab page may be running on it
     try:
         samples = store.list_samples()
         if sample is not None:
@@ -469,9 +475,37 @@ def _anchor_cells(cells: LabelledCells, size: int, framing: Framing | None, styl
     return images, np.array([cells.classes.index(f.parent.name) for f in files], dtype=np.int64)
 
 
+def _averaged(fit, s: AdaptSettings):
+    """``fit`` run ``s.soup`` times from the same start (seeds seed, seed + 1000, ...) with
+    the weights averaged (a "model soup", Wortsman et al. 2022), then blended back towards
+    the start: ``wise`` of the fitted weights (WiSE-FT, Wortsman et al. 2022)."""
+    if s.soup == 1 and s.wise == 1.0:
+        return fit
+
+    def fit_averaged(part, idx, seed):
+        start = {k: v.detach().clone() for k, v in part.state_dict().items()}
+        total = None
+        for j in range(s.soup):
+            part.load_state_dict(start)
+            fit(part, idx, seed + 1000 * j)
+            got = part.state_dict()
+            total = {k: v.detach().clone() for k, v in got.items()} if total is None else \
+                {k: total[k] + got[k] if got[k].is_floating_point() else got[k] for k in got}
+        mean = {k: (v / s.soup if v.is_floating_point() else v) for k, v in total.items()}
+        part.load_state_dict({k: (s.wise * mean[k] + (1 - s.wise) * start[k]) if v.is_floating_point() else v
+                              for k, v in mean.items()})
+    return fit_averaged
+
+
 def _fitting(model, cells: LabelledCells, s: AdaptSettings, size: int, framing: Framing | None):
     """(what is fitted, fit(part, idx, seed), score(part, idx) -> logits) for the mode: the
-    upper part on cached features (head), or the model itself on the images (full)."""
+    upper part on cached features (head), or the model itself on the images (full);
+    ``fit`` averages ``s.soup`` fits and blends them with the start (``s.wise``)."""
+    start, fit, score = _fitting_once(model, cells, s, size, framing)
+    return start, _averaged(fit, s), score
+
+
+def _fitting_once(model, cells: LabelledCells, s: AdaptSettings, size: int, framing: Framing | None):
     if s.mode == "full":
         ax, ay = (_anchor_cells(cells, size, framing, s.anchor_style) if s.anchors
                   else (cells.images[:0], cells.labels[:0]))
@@ -509,9 +543,15 @@ def adapt(base_path, cells: LabelledCells, settings: AdaptSettings | None = None
     temperature = float(meta.temperature)
     if s.folds >= 2:
         oof = cross_fitted_logits(start, fit, score, cells.labels, s)
-        temperature = fit_temperature(oof, cells.labels)
+        fitted = fit_temperature(oof, cells.labels)
+        # a few cells all scored right out of fold drive the NLL's temperature towards 0 (every
+        # answer ~1.0, no review flag ever): never more confident than the base model's
+        temperature = max(fitted, temperature)
         report["cross_fitted"] = {"folds": s.folds, "accuracy": float((oof.argmax(1) == cells.labels).mean()),
-                                  "nll": nll(oof, cells.labels, temperature)}
+                                  "fitted_temperature": fitted, "nll": nll(oof, cells.labels, temperature)}
+        if fitted < temperature:
+            log.info("adapt: the cross-fitted temperature %.3f is below the base model's; kept %.3f",
+                     fitted, temperature)
     fit(start, np.arange(len(cells.labels)), s.seed)
     log.info("adapt: fitted in %.1f s", time.perf_counter() - t0)
     model.eval()
@@ -522,8 +562,9 @@ def adapt(base_path, cells: LabelledCells, settings: AdaptSettings | None = None
     adaptation = {
         "base_model": str(base_path), "base_weights_sha1": weights_sha1(weights),
         "base_temperature": meta.temperature, "data": cells.source,
-        "settings": asdict(s), "temperature_fit": "cross-fitted out-of-fold logits" if s.folds >= 2
-        else "kept the base model's", **report,
+        "settings": asdict(s), **report,
+        "temperature_fit": "cross-fitted out-of-fold logits, at least the base model's" if s.folds >= 2
+        else "kept the base model's",
         "images": [{"name": n, "class": cells.classes[y], "sha1": h}
                    for n, y, h in zip(cells.names, cells.labels, cells.sha1s)],
         "skipped": cells.skipped}

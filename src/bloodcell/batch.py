@@ -148,11 +148,13 @@ def flat_record(r: dict, classes: Sequence[str]) -> dict:
             **({"model": r["model"]} if "model" in r else {})}
 
 
-def flat_records(records: Sequence[dict], classes: Sequence[str]) -> list[dict]:
+def flat_records(records: Sequence[dict], classes: Sequence[str], summary: dict | None = None) -> list[dict]:
     """:func:`flat_record` for a run, one set of columns for all: "model" (which model
-    answered) only in runs with an other-labs model, last, so the other columns stay put."""
-    rows = [flat_record(r, classes) for r in records]
-    if any("model" in r for r in rows):
+    answered) only in runs with an other-labs model (the summary names one), last, so
+    the other columns stay put. No records: one row of the header's empty values."""
+    rows = [flat_record(r, classes) for r in records] or [
+        {k: None for k in flat_record({"path": "", "status": ""}, classes)}]
+    if any("model" in r for r in rows) or (summary or {}).get("other_labs_model_sha1"):
         for r in rows:
             r.setdefault("model", None)
     return rows
@@ -170,13 +172,11 @@ def write_results(out: Path, records: list[dict], classes: list[str], summary: d
     text_cols = ("path", "status", "input_warnings")  # free text: guarded against formulas
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    for n, row in enumerate(flat_records(records, classes)):
-        if n == 0:
-            w.writerow(list(row))
+    rows = flat_records(records, classes, summary)
+    w.writerow(list(rows[0]))
+    for row in rows if records else ():
         w.writerow(["" if v is None else csv_safe(v) if k in text_cols else
                     f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()])
-    if not records:
-        w.writerow(list(flat_record({"path": "", "status": ""}, classes)))
     atomic_write_text(out, buf.getvalue())
 
 
@@ -233,6 +233,7 @@ def run_summary(clf: Classifier, records: list[dict], seconds: float, n_computed
         "multi_cell_screen": clf.screen is not None,
         **({"other_labs_model": str(clf.fallback.weights_path) if clf.fallback.weights_path else None,
             "other_labs_model_sha1": fp["fallback"]["weights_sha1"],
+            "other_labs_review_threshold": clf.fallback.review_threshold,
             "n_other_labs": sum(r.get("model") == "other-labs" for r in records)}
            if clf.fallback is not None else {}),
         "n_inputs": len(records), "n_ok": sum(r["status"] == "ok" for r in records),
@@ -285,8 +286,8 @@ def predict_paths(clf: Classifier, specs: Sequence[str], out=None, batch_size: i
         jp = journal_path(out)
         old = read_journal(jp, fp) if resume else {}
         for i, k in enumerate(keys):
-            if k is not None and tuple(k) in old:
-                records[i] = old[tuple(k)]
+            if k is not None and tuple(k) in old:  # the same file, named as in this command
+                records[i] = {**old[tuple(k)], "path": items[i][0]}
                 n_resumed += 1
         if n_resumed:
             log.info("resuming: %d image(s) already done in %s", n_resumed, jp)

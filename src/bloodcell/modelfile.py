@@ -167,6 +167,22 @@ def resolve_model_path(path: str | os.PathLike) -> tuple[Path, Path]:
     return w, j
 
 
+def check_model_path(path: str | os.PathLike | None, option: str = "--model") -> None:
+    """A model path as the user gave it, checked before anything loads: the error names the
+    option and the path as typed (None: the bundled model)."""
+    if path is None:
+        resolve_model_path(bundled_model_path())
+        return
+    hint = "give a run folder, a model.json or a .safetensors file"
+    if not str(path).strip():
+        raise FileNotFoundError(f"{option} '': an empty path; {hint}")
+    try:
+        resolve_model_path(path)
+    except FileNotFoundError as e:
+        what = "no such file or folder" if not Path(path).exists() else str(e).split(" (")[0]
+        raise FileNotFoundError(f"{option} {path}: not a model ({what}); {hint}") from None
+
+
 def weights_sha1(weights_path: str | os.PathLike) -> str:
     """Names the weights in ONNX exports, predict's journal and its provenance."""
     return file_digest(Path(weights_path), "sha1")

@@ -169,8 +169,8 @@ def write_any(out: Path, records: list[dict], classes: list[str], summary: dict)
     import pyarrow.parquet as pq
 
     from .batch import flat_records
-    rows = flat_records(records, classes)
-    table = pa.Table.from_pylist(rows)
+    rows = flat_records(records, classes, summary)
+    table = pa.Table.from_pylist(rows if records else [])
     table = table.replace_schema_metadata({"bloodcell_summary": json.dumps(summary)})
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:

@@ -151,12 +151,14 @@ def _open_image(src: ImageSource, draft_size: int | None = None) -> tuple[Image.
         return _to_rgb(im), SourceInfo(*size0, frames=int(getattr(im, "n_frames", 1) or 1))
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # PIL's own check fires before ours on the largest images: the same words, our limit
-        raise ImageError(name, f"image too large (limit {MAX_PIXELS:,} pixels): refusing a possible "
-                               f"decompression bomb ({e})") from None
+        raise ImageError(name, f"image too large (over {MAX_PIXELS:,} pixels): refusing a possible "
+                               "decompression bomb") from None
     except Image.UnidentifiedImageError:
         raise ImageError(name, "not an image (unrecognised file format)") from None
+    except (PermissionError, IsADirectoryError) as e:  # the file is fine; we may not read it
+        raise ImageError(name, f"cannot read the file ({e.strerror or e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(name, f"corrupt or truncated image ({e})") from None
 

@@ -5,7 +5,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from .args import ranged
+from .args import check_out, ranged
 
 
 def cmd_adapt(args):
@@ -13,6 +13,7 @@ def cmd_adapt(args):
     from ..adapt import AdaptSettings, adapt, load_folder, load_reviewed, save_adapted
     from ..predict import Classifier
     out = Path(args.out)
+    check_out(out, folder=True)  # minutes of fitting must not end in "permission denied"
     if (out / "model.json").exists() and not args.overwrite:
         raise ValueError(f"{out} already holds a model; choose another --out or pass --overwrite")
     base = Classifier.load(args.model, screen=None, fallback=None)
@@ -29,8 +30,11 @@ def cmd_adapt(args):
     save_adapted(a, out)
     cf = a.report.get("cross_fitted")
     if cf:
+        kept = cf["fitted_temperature"] < a.meta.temperature
         print(f"cross-validated accuracy on the labelled cells ({cf['folds']} folds): {cf['accuracy']:.3f}; "
-              f"temperature {a.meta.temperature:.3f} fitted on those out-of-fold logits")
+              + (f"temperature {a.meta.temperature:.3f} (the base model's: the {cf['fitted_temperature']:.3f} "
+                 "fitted on those out-of-fold logits would be more confident)" if kept else
+                 f"temperature {a.meta.temperature:.3f} fitted on those out-of-fold logits"))
     ic = a.meta.input_check
     print(f"input check refitted on the new lab's cells: threshold {ic['threshold']:.2f}, "
           f"images from {ic['min_side']} px up are not 'small'")

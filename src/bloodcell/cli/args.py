@@ -4,8 +4,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import typing
+
+from pathlib import Path
 
 from ..data import default_data_dir
 
@@ -20,6 +23,25 @@ def data_or_default(path):
                  "https://data.mendeley.com/datasets/snkd93bnjr/1 or run `bloodcell fetch-data`, "
                  "then pass --data DIR (a folder of class sub-folders).")
     return str(d)
+
+
+def check_out(out, folder: bool, option: str = "--out") -> None:
+    """Fail before the work, not after it: ``out`` (a folder when ``folder``, else a file)
+    must be creatable or replaceable. Creates nothing."""
+    out = Path(out)
+    if folder and out.exists() and not out.is_dir():
+        raise ValueError(f"{option} {out}: exists and is not a folder")
+    if not folder and out.is_dir():
+        raise ValueError(f"{option} {out}: is a folder; give a file name")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"{option} {out}: not writable")
+    parent = out.parent.absolute()
+    while not parent.exists():  # the folders still to make go into the nearest existing one
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{option} {out}: {parent} is not a folder")
+    if not out.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {out}: its folder {parent} is not writable")
 
 
 def fallback_arg(value: str):

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from ..calibrate import DEFAULT_TARGET_ACCURACY, calibrate, format_report
 from ..runtime import BACKENDS
-from .args import data_or_default, ranged
+from .args import check_out, data_or_default, ranged
 
 
 def cmd_calibrate(args):
+    if args.out:
+        check_out(args.out, folder=False)
     r = calibrate(args.model, data_or_default(args.data), out=args.out, split_file=args.split_file,
                   cache_dir=args.cache_dir, target=args.target, progress=not args.no_progress,
                   store=not args.dry_run, backend=args.backend)

@@ -9,7 +9,7 @@ import numpy as np
 from ..export import INT8_CALIB_IMAGES, INT8_WEIGHT_BITS, ONNX_OPSET, export, quantize_int8, train_images
 from ..modelfile import bundled_model_path, resolve_model_path
 from ..predict import Classifier
-from .args import data_or_default
+from .args import check_out, data_or_default
 
 log = logging.getLogger("bloodcell")
 
@@ -17,6 +17,8 @@ log = logging.getLogger("bloodcell")
 def cmd_export(args):
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out}: is a folder; give a file name such as model.onnx")
+    if args.out:
+        check_out(args.out, folder=False)
 
     if args.format == "onnx-int8":
         w, _ = resolve_model_path(args.model or bundled_model_path())

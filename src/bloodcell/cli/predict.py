@@ -6,6 +6,7 @@ import sys
 from ..batch import check_out_path, predict_paths
 from ..predict import EXAMPLES_NOTE, Classifier, default_workers, example_files, examples_note
 from ..decoding import DECODE_MODES, PROCESS_MIN_INPUTS
+from ..modelfile import check_model_path
 from ..runtime import BACKENDS
 from .args import fallback_arg, ranged
 
@@ -34,9 +35,13 @@ def format_summary(s: dict) -> str:
                         if wbc.get("n_platelet") is not None else ""))
     if s["n_ok"]:
         r = s["review"]
+        routed_low = r.get("n_low_confidence_other_labs")
+        low = (f"{r['n_low_confidence']} with confidence < {s['review_threshold']:.3g}" if routed_low is None else
+               f"{r['n_low_confidence'] - routed_low} with confidence < {s['review_threshold']:.3g} (main model) "
+               f"and {routed_low} < {s['other_labs_review_threshold']:.3g} (other-labs model)")
         lines.append(f"needs review: {r['n_needs_review']} of {s['n_ok']} classified "
-                     f"({100.0 * r['n_needs_review'] / s['n_ok']:.1f}%): {r['n_low_confidence']} with "
-                     f"confidence < {s['review_threshold']:.3g}, {r['n_input_warnings']} with input warnings")
+                     f"({100.0 * r['n_needs_review'] / s['n_ok']:.1f}%): {low}, "
+                     f"{r['n_input_warnings']} with input warnings")
     if s.get("n_other_labs"):
         lines.append(f"{s['n_other_labs']} image(s) with colours unlike the training images were classified "
                      f"by the other-labs model ({s['other_labs_model']}); they need review")
@@ -88,6 +93,9 @@ def cmd_predict(args):
                          "or --examples for the example cells shipped with bloodcell")
     paths = args.paths + ([str(f) for f in example_files()] if args.examples else [])
     screen = None if args.no_screen else (args.screen or "auto")
+    check_model_path(args.model, "--model")
+    if fallback_arg(args.other_labs_model) not in ("auto", None):
+        check_model_path(fallback_arg(args.other_labs_model), "--other-labs-model")
     clf = Classifier.load(args.model, backend=args.backend, onnx_path=args.onnx, screen=screen,
                           review_threshold=args.review_threshold, threads=args.threads,
                           fallback=fallback_arg(args.other_labs_model))

@@ -8,7 +8,7 @@ from ..evaluate import evaluate, print_report, track
 from ..runtime import BACKENDS
 from ..tracking import MLFLOW_HELP, Tracker
 from ..trainconfig import TrainConfig
-from .args import add_options, data_or_default, options_to_config
+from .args import add_options, check_out, data_or_default, options_to_config
 
 # models and train import torch: loaded by their commands only, so that building the
 # parser (every command, `bloodcell predict` on ONNX Runtime too) does not; TrainConfig
@@ -28,6 +28,7 @@ def cmd_train(args):
     from ..train import train
     pretrained = False if args.no_pretrained else (args.weights or True)
     cfg = options_to_config(TrainConfig, args, data=data_or_default(args.data), pretrained=pretrained)
+    check_out(args.out, folder=True)
     print("settings:", json.dumps({k: v for k, v in vars(cfg.resolved()).items() if k != "extra"}))
     with Tracker.start("train", run_name=Path(args.out).name, enabled=args.mlflow) as tracker:
         s = train(cfg, tracker=tracker)
@@ -36,6 +37,8 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
+    if args.out:
+        check_out(args.out, folder=True)
     name = f"evaluate {Path(args.model).name if args.model else 'bundled'} {args.split}"
     with Tracker.start("evaluate", run_name=name, enabled=args.mlflow) as tracker:
         m = evaluate(args.model, data_or_default(args.data), split=args.split, out=args.out,

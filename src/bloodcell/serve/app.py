@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .. import __version__
-from ..modelfile import bundled_model_path, resolve_model_path
+from ..modelfile import bundled_model_path, check_model_path
 from ..predict import Classifier, FallbackMismatch, load_screen
 from .config import AUTO, Lab, ServeConfig, default_threads
 from .routes import short
@@ -54,17 +54,6 @@ def model_card(clf: Classifier, model_path) -> dict:
     return card
 
 
-def _check_model_path(model) -> None:
-    """A missing model is the error to report, not an ONNX fallback warning before it."""
-    try:
-        resolve_model_path(model if model is not None else bundled_model_path())
-    except FileNotFoundError:
-        if model is None or Path(model).exists():
-            raise
-        raise FileNotFoundError(f"model {model} not found: no such file or folder (give a run "
-                                "folder, a model.json or a .safetensors file)") from None
-
-
 def load_classifier(cfg: ServeConfig) -> Classifier:
     """The model, with the app's multi-cell screen (cfg.screen decides, also for a
     Classifier passed in)."""
@@ -97,10 +86,10 @@ def create_app(config: ServeConfig | None = None, **settings):
 
     from .routes import STATIC_DIR, router
     cfg = config or ServeConfig(**settings)
-    if not isinstance(cfg.model, Classifier):
-        _check_model_path(cfg.model)
+    if not isinstance(cfg.model, Classifier):  # a missing model is the error to report first
+        check_model_path(cfg.model, "--model")
     if cfg.other_labs_model not in (AUTO, None) and not isinstance(cfg.other_labs_model, Classifier):
-        _check_model_path(cfg.other_labs_model)
+        check_model_path(cfg.other_labs_model, "--other-labs-model")
     store = Store(cfg.db_path if cfg.db_path is not None else default_db_path())  # before the slow load
     try:
         clf = load_classifier(cfg)

@@ -14,7 +14,7 @@ from ..data import IMAGE_EXTENSIONS, csv_safe
 _EXT = {"image/jpeg": "jpg", "image/png": "png", "image/gif": "gif", "image/webp": "webp"}
 CSV_COLUMNS = ["cell_id", "file_name", "predicted_class", "probability", "needs_review", "multi_cell",
                "multi_cell_score", "input_warnings", "true_class", "label", "corrected_at", "created",
-               "image_path"]
+               "image_path", "model", "model_version"]  # last two: which model answered (predict's CSV too)
 
 
 def export_path(cell: dict) -> str:
@@ -44,15 +44,20 @@ def sample_csv(cells: list[dict]) -> str:
                     "" if c.get("multi_cell") is None else int(c["multi_cell"]),
                     "" if c.get("multi_cell_score") is None else f"{c['multi_cell_score']:.4f}",
                     csv_safe("; ".join(c["input_warnings"])), c["true_class"] or "", c["class"],
-                    c["corrected_at"] or "", c["created"], export_path(c)])
+                    c["corrected_at"] or "", c["created"], export_path(c), _model(c),
+                    csv_safe(c.get("model_version") or "")])
     return buf.getvalue()
+
+
+def _model(cell: dict) -> str:
+    return cell.get("model", "main")  # store._cell_json marks the other-labs model's answers
 
 
 def sample_zip(cells: list[dict], classes: list[str], image_of, corrected_only: bool = False) -> bytes:
     """Images in class folders (``<label>/<cell id>.<ext>``, corrected label where set)
     plus labels.csv. ``image_of(cell id)`` -> the stored bytes."""
     buf = io.BytesIO()
-    lines = io.StringIO("cell_id,file_name,predicted_class,true_class,label,path\n")
+    lines = io.StringIO("cell_id,file_name,predicted_class,true_class,label,path,model\n")
     lines.seek(0, io.SEEK_END)
     w = csv.writer(lines, quoting=csv.QUOTE_ALL, lineterminator="\n")
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
@@ -64,6 +69,6 @@ def sample_zip(cells: list[dict], classes: list[str], image_of, corrected_only: 
             path = export_path(c)
             z.writestr(path, image_of(c["id"]))
             w.writerow([c["id"], csv_safe(c["file_name"]), c["predicted_class"],
-                        c["true_class"] or "", c["class"], path])
+                        c["true_class"] or "", c["class"], path, _model(c)])
         z.writestr("labels.csv", lines.getvalue())
     return buf.getvalue()

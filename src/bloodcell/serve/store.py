@@ -72,7 +72,11 @@ class Store:
     """The database. Opening it creates or upgrades the schema; errors are an OSError
     naming the file (`bloodcell serve --db` prints one line, not a sqlite3 traceback)."""
 
-    def __init__(self, path: str | os.PathLike, exclusive: bool = True):
+    def __init__(self, path: str | os.PathLike, exclusive: bool = True, read_only: bool = False):
+        """``read_only``: an existing lab database, opened for reading only (``bloodcell
+        adapt --db``): nothing is created, upgraded or locked."""
+        if read_only:
+            exclusive = False
         self.path = Path(path)
         self.lock = threading.Lock()
         self._samples: dict[str, dict] = {}
@@ -86,19 +90,26 @@ class Store:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 if exclusive:
                     self._lock_file = _lock_database(self.path)
-            if not memory and self.path.is_file() and self.path.stat().st_size == 0:
+            empty = not memory and self.path.is_file() and self.path.stat().st_size == 0
+            if empty and read_only:
+                raise OSError("an empty (0-byte) file, not a lab database")
+            if empty:
                 # SQLite takes a 0-byte file as a new database; it may be one that lost its data
                 log.warning("database %s is an empty (0-byte) file: starting a new, empty lab there. "
                             "If it held samples, stop the server and restore it from a backup", path)
-            self.conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
-                                        timeout=BUSY_TIMEOUT_S)
+            self.conn = (sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                         check_same_thread=False, timeout=BUSY_TIMEOUT_S) if read_only else
+                         sqlite3.connect(str(path), check_same_thread=False, isolation_level=None,
+                                         timeout=BUSY_TIMEOUT_S))
             self.conn.row_factory = sqlite3.Row
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the answer
-            self.conn.execute("PRAGMA foreign_keys=ON")
             _check_integrity(self.conn, self.path)
-            self.conn.executescript(SCHEMA)
-            self._upgrade()
+            _check_is_lab(self.conn, read_only)
+            if not read_only:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the answer
+                self.conn.execute("PRAGMA foreign_keys=ON")
+                self.conn.executescript(SCHEMA)
+                self._upgrade()
         except BaseException as e:
             self._unlock()
             if isinstance(e, DatabaseDamaged) or not isinstance(e, (sqlite3.Error, OSError)):
@@ -274,6 +285,23 @@ def _check_integrity(conn: sqlite3.Connection, path: Path) -> None:
         problems = [str(e)]
     if problems:
         raise DatabaseDamaged(_damaged(path, "; ".join(problems)))
+
+
+def _check_is_lab(conn: sqlite3.Connection, read_only: bool) -> None:
+    """Refuse another program's database: its tables are not the lab's to add to (or read)."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    tables.discard("sqlite_sequence")
+    if {"samples", "cells"} <= tables:
+        if read_only and not {"input_warnings", "image_sha1"} <= {r[1] for r in conn.execute(
+                "PRAGMA table_info(cells)")}:
+            raise OSError("made by an older bloodcell: open it once with `bloodcell serve --db` "
+                          "to upgrade it")
+        return
+    if tables or read_only:
+        listed = ", ".join(sorted(tables)[:5]) + (" ..." if len(tables) > 5 else "")
+        raise OSError("not a bloodcell lab database"
+                      + (f" (its tables: {listed})" if tables else " (no lab tables)")
+                      + ("" if read_only else "; give a new file for the lab"))
 
 
 def _lock_database(path: Path):
