@@ -246,3 +246,16 @@ def test_precision_probe_picks_a_precision_and_leaves_the_model_untouched():
     assert probe_precision(Boom(), x, y, torch.device("cpu"), key="tiny") == choice
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN stats, weights unchanged
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_mix_changes_the_training_is_recorded_and_refuses_unmixed_targets(synthetic_dataset, tmp_path):
+    plain = train(_cfg(synthetic_dataset, tmp_path / "plain", epochs=1))
+    run = tmp_path / "cutmix"
+    s = train(_cfg(synthetic_dataset, run, epochs=1, mix="cutmix", mix_prob=1.0))
+    assert s["finished"] and s["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
+    args = json.loads((run / "model.json").read_text())["train_args"]
+    assert args["mix"] == "cutmix" and args["mix_prob"] == 1.0
+    with pytest.raises(ValueError, match="does not combine with --distill or --subclass-aux"):
+        train(_cfg(synthetic_dataset, tmp_path / "x", epochs=1, mix="mixup", subclass_aux=0.5))
+    with pytest.raises(ValueError, match="--mix-prob 2"):
+        train(_cfg(synthetic_dataset, tmp_path / "y", epochs=1, mix="mixup", mix_prob=2.0))

@@ -33,6 +33,7 @@ from . import cpu
 from . import data as D
 from . import distributed as dist
 from .distill import SoftTargets, TeacherFile, check_settings
+from .mixing import mix_batch, mixed_loss
 from .locate import Framing
 from .modelfile import ModelFile, resolve_model_path
 from .models import create_model, library_versions, save_model
@@ -469,6 +470,7 @@ def train_one_epoch(t: Trainer, epoch: int, stop: GracefulStop) -> EpochStats:
     t.model.train()
     g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     order = data.tr[torch.randperm(len(data.tr), generator=g).numpy()]
+    g_mix = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 10**6 * (1 + t.world.rank))
     t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
     bar = tqdm(range(t.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
                disable=not cfg.progress, mininterval=2.0)
@@ -476,6 +478,7 @@ def train_one_epoch(t: Trainer, epoch: int, stop: GracefulStop) -> EpochStats:
         idx = dist.shard(np.sort(order[b * cfg.batch_size:(b + 1) * cfg.batch_size]), t.world)
         x = to_tensor(data.images[idx]).to(device)
         target = data.y[idx].to(device)
+        x, mixed = mix_batch(x, cfg.mix, cfg.mix_alpha, cfg.mix_prob, g_mix)
         for group in t.opt.param_groups:  # the step's rate, a pure function of the step
             group["lr"] = lr_at((epoch - 1) * t.steps_per_epoch + b, t.total_steps, cfg.lr, cfg.schedule)
         with autocast(device, t.precision):
@@ -483,7 +486,7 @@ def train_one_epoch(t: Trainer, epoch: int, stop: GracefulStop) -> EpochStats:
             if t.soft is not None:
                 loss = t.soft.loss(logits.float(), target, idx, cfg.label_smoothing)
             else:
-                loss = F.cross_entropy(logits.float(), target, label_smoothing=cfg.label_smoothing)
+                loss = mixed_loss(logits.float(), target, mixed, cfg.label_smoothing)
             if t.aux is not None:
                 loss = loss + t.aux.loss(idx)
         t.opt.zero_grad(set_to_none=True)
@@ -563,6 +566,11 @@ def _train(cfg: TrainConfig, tracker, world: dist.World) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     device, precision = _start(cfg, world)
     teacher = None
+    if cfg.mix != "none" and (cfg.distill or cfg.subclass_aux):
+        raise ValueError(f"--mix {cfg.mix} does not combine with --distill or --subclass-aux "
+                         "(their targets are not mixed)")
+    if not (cfg.mix_alpha >= 0 and 0 <= cfg.mix_prob <= 1):
+        raise ValueError(f"--mix-alpha {cfg.mix_alpha} (>= 0) or --mix-prob {cfg.mix_prob} (0 to 1) out of range")
     if cfg.distill:  # its errors before the image cache is built, not after
         check_settings(cfg.distill_weight, cfg.distill_temperature)
         teacher = TeacherFile.read(cfg.distill)

@@ -45,6 +45,10 @@ class TrainConfig:
     distill_weight: float = option(0.5, help="share of the distillation term in the loss (with --distill)")
     distill_temperature: float = option(2.0, help="temperature of the teacher and student "
                                         "probabilities in the distillation term")
+    mix: str = option("none", choices=["none", "cutmix", "mixup"],
+                      help="label-mixing augmentation within a batch (mixing.py): CutMix or MixUp")
+    mix_alpha: float = option(1.0, help="Beta(alpha, alpha) of the mixing weight (with --mix)")
+    mix_prob: float = option(0.5, help="share of batches mixed (with --mix)")
     framing: bool | dict | None = option(cli=False)  # cell-centred framing (locate.Framing fields); per model
     seed: int = option(DEFAULT_SEED, help="seed of initialisation, shuffling and augmentation")
     split_seed: int = option(DEFAULT_SEED, help="seed of the train/val/test split")
