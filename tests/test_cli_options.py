@@ -30,7 +30,11 @@ def test_every_field_is_an_option_with_its_type_default_and_help():
         if f.default is not dataclasses.MISSING:
             assert a.default == f.default, f.name
     assert opts["max_steps_per_epoch"].help == argparse.SUPPRESS
-    assert opts["lr"].type is float and opts["epochs"].type is int and opts["split_file"].type is str
+    # typed from the annotation; ranged fields checked by the parser too
+    assert type(opts["lr"].type("0.01")) is float and type(opts["epochs"].type("3")) is int
+    assert opts["split_file"].type is str
+    with pytest.raises(argparse.ArgumentTypeError, match="out of range"):
+        opts["epochs"].type("0")
     assert opts["schedule"].choices == ["constant", "onecycle"]
     assert opts["model"].required and opts["out"].required and not opts["data"].required
     assert opts["progress"].option_strings == ["--no-progress"]
@@ -101,3 +105,14 @@ def test_out_paths_are_checked_before_any_work(tmp_path, monkeypatch, capsys):
         assert main(cmd) == 2, cmd
         err = capsys.readouterr().err
         assert f"--out {afile}" in err and "not a folder" in err, (cmd, err)
+
+
+def test_options_are_not_abbreviated_and_numbers_are_checked(capsys):
+    from bloodcell.cli import main
+    with pytest.raises(SystemExit):  # not --split-file test
+        main(["calibrate", "--model", "x", "--split", "test"])
+    assert "unrecognized arguments: --split test" in capsys.readouterr().err
+    for bad in (["--threshold", "nan"], ["--components", "0"]):
+        with pytest.raises(SystemExit):
+            main(["screen-fit", "--out", "s.json", *bad])
+        assert "out of range" in capsys.readouterr().err

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from bloodcell import data as D
+from conftest import CLASSES
 
 
 def test_scan_skips_junk_with_reasons(synthetic_dataset):
@@ -145,3 +146,36 @@ def test_macro_f1_counts_only_the_classes_present():
     assert m["accuracy"] == 1.0 and m["macro_f1"] == 1.0 and m["macro_f1_classes"] == ["a", "b"]
     m = compute_metrics(y, np.eye(4)[[0, 2, 1, 1]], classes)  # one image called an absent class
     assert m["accuracy"] == 0.75 and m["macro_f1"] < 1.0
+
+
+def test_manifest_and_split_problems_are_named(tmp_path, caplog):
+    from PIL import Image as _I
+    root = tmp_path / "d"
+    for c in CLASSES:
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            _I.new("RGB", (8, 8), (i * 40, 80, 120)).save(root / c / f"{c}_{i}.png")
+    ds = D.scan(root)
+    man = tmp_path / "split.csv"
+    D.write_manifest(man, ds, D.make_split(ds, (0.6, 0.2, 0.2), 0))
+    text = man.read_text()
+    bad = tmp_path / "bad.csv"
+    bad.write_text(text.replace(",val,", ",validation,"))
+    with pytest.raises(ValueError, match="split 'validation' is not one of train, val, test"):
+        D.read_manifest(bad)
+    relabelled = tmp_path / "relabelled.csv"
+    relabelled.write_text(text.replace("basophil/basophil_1.png,basophil,", "basophil/basophil_1.png,ig,"))
+    with pytest.raises(ValueError, match="1 file.s. are in another class folder than the split manifest says"):
+        D.apply_manifest(D.scan(root), D.read_manifest(relabelled))
+    (root / "basophil" / "basophil_0.png").rename(root / "eosinophil" / "basophil_0.png")
+    with pytest.raises(ValueError, match="not in the split manifest"):  # a path it does not know
+        D.apply_manifest(D.scan(root), D.read_manifest(man))
+    (root / "eosinophil" / "basophil_0.png").unlink()
+    with caplog.at_level("WARNING", logger="bloodcell"):
+        D.apply_manifest(D.scan(root), D.read_manifest(man))
+    assert "1 file(s) of the split manifest are not in the data folder" in caplog.text
+    for f in (root / "platelet").iterdir():
+        f.unlink()
+    (root / "platelet" / "x.png").write_bytes((root / "ig" / "ig_0.png").read_bytes())
+    with pytest.raises(ValueError, match=r"fewer than 3 images: platelet \(1\)"):
+        D.make_split(D.scan(root), (0.6, 0.2, 0.2), 0)

@@ -149,3 +149,11 @@ def test_a_distilled_run_records_its_teacher_and_resumes_only_with_it(synthetic_
             train(cfg(epochs=2, resume=True, **changed))
     s = train(cfg(epochs=2, resume=True))
     assert [h["epoch"] for h in s["history"]] == [1, 2]
+
+
+def test_a_binary_teacher_file_is_named(tmp_path):
+    from bloodcell.distill import TeacherFile
+    f = tmp_path / "teacher.csv"
+    f.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="teacher.csv: not a text .CSV. file"):
+        TeacherFile.read(str(f))

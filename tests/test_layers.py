@@ -15,8 +15,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "bloodcell"
 # Keep in step with docs/architecture.md.
 LAYERS = [
     ("base", ["bloodcell.transforms", "bloodcell.tensorops", "bloodcell.segment", "bloodcell.locate",
-              "bloodcell.augment", "bloodcell.mixing", "bloodcell.restyle", "bloodcell.differential", "bloodcell.tracking",
-              "bloodcell.cpu"]),
+              "bloodcell.augment", "bloodcell.mixing", "bloodcell.restyle", "bloodcell.differential",
+              "bloodcell.tracking", "bloodcell.cpu"]),
     ("data", ["bloodcell.data", "bloodcell.fetch", "bloodcell.inputcheck", "bloodcell.screen",
               "bloodcell.modelfile", "bloodcell.published"]),
     ("model", ["bloodcell.models", "bloodcell.export", "bloodcell.saliency",

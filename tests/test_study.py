@@ -167,6 +167,14 @@ def test_finished_run_with_other_settings_is_refused(study, capsys):
     assert cli.main(_study_args(data, rep, pub, size=40)) == 2
     err = capsys.readouterr().err
     assert "runs/dnn" in err and "image size is 32" in err
+    # another seed: the report would state a seed its split and runs were not made with
+    assert cli.main([*_study_args(data, rep, pub), "--seed", "7"]) == 2
+    assert "split was made with another seed or fractions than --seed 7" in capsys.readouterr().err
+    # a lower epoch cap than the finished runs trained: the report would contradict itself
+    args = _study_args(data, rep, pub)
+    args[args.index("--epochs-cap") + 1] = "1"
+    assert cli.main(args) == 2
+    assert "trained 2 epochs, over this study's cap of 1" in capsys.readouterr().err
 
 
 def test_a_finished_run_is_not_held_back_by_an_old_unfinished_record(study, tmp_path):
@@ -218,6 +226,8 @@ def test_option_parsing():
     assert parse_models("cnn,dnn") == ["cnn", "dnn"]
     with pytest.raises(ValueError, match="unknown model"):
         parse_models("cnn,resnet5")
+    with pytest.raises(ValueError, match="names no model"):
+        parse_models(" , ")
 
 
 def _fake_gen(model, acc, classes, n=100):

@@ -259,3 +259,39 @@ def test_mix_changes_the_training_is_recorded_and_refuses_unmixed_targets(synthe
         train(_cfg(synthetic_dataset, tmp_path / "x", epochs=1, mix="mixup", subclass_aux=0.5))
     with pytest.raises(ValueError, match="--mix-prob 2"):
         train(_cfg(synthetic_dataset, tmp_path / "y", epochs=1, mix="mixup", mix_prob=2.0))
+
+
+def test_resume_refuses_other_hyper_parameters_and_cli_refuses_to_overwrite(synthetic_dataset, tmp_path, capsys):
+    from bloodcell.cli import main
+    run = tmp_path / "run"
+    train(_cfg(synthetic_dataset, run, epochs=1))
+    for change in ({"lr": 1e-3}, {"batch_size": 8}, {"model": "cnn"}, {"image_size": 48}):
+        with pytest.raises(ValueError, match=f"started with {next(iter(change))} "):
+            train(_cfg(synthetic_dataset, run, epochs=2, resume=True, **change))
+    assert train(_cfg(synthetic_dataset, run, epochs=2, resume=True))["epochs_run"] == 2  # extended
+    args = ["train", "--model", "cnn3", "--data", str(synthetic_dataset), "--out", str(run), "--epochs", "1",
+            "--image-size", "32", "--no-progress", "--no-pretrained"]
+    before = (run / "model.safetensors").read_bytes()
+    assert main(args) == 2 and "already holds a run" in capsys.readouterr().err
+    assert (run / "model.safetensors").read_bytes() == before
+    for bad, why in ((["--batch-size", "0"], "--batch-size: 0 is out of range"),
+                     (["--epochs", "0"], "--epochs: 0 is out of range"),
+                     (["--label-smoothing", "2"], "must be 0 to 0.99")):
+        with pytest.raises(SystemExit):
+            main([*args, "--overwrite", *bad])
+        assert why in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--image-size 0 is out of range"):  # the Python API too
+        train(_cfg(synthetic_dataset, tmp_path / "api", image_size=0))
+    assert not (tmp_path / "api").exists()
+
+
+def test_an_interrupted_train_command_exits_non_zero(synthetic_dataset, tmp_path, monkeypatch, capsys):
+    """Ctrl-C stops training at a checkpoint and train() returns unfinished: the command
+    says so and exits 3, so `train && calibrate` does not go on with a half-trained run."""
+    import bloodcell.train as T
+    from bloodcell.cli import main
+    monkeypatch.setattr(T, "train", lambda cfg, tracker=None: {"finished": False, "history": [{"epoch": 1}],
+                                                               "best": {}, "run": cfg.out})
+    assert main(["train", "--model", "cnn3", "--data", str(synthetic_dataset), "--out", str(tmp_path / "r"),
+                 "--epochs", "4", "--no-progress"]) == 3
+    assert "interrupted after epoch 1 of 4" in capsys.readouterr().err

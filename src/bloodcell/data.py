@@ -240,6 +240,11 @@ def make_split(ds: Dataset, fractions=DEFAULT_FRACTIONS, seed: int = DEFAULT_SEE
     from sklearn.model_selection import train_test_split
     if abs(sum(fractions) - 1) > 1e-6:
         raise ValueError(f"split fractions must sum to 1, got {fractions}")
+    counts = np.bincount(ds.labels, minlength=len(ds.classes))
+    if counts.min() < 3:  # the class each split needs at least one image of
+        few = ", ".join(f"{c} ({n})" for c, n in zip(ds.classes, counts) if n < 3)
+        raise ValueError(f"{ds.root}: class folder(s) with fewer than 3 images: {few}; a stratified split "
+                         "needs one in each of train, val and test (remove the folder or add images)")
     order = sorted(range(len(ds)), key=lambda i: (ds.samples[i].sha1, ds.samples[i].path))
     idx = np.array(order)
     y = ds.labels[idx]
@@ -251,8 +256,7 @@ def make_split(ds: Dataset, fractions=DEFAULT_FRACTIONS, seed: int = DEFAULT_SEE
                                               random_state=seed, stratify=y_rest)
     except ValueError as e:  # sklearn's words alone do not say which folder or what to do
         raise ValueError(f"{ds.root}: {len(ds)} images in {len(ds.classes)} classes are too few for a "
-                         f"stratified {'/'.join(f'{f:g}' for f in fractions)} split ({e}); "
-                         "`bloodcell evaluate --split all` uses every image") from None
+                         f"stratified {'/'.join(f'{f:g}' for f in fractions)} split ({e})") from None
     out = [""] * len(ds)
     for name, ii in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
         for i in ii:
@@ -281,6 +285,10 @@ def read_manifest(path: Path) -> dict[str, tuple[str, str]]:
         raise ValueError(f"{path}: not a split manifest (need columns path,class,split)")
     if not rows:
         raise ValueError(f"{path}: the split manifest lists no files")
+    bad = [(i, r["split"]) for i, r in enumerate(rows, start=2) if r["split"] not in SPLITS]
+    if bad:  # a file in no known split would silently drop out of every one
+        raise ValueError(f"{path}: line {bad[0][0]}: split {bad[0][1]!r} is not one of {', '.join(SPLITS)}"
+                         + (f" ({len(bad)} such lines)" if len(bad) > 1 else ""))
     return {r["path"]: (r["class"], r["split"]) for r in rows}
 
 
@@ -293,8 +301,16 @@ def apply_manifest(ds: Dataset, manifest: dict[str, tuple[str, str]]) -> list[st
     silently re-split dataset would leak test images into training)."""
     missing = [s.path for s in ds.samples if s.path not in manifest]
     if missing:
-        raise ValueError(f"{len(missing)} file(s) not in the split manifest, e.g. {missing[:3]}; "
-                         "make a new split (omit --split-file)")
+        raise ValueError(f"{len(missing)} file(s) of the data folder are not in the split manifest, e.g. "
+                         f"{missing[:3]}: it was made for other files (a re-split would leak test "
+                         "images into training)")
+    wrong = [s.path for s in ds.samples if manifest[s.path][0] != ds.classes[s.label]]
+    if wrong:
+        raise ValueError(f"{len(wrong)} file(s) are in another class folder than the split manifest says, "
+                         f"e.g. {wrong[:3]}")
+    gone = len(manifest) - len(ds.samples)
+    if gone > 0:
+        log.warning("%d file(s) of the split manifest are not in the data folder (moved or deleted)", gone)
     return [manifest[s.path][1] for s in ds.samples]
 
 

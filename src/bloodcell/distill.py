@@ -56,7 +56,11 @@ class TeacherFile:
             raise ValueError("--distill needs a teacher's predictions.csv")
         classes, rows, digest = None, {}, hashlib.sha1()
         for path in paths:
-            file_classes, file_rows = _read_one(path)
+            try:
+                file_classes, file_rows = _read_one(path)
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}: not a text (CSV) file; --distill takes a teacher's "
+                                 "predictions.csv") from None
             if classes is not None and sorted(file_classes) != sorted(classes):
                 raise ValueError(f"{path}: classes {file_classes} differ from {paths[0]}'s {classes}")
             if classes is None:

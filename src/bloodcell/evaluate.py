@@ -86,7 +86,10 @@ def evaluate(model_path=None, data=None, split: str = "test", out=None, split_fi
     if split == "all":
         idx = np.arange(len(ds))
     else:
-        splits = D.model_splits(ds, clf.meta.train_args, model_path, split_file)
+        try:
+            splits = D.model_splits(ds, clf.meta.train_args, model_path, split_file)
+        except ValueError as e:  # e.g. another lab's small folder: no split to re-derive
+            raise ValueError(f"{e}; `--split all` evaluates every image") from None
         idx = D.split_indices(splits, split)
     if len(idx) == 0:
         raise ValueError(f"no images in split {split!r} of {data}")

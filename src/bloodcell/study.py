@@ -95,6 +95,8 @@ def parse_models(spec: str | None) -> list[str]:
     if not spec:
         return list(STUDY_MODELS)
     names = [m.strip() for m in spec.split(",") if m.strip()]
+    if not names:
+        raise ValueError(f"--models {spec!r} names no model")
     for m in names:
         get_spec(m)
     if len(set(names)) != len(names):
@@ -169,6 +171,9 @@ def prepare_split(cfg: StudyConfig, out: Path) -> tuple[Path, D.Dataset, dict]:
     _, info = D.load_images(ds, sizes[0], cfg.cache_dir, progress=cfg.progress)
     if split_file.exists():
         splits = D.apply_manifest(ds, D.read_manifest(split_file))
+        if splits != D.make_split(ds, cfg.fractions, cfg.seed):  # the report states the seed
+            raise ValueError(f"{split_file}: this study folder's split was made with another seed or "
+                             f"fractions than --seed {cfg.seed}; use another --out (or the seed it was made with)")
         log.info("reusing the study's split %s", split_file)
     else:
         splits = D.make_split(ds, cfg.fractions, cfg.seed)
@@ -200,11 +205,16 @@ def _same_assignment(a: Path, b: Path) -> bool:
         return False
 
 
-def _check_compatible(run: Path, split_file: Path, split_sha1: str, size: int, model: str):
+def _check_compatible(run: Path, split_file: Path, split_sha1: str, size: int, model: str,
+                      seed: int, epochs: int):
     """A finished run from other settings would make the comparison meaningless."""
     from .models import get_spec
     meta = ModelFile.load(run / "model.json")
     problems = []
+    if meta.train_args.get("seed") not in (None, seed):
+        problems.append(f"it was trained with seed {meta.train_args['seed']}, the study's is {seed}")
+    if len(meta.history or []) > epochs:
+        problems.append(f"it trained {len(meta.history)} epochs, over this study's cap of {epochs}")
     recipe = get_spec(model).defaults
     for key in ("schedule", "lr", "optimizer"):
         was = meta.train_args.get(key)
@@ -225,11 +235,11 @@ def train_generation(cfg: StudyConfig, model: str, split_file: Path, split_sha1:
     run = Path(cfg.out) / "runs" / model
     size = image_size_for(cfg, model)
     if run_finished(run, epochs_for(cfg, model)):
-        _check_compatible(run, split_file, split_sha1, size, model)
+        _check_compatible(run, split_file, split_sha1, size, model, cfg.seed, epochs_for(cfg, model))
         log.info("study: %s already trained (%s): skipping", model, run)
         return {"status": "skipped (finished earlier)", "finished": True}
     if run_finished(run):  # stopped by a lower cap: continue under the same settings
-        _check_compatible(run, split_file, split_sha1, size, model)
+        _check_compatible(run, split_file, split_sha1, size, model, cfg.seed, epochs_for(cfg, model))
     resume = (run / "checkpoint" / "last.json").exists()
     log.info("study: %s %s (%d epochs max, %d px)", "resuming" if resume else "training",
              model, epochs_for(cfg, model), size)

@@ -254,8 +254,9 @@ class Trainer:
         return self.ema.module if self.ema is not None else self.model
 
     def settings(self) -> dict:
-        """Settings a resumed run must keep (beyond the model's weights and shapes)."""
-        return {"distill_teacher": self.soft.record()} if self.soft is not None else {}
+        """Settings a resumed run must keep: one run, one set of hyper-parameters."""
+        hyper = {k: getattr(self.cfg, k) for k in RESUME_KEEPS}
+        return {**hyper, **({"distill_teacher": self.soft.record()} if self.soft is not None else {})}
 
     def checkpointed(self) -> dict[str, torch.nn.Module]:
         """Modules saved beside the model and optimiser in the training checkpoint."""
@@ -323,6 +324,11 @@ class GracefulStop:
 
 # ----------------------------------------------------------------------------- checkpoints
 
+# what a resumed run must share with the run it continues (not epochs: a run may be extended)
+RESUME_KEEPS = ("model", "image_size", "batch_size", "lr", "weight_decay", "label_smoothing",
+                "schedule", "optimizer", "ema", "subclass_aux", "mix", "mix_alpha", "mix_prob", "seed")
+
+
 def save_checkpoint(run: Path, model, opt, progress: Progress, extra=None, settings: dict | None = None):
     """Last completed epoch: model (+ ``extra`` modules: EMA, auxiliary head) + optimizer
     tensors in safetensors, the rest in JSON."""
@@ -342,6 +348,18 @@ def save_checkpoint(run: Path, model, opt, progress: Progress, extra=None, setti
         "param_groups": osd["param_groups"], "numpy_rng": _np_rng_to_json(), "settings": settings or {}})
 
 
+def _check_resume_settings(run: Path, saved: dict, now: dict) -> None:
+    """The distillation must match; hyper-parameters too, where the checkpoint records them
+    (those of earlier versions record the distillation only)."""
+    keys = ["distill_teacher"] + [k for k in RESUME_KEEPS if k in saved]
+    differ = [k for k in keys if saved.get(k) != now.get(k)]
+    if differ:
+        def show(d):
+            return ", ".join(f"{k} {d.get(k)}" for k in differ)
+        raise ValueError(f"{run}: the run started with {show(saved)}, not {show(now)}; resume with the "
+                         "settings it started with, or train a new run (--overwrite or another --out)")
+
+
 def _np_rng_to_json():
     s = np.random.get_state()
     return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
@@ -352,9 +370,7 @@ def load_checkpoint(run: Path, model, opt, extra=None, settings: dict | None = N
     run's distillation) must be those the run started with."""
     from safetensors.torch import load_file
     meta = json.loads((run / "checkpoint" / "last.json").read_text())
-    if meta.get("settings", {}) != (settings or {}):
-        raise ValueError(f"{run}: the run started with {meta.get('settings') or 'no distillation'}, "
-                         f"not {settings or 'no distillation'}; resume with the settings it started with")
+    _check_resume_settings(run, meta.get("settings", {}), settings or {})
     t = load_file(str(run / "checkpoint" / "last.safetensors"))
     for prefix, module in {"model": model, **(extra or {})}.items():
         sd = {k[len(prefix) + 1:]: v for k, v in t.items() if k.startswith(prefix + ".")}
@@ -561,7 +577,7 @@ def train(cfg: TrainConfig, tracker=None) -> dict:
 
 
 def _train(cfg: TrainConfig, tracker, world: dist.World) -> dict:
-    cfg = cfg.resolved()
+    cfg = cfg.check().resolved().check()  # before any file is written or image decoded
     run = Path(cfg.out)
     run.mkdir(parents=True, exist_ok=True)
     device, precision = _start(cfg, world)
@@ -569,8 +585,6 @@ def _train(cfg: TrainConfig, tracker, world: dist.World) -> dict:
     if cfg.mix != "none" and (cfg.distill or cfg.subclass_aux):
         raise ValueError(f"--mix {cfg.mix} does not combine with --distill or --subclass-aux "
                          "(their targets are not mixed)")
-    if not (cfg.mix_alpha >= 0 and 0 <= cfg.mix_prob <= 1):
-        raise ValueError(f"--mix-alpha {cfg.mix_alpha} (>= 0) or --mix-prob {cfg.mix_prob} (0 to 1) out of range")
     if cfg.distill:  # its errors before the image cache is built, not after
         check_settings(cfg.distill_weight, cfg.distill_temperature)
         teacher = TeacherFile.read(cfg.distill)

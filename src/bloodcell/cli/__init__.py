@@ -7,6 +7,7 @@ package (tests/test_layers.py checks it; docs/architecture.md has the layer orde
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 
@@ -23,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bloodcell", description=__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=f"bloodcell {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true")
-    sub = ap.add_subparsers(dest="command", required=True)
+    # no abbreviations: `calibrate --split test` must not be read as --split-file test
+    sub = ap.add_subparsers(dest="command", required=True,
+                            parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
     for mod in COMMAND_MODULES:
         mod.add_commands(sub)
     return ap

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 import typing
@@ -11,6 +10,7 @@ import typing
 from pathlib import Path
 
 from ..data import default_data_dir
+from ..trainconfig import in_range, range_text
 
 
 def data_or_default(path):
@@ -51,15 +51,14 @@ def fallback_arg(value: str):
 
 def ranged(kind, lo, hi=None, lo_open=False):
     """argparse type: a finite number in lo..hi (over lo with lo_open); errors name the value."""
-    want = (f"over {lo:g}" if lo_open else f"{lo:g} or more") if hi is None else (
-        f"over {lo:g} and at most {hi:g}" if lo_open else f"{lo:g} to {hi:g}")
+    want = range_text(lo, hi, lo_open)
 
     def parse(text: str):
         try:
             v = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number (must be {want})") from None
-        if not math.isfinite(v) or v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
+        if not in_range(v, lo, hi, lo_open):
             raise argparse.ArgumentTypeError(f"{text} is out of range (must be {want})")
         return v
     return parse
@@ -82,7 +81,7 @@ def add_options(parser: argparse.ArgumentParser, config_cls) -> None:
         if kind is bool:
             kw["action"] = "store_false" if default is True else "store_true"
         else:
-            kw["type"] = kind
+            kw["type"] = ranged(kind, *meta["range"]) if "range" in meta else kind
             if "choices" in meta:
                 kw["choices"] = meta["choices"]
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import sys
 from pathlib import Path
 
 from ..data import IMAGE_EXTENSIONS, atomic_write_text
 from ..screen import DEFAULT_IMAGE_SIZE, Screen
-from .args import data_or_default
+from .args import check_out, data_or_default, ranged
 
 
 def _expand(paths):
@@ -53,6 +54,7 @@ def cmd_screen(args):
 
 
 def cmd_screen_fit(args):
+    check_out(args.out, folder=False)
     scr = Screen.fit(data_or_default(args.data), image_size=args.image_size,
                      n_components=args.components, threshold=args.threshold,
                      cache_dir=args.cache_dir, progress=not args.no_progress)
@@ -72,9 +74,11 @@ def add_commands(sub):
     p = sub.add_parser("screen-fit", help="fit the multi-cell screen on a dataset folder (no labels)")
     p.add_argument("--data", help="dataset folder (default: ../shared/data/pbc)")
     p.add_argument("--out", required=True, help="screen model JSON to write")
-    p.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
-    p.add_argument("--components", type=int, default=3, help="Gaussian mixture components")
-    p.add_argument("--threshold", type=float, default=0.0, help="log-odds above which to flag")
+    p.add_argument("--image-size", type=ranged(int, 16), default=DEFAULT_IMAGE_SIZE,
+                   help=f"side the images are screened at (default {DEFAULT_IMAGE_SIZE})")
+    p.add_argument("--components", type=ranged(int, 1), default=3, help="Gaussian mixture components")
+    p.add_argument("--threshold", type=ranged(float, -math.inf), default=0.0,
+                   help="log-odds above which to flag (a finite number; default 0)")
     p.add_argument("--cache-dir", help="decoded-image cache (default ~/.cache/bloodcell)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_screen_fit)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from ..evaluate import evaluate, print_report, track
@@ -22,16 +23,26 @@ def _add_train_args(p):
     p.add_argument("--weights", help="local pretrained weights file (resnet50, or other Lite0 weights)")
     p.add_argument("--no-pretrained", action="store_true", help="random init (for comparisons)")
     p.add_argument("--mlflow", action="store_true", help=MLFLOW_HELP)
+    p.add_argument("--overwrite", action="store_true",
+                   help="train a new run in an --out that already holds one (without: refused)")
 
 
 def cmd_train(args):
     from ..train import train
     pretrained = False if args.no_pretrained else (args.weights or True)
-    cfg = options_to_config(TrainConfig, args, data=data_or_default(args.data), pretrained=pretrained)
+    cfg = options_to_config(TrainConfig, args, data=data_or_default(args.data), pretrained=pretrained).check()
     check_out(args.out, folder=True)
+    out = Path(args.out)
+    if not (args.resume or args.overwrite) and any((out / f).exists() for f in ("model.json", "checkpoint")):
+        raise ValueError(f"--out {out} already holds a run: pass --resume to continue it, --overwrite to "
+                         "train a new one there (its files are replaced), or choose another --out")
     print("settings:", json.dumps({k: v for k, v in vars(cfg.resolved()).items() if k != "extra"}))
-    with Tracker.start("train", run_name=Path(args.out).name, enabled=args.mlflow) as tracker:
+    with Tracker.start("train", run_name=out.name, enabled=args.mlflow) as tracker:
         s = train(cfg, tracker=tracker)
+    if not s.get("finished"):  # a script's `train && calibrate` must not go on with it
+        print(f"interrupted after epoch {len(s['history'])} of {cfg.resolved().epochs}: the last completed "
+              f"epoch is checkpointed; run the same command with --resume to continue", file=sys.stderr)
+        return 3
     print(f"best val accuracy {s['best']['val_accuracy']:.4f} at epoch {s['best']['epoch']}; "
           f"model in {s['run']}/model.safetensors + model.json")
 
@@ -65,7 +76,8 @@ def add_commands(sub):
     p = sub.add_parser("evaluate", help="evaluate a saved model on a split")
     p.add_argument("--model", help="run folder or model file (default: the bundled model)")
     p.add_argument("--data")
-    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"],
+                   help="which images (default test; all: every image, no split needed)")
     p.add_argument("--split-file")
     p.add_argument("--out", help="folder for metrics.json and predictions.csv")
     p.add_argument("--batch-size", type=int, default=128)
