@@ -98,15 +98,20 @@ def test_review_counts_use_the_answering_models_threshold(pair, inputs):
     assert r["n_low_confidence"] == 4 and r["n_input_warnings"] == 4 and r["n_needs_review"] == 4
 
 
-def test_summary_counts_low_confidence_per_models_threshold(pair, inputs, tmp_path):
-    """The printed summary names each threshold with the images it flagged (a total
-    under the main threshold alone would count routed images it did not judge)."""
+def _folder_and_pair(pair, inputs, tmp_path):
+    """The inputs as PNG files in one folder, and the main model with its fallback."""
     main, other = pair
     d = tmp_path / "imgs"
     d.mkdir()
     for i, a in enumerate(inputs):
         Image.fromarray(a).save(d / f"c{i:02d}.png")
-    clf = P.Classifier.load(main, screen=None, fallback=other)
+    return d, P.Classifier.load(main, screen=None, fallback=other)
+
+
+def test_summary_counts_low_confidence_per_models_threshold(pair, inputs, tmp_path):
+    """The printed summary names each threshold with the images it flagged (a total
+    under the main threshold alone would count routed images it did not judge)."""
+    d, clf = _folder_and_pair(pair, inputs, tmp_path)
     clf.review_threshold, clf.fallback.review_threshold = 0.0, 1.0  # main never low, fallback always
     _, s = B.predict_paths(clf, [str(d)], progress=False)
     assert s["other_labs_review_threshold"] == 1.0 and s["review"]["n_low_confidence_other_labs"] == 4
@@ -194,11 +199,7 @@ def test_bundled_fallback_is_auto_for_the_bundled_model_only(pair, monkeypatch, 
 
 def test_csv_and_journal_say_which_model(pair, inputs, tmp_path):
     main, other = pair
-    d = tmp_path / "imgs"
-    d.mkdir()
-    for i, a in enumerate(inputs):
-        Image.fromarray(a).save(d / f"c{i:02d}.png")
-    clf = P.Classifier.load(main, screen=None, fallback=other)
+    d, clf = _folder_and_pair(pair, inputs, tmp_path)
     out = tmp_path / "res.csv"
     _, summary = B.predict_paths(clf, [str(d)], out, progress=False)
     assert summary["n_other_labs"] == 4 and summary["other_labs_model"].startswith(str(other))

@@ -111,16 +111,20 @@ def bundled_screen(threshold=None, stop_after=None) -> InterruptibleScreen:
     return scr
 
 
-def test_refitted_screen_is_not_served_from_the_journal(tmp_path):
-    """A resumed run reuses records only when the screen is the same: with a refitted
-    screen (another threshold) the journal is ignored and every image is screened
-    again. Fails if the journal's fingerprint names the screen only by class and size."""
+def _model_and_six_cells(tmp_path):
     model = make_model(tmp_path / "model")
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for i in range(6):
         Image.fromarray(synthetic_cell(i % 8, seed=i)).save(imgs / f"c{i}.png")
-    out = tmp_path / "results.csv"
+    return model, imgs, tmp_path / "results.csv"
+
+
+def test_refitted_screen_is_not_served_from_the_journal(tmp_path):
+    """A resumed run reuses records only when the screen is the same: with a refitted
+    screen (another threshold) the journal is ignored and every image is screened
+    again. Fails if the journal's fingerprint names the screen only by class and size."""
+    model, imgs, out = _model_and_six_cells(tmp_path)
 
     def run(screen):
         clf = P.Classifier.load(model, backend="torch", screen=screen)
@@ -144,12 +148,7 @@ def test_refitted_screen_is_not_served_from_the_journal(tmp_path):
 def test_resumed_records_name_the_files_as_this_command_does(tmp_path, monkeypatch):
     """Interrupted with relative paths in one folder, resumed from another with absolute
     ones: every record's path is this command's (a stale relative path points nowhere)."""
-    model = make_model(tmp_path / "model")
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
-    for i in range(6):
-        Image.fromarray(synthetic_cell(i % 8, seed=i)).save(imgs / f"c{i}.png")
-    out = tmp_path / "results.csv"
+    model, imgs, out = _model_and_six_cells(tmp_path)
     monkeypatch.chdir(tmp_path)
     clf = P.Classifier.load(model, backend="torch", screen=bundled_screen(stop_after=4))
     with pytest.raises(KeyboardInterrupt):
