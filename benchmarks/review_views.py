@@ -16,7 +16,8 @@ The answer is always the identity view's class; the review score is
 
 and for each target accuracy on unflagged images the threshold is the lowest that
 reaches the target on **val**; the test split only reports the unflagged share and
-its accuracy at that threshold.
+its accuracy at that threshold. Last, the test split through ``Classifier.predict``
+(what `bloodcell predict --review-views 1|4` runs) at the model's own review threshold.
 """
 import argparse
 from pathlib import Path
@@ -87,8 +88,31 @@ def main():
             table.append(row)
             print(f"| {name} | {target} | {thr:.4f} | {row['val_unflagged']:.3f} | {row['test_unflagged']:.3f} | "
                   f"{row['test_right']:.4f} | {row['test_errors']} |")
+    shipped = as_predicted(a, root, ds, splits)
     if a.json:
-        D.atomic_write_json(Path(a.json), {"model": a.model or "bundled", "backend": a.backend, "rows": table})
+        D.atomic_write_json(Path(a.json), {"model": a.model or "bundled", "backend": a.backend, "rows": table,
+                                           "predict_test": shipped})
+
+
+def as_predicted(a, root: Path, ds, splits) -> dict:
+    """The test split through ``Classifier.predict`` (the path of `bloodcell predict`, with its
+    input checks; no screen, no other-labs model) at the model's own review threshold, with
+    ``review_views`` 1 and 4."""
+    idx = D.split_indices(splits, "test")
+    files, y = [root / ds.samples[i].path for i in idx], ds.labels[idx]
+    out = {}
+    print("| through Classifier.predict | review threshold | flagged | right of the unflagged | errors unflagged |")
+    print("|---|---:|---:|---:|---:|")
+    for views in (1, 4):
+        clf = Classifier.load(a.model, backend=a.backend, screen=None, fallback=None, review_views=views)
+        recs = clf.predict(files)
+        right = np.array([clf.classes.index(r["class"]) == t for r, t in zip(recs, y)])
+        keep = ~np.array([r["needs_review"] for r in recs])
+        out[views] = {"flagged": float(1 - keep.mean()), "right_unflagged": float(right[keep].mean()),
+                      "errors_unflagged": int((~right[keep]).sum()), "accuracy": float(right.mean())}
+        print(f"| review_views={views} | {clf.review_threshold:.4f} | {1 - keep.mean():.3f} | "
+              f"{right[keep].mean():.4f} | {int((~right[keep]).sum())} |", flush=True)
+    return out
 
 
 if __name__ == "__main__":

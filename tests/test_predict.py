@@ -510,3 +510,32 @@ def test_onnx_path_does_not_import_torch(tmp_path):
             "if m in sys.modules], rc)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.stdout.strip().splitlines()[-1] == "[] 0", out.stderr[-2000:]
+
+
+def test_review_views_flag_an_image_any_view_is_unsure_of(model_dir, tmp_path):
+    """review_views=4: the answer is the first view's; the review probability is the lowest
+    probability of that class over the image, its two flips and its 180-degree turn (only
+    for images the first view leaves unflagged); the flag and the summary's counts use it."""
+    from conftest import synthetic_cell
+
+    from bloodcell.differential import review_counts
+    imgs = [synthetic_cell(i % 8, 64, seed=i) for i in range(24)]
+    one = P.Classifier.load(model_dir, backend="torch", screen=None)
+    four = P.Classifier.load(model_dir, backend="torch", screen=None, review_views=4)
+    x = np.stack([one.preprocess(im) for im in imgs])
+    views = [one.predict_proba_arrays(np.ascontiguousarray(v))
+             for v in (x, x[:, :, ::-1], x[:, ::-1], x[:, ::-1, ::-1])]
+    thr = float(np.quantile(views[0].max(1), 0.3))  # the first view flags 30 %
+    one.review_threshold = four.review_threshold = thr
+    r1, r4 = one.predict(imgs), four.predict(imgs)
+    assert [a["class"] for a in r1] == [b["class"] for b in r4]  # the answer does not change
+    for i, (a, b) in enumerate(zip(r1, r4)):
+        k = one.classes.index(a["class"])
+        want = min(v[i, k] for v in views) if a["probability"] >= thr else a["probability"]
+        assert b["review_probability"] == pytest.approx(want, abs=1e-5)
+        assert b["needs_review"] == (b["review_probability"] < thr) and not b["input_warnings"]
+    assert sum(b["needs_review"] for b in r4) > sum(a["needs_review"] for a in r1)  # views disagree here
+    assert review_counts(r4, thr)["n_low_confidence"] == sum(b["needs_review"] for b in r4)
+    assert four.fingerprint() != one.fingerprint()  # a resumed run does not mix the two
+    with pytest.raises(ValueError, match="review_views 2"):
+        P.Classifier.load(model_dir, backend="torch", screen=None, review_views=2)

@@ -79,7 +79,8 @@ def review_counts(records: Sequence[dict], threshold: float, other_labs_threshol
     the other-labs model answered are held to its own threshold."""
     ok = [r for r in records if r.get("status") == "ok"]
     routed = [other_labs_threshold is not None and r.get("model") == "other-labs" for r in ok]
-    low = [r["probability"] < (other_labs_threshold if o else threshold) for r, o in zip(ok, routed)]
+    low = [r.get("review_probability", r["probability"]) < (other_labs_threshold if o else threshold)
+           for r, o in zip(ok, routed)]
     return {"n_needs_review": sum(bool(r.get("needs_review")) for r in ok),
             "n_low_confidence": sum(low),
             **({"n_low_confidence_other_labs": sum(x and o for x, o in zip(low, routed))}

@@ -51,6 +51,7 @@ class ModelSpec:
     review_threshold: float | None = None
     onnx_path: str | None = None  # the driver's ONNX file: used where a node sees it (no re-export)
     fallback: str | None = "auto"  # the other-labs model: "auto", None or a model path
+    review_views: int = 1          # Classifier's review_views
 
 
 class ClassifyBatch:
@@ -60,7 +61,8 @@ class ClassifyBatch:
         from .predict import Classifier
         onnx = spec.onnx_path if spec.onnx_path and Path(spec.onnx_path).is_file() else None
         self.clf = Classifier.load(spec.model, backend=spec.backend, screen=spec.screen, onnx_path=onnx,
-                                   review_threshold=spec.review_threshold, threads=1, fallback=spec.fallback)
+                                   review_threshold=spec.review_threshold, threads=1, fallback=spec.fallback,
+                                   review_views=spec.review_views)
 
     def __call__(self, batch: dict) -> dict:
         paths = [str(p) for p in batch["path"]]
