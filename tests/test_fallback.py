@@ -212,12 +212,13 @@ def test_csv_and_journal_say_which_model(pair, inputs, tmp_path):
     assert clf.fingerprint()["fallback"] != P.Classifier.load(main, screen=None).fingerprint().get("fallback")
 
 
-def test_lab_page_routes_like_predict(pair, inputs):
+@pytest.mark.parametrize("views", [1, 4])
+def test_lab_page_routes_like_predict(pair, inputs, views):
     from bloodcell.serve.app import model_card
     from bloodcell.serve.cells import new_cell, prepare_cells
     from bloodcell.serve.worker import ModelWorker
     main, other = pair
-    clf = P.Classifier.load(main, screen=None, fallback=other)
+    clf = P.Classifier.load(main, screen=None, fallback=other, review_views=views)
     datas = []
     for a in inputs:
         buf = io.BytesIO()
@@ -226,11 +227,14 @@ def test_lab_page_routes_like_predict(pair, inputs):
     cells = prepare_cells(clf, datas, [f"c{i}.png" for i in range(len(datas))], [None] * len(datas))
     w = ModelWorker(clf)
     try:
-        probs = w.predict([c.arrays for c in cells]).result(30)
+        probs, review = w.predict([c.arrays for c in cells]).result(30)
     finally:
         w.close()
+    assert (review is None) == (views == 1)
     card = model_card(clf, main)
-    new = [new_cell(clf, c, p, "s", card, "t") for c, p in zip(cells, probs)]
+    assert card["review_views"] == views
+    new = [new_cell(clf, c, p, "s", card, "t", None if review is None else r)
+           for c, p, r in zip(cells, probs, [None] * len(cells) if review is None else review)]
     res = [r for _, r in new]
     versions = [row["model_version"] for row, _ in new]
     assert versions == [card["version"]] * 6 + [f"other-labs:{card['other_labs_model']['version']}"] * 4
@@ -239,6 +243,7 @@ def test_lab_page_routes_like_predict(pair, inputs):
     assert [r["model"] for r in res] == [r["model"] for r in ref] == ["main"] * 6 + ["other-labs"] * 4
     for r, q in zip(res, ref):
         assert r["class"] == q["class"] and r["probability"] == pytest.approx(q["probability"], abs=1e-6)
+        assert r["needs_review"] == q["needs_review"]  # the same review decision, views or not
     assert json.dumps(res)  # JSON-ready for the API
     assert np.isfinite(probs).all()
 

@@ -489,7 +489,8 @@ def test_model_worker_batches_concurrent_requests(model_dir):
     w = ModelWorker(clf)
     try:
         futs = [w.predict(arrays[i:i + 2]) for i in range(0, 6, 2)]
-        got = np.concatenate([f.result(10) for f in futs])
+        got = np.concatenate([f.result(10)[0] for f in futs])
+        assert all(f.result(10)[1] is None for f in futs)  # one view: no review scores
         np.testing.assert_allclose(got, clf.predict_proba_arrays(np.stack([a["model"] for a in arrays])),
                                    atol=1e-5)
         assert w.call(lambda a, b: a + b, 2, 3).result(10) == 5
@@ -498,7 +499,7 @@ def test_model_worker_batches_concurrent_requests(model_dir):
         # calls queued among predictions run after that batch, in order, and every future is answered
         mixed = [w.predict(arrays[:1]), w.call(lambda: "gradcam"), w.predict(arrays[1:3])]
         got = [f.result(10) for f in mixed]
-        assert got[1] == "gradcam" and got[0].shape == (1, 8) and got[2].shape == (2, 8)
+        assert got[1] == "gradcam" and got[0][0].shape == (1, 8) and got[2][0].shape == (2, 8)
     finally:
         w.close()
 

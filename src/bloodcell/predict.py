@@ -328,11 +328,13 @@ class Classifier:
         return self.predict_proba_decoded(items)
 
     def record(self, name: str, probs: np.ndarray, screen: dict | None = None,
-               input_warnings: Sequence[str] = (), cell=None, decoded: dict | None = None) -> dict:
+               input_warnings: Sequence[str] = (), cell=None, decoded: dict | None = None,
+               review: float | None = None) -> dict:
         """One result; an image with input warnings (see ``check_inputs``) always needs review.
         ``decoded``: the input's :meth:`decode_safe` dict (says whether it was routed)."""
         return self.records([name], np.asarray(probs)[None], [screen], [input_warnings], [cell],
-                            None if decoded is None else [decoded])[0]
+                            None if decoded is None else [decoded],
+                            None if review is None else np.array([review]))[0]
 
     def records(self, names: Sequence[str], probs: np.ndarray, screens: Sequence[dict | None],
                 input_warnings: Sequence[Sequence[str]], cells: Sequence,

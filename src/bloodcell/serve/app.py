@@ -45,8 +45,8 @@ def model_card(clf: Classifier, model_path) -> dict:
     card = {"architecture": meta.architecture, "classes": clf.classes,
             "image_size": clf.image_size, "version": str(meta.version or digest),
             "model_id": digest, "bloodcell_version": __version__,
-            "review_threshold": clf.review_threshold, "temperature": clf.temperature,
-            "preprocess": meta.preprocess or None, "metrics": metrics,
+            "review_threshold": clf.review_threshold, "review_views": clf.review_views,
+            "temperature": clf.temperature, "preprocess": meta.preprocess or None, "metrics": metrics,
             "description": meta.description,
             "data": {k: v for k, v in (meta.data or {}).items() if k != "root"} or None}
     if clf.fallback is not None:  # answers for images unlike the training colours
@@ -61,11 +61,13 @@ def load_classifier(cfg: ServeConfig) -> Classifier:
         clf = cfg.model
         if cfg.other_labs_model not in (AUTO, None):  # a Classifier as given, unless told
             clf.attach_fallback(cfg.other_labs_model, clf.backend, cfg.threads)
+        if cfg.review_views != 1:
+            clf.review_views = cfg.review_views
     else:
         try:  # ONNX Runtime: ~2x less CPU per image than torch; Grad-CAM still uses torch
             # (a model that cannot be paired with its other-labs model is refused, not retried)
             clf = Classifier.load(cfg.model, backend=cfg.backend, screen=None, threads=cfg.threads,
-                                  fallback=cfg.other_labs_model)
+                                  fallback=cfg.other_labs_model, review_views=cfg.review_views)
         except FallbackMismatch:
             raise
         except Exception as e:  # e.g. no writable cache for the export: torch still works
@@ -73,7 +75,8 @@ def load_classifier(cfg: ServeConfig) -> Classifier:
                 raise
             log.warning("ONNX backend unavailable (%s); serving with torch", e)
             clf = Classifier.load(cfg.model, backend="torch", screen=None, fallback=cfg.other_labs_model,
-                                  threads=min(cfg.threads or 1, default_threads("torch")))
+                                  threads=min(cfg.threads or 1, default_threads("torch")),
+                                  review_views=cfg.review_views)
     clf.screen = load_screen(cfg.screen)
     return clf
 

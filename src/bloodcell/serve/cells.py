@@ -67,11 +67,12 @@ def prepare_cells(clf, datas: list[bytes], names: list[str], refused: list[str |
 
 
 def new_cell(clf, cell: PreparedCell, probs: np.ndarray, sample_id: str, card: dict,
-             created: str) -> tuple[dict, dict]:
+             created: str, review: float | None = None) -> tuple[dict, dict]:
     """-> (the database row, the API result) of a classified cell. ``card``: the app's
-    model card (the version of the model that answered goes into the row)."""
+    model card (the version of the model that answered goes into the row); ``review``:
+    its review probability (``Classifier.review_scores``) when the app looks at 4 views."""
     sc = cell.arrays.get("screen")
-    rec = clf.record(cell.name, probs, sc, cell.warnings, decoded=cell.arrays)
+    rec = clf.record(cell.name, probs, sc, cell.warnings, decoded=cell.arrays, review=review)
     model_version = (f"other-labs:{card['other_labs_model']['version']}" if rec.get("model") == "other-labs"
                      else card["version"])
     cid = secrets.token_hex(8)

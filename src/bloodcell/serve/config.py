@@ -37,6 +37,7 @@ class ServeConfig:
     max_files: int = 1000                     # per request
     screen: Any = AUTO
     other_labs_model: Any = AUTO              # Classifier.load's fallback: AUTO, None or a path
+    review_views: int = 1                     # Classifier's review_views (4: the flag looks at 4 views)
     backend: str = "auto"                     # see predict.auto_int8
     threads: int | None = None                # None: default_threads(backend)
     log_level: str = "info"

@@ -69,10 +69,10 @@ async def classify(L: Lab, datas: list[bytes], names: list[str], refused: list, 
         return {"sample_id": None, "sample": sample_name, "n_ok": 0, "n_errors": len(cells),
                 "results": results}
     sample_row = await run_in_threadpool(L.store.sample_for_name, sample_name)
-    probs = await asyncio.wrap_future(L.worker.predict([cells[i].arrays for i in ok]))
+    probs, review = await asyncio.wrap_future(L.worker.predict([cells[i].arrays for i in ok]))
     ts, rows = now(), []
-    for i, p in zip(ok, probs):
-        row, results[i] = new_cell(L.clf, cells[i], p, sample_row["id"], L.card, ts)
+    for i, p, r in zip(ok, probs, [None] * len(ok) if review is None else review):
+        row, results[i] = new_cell(L.clf, cells[i], p, sample_row["id"], L.card, ts, r)
         rows.append(row)
     dupes = await run_in_threadpool(L.store.add_cells, rows)
     for k, old in dupes.items():

@@ -37,7 +37,8 @@ class ModelWorker:
         self.q.put(None)
 
     def predict(self, items: list[dict]) -> Future:
-        """-> Future of the calibrated probabilities [len(items), C] (``clf.predict_proba_decoded``)."""
+        """-> Future of (the calibrated probabilities [len(items), C], ``clf.predict_proba_decoded``;
+        the review probabilities [len(items)] or None, ``clf.review_scores``)."""
         job = _Predict(list(items))
         self.q.put(job)
         return job.future
@@ -89,12 +90,15 @@ class ModelWorker:
 
     def _predict(self, jobs: list[_Predict]):
         try:
-            probs = self.clf.predict_proba_decoded([it for j in jobs for it in j.items])
+            items = [it for j in jobs for it in j.items]
+            probs = self.clf.predict_proba_decoded(items)
+            review = self.clf.review_scores(items, probs)
         except BaseException as e:  # noqa: BLE001 - handed to the waiting requests
             for j in jobs:
                 j.future.set_exception(e)
             return
         i = 0
         for j in jobs:
-            j.future.set_result(probs[i:i + len(j.items)])
+            j.future.set_result((probs[i:i + len(j.items)],
+                                 None if review is None else review[i:i + len(j.items)]))
             i += len(j.items)
