@@ -28,13 +28,13 @@ class Mixed:
 
 def mix_batch(x: torch.Tensor, kind: str, alpha: float, prob: float,
               g: torch.Generator) -> tuple[torch.Tensor, Mixed | None]:
-    """(the batch, mixed in place of a copy, or as it was; how it was mixed or None)."""
+    """(a mixed copy of the batch, or the batch itself; how it was mixed, or None). ``alpha`` > 0."""
     if kind not in MIX_KINDS:
         raise ValueError(f"mix {kind!r}: use one of {', '.join(MIX_KINDS)}")
     if kind == "none" or len(x) < 2 or float(torch.rand(1, generator=g)) >= prob:
         return x, None
     seed = int(torch.randint(2**31 - 1, (1,), generator=g))  # torch's Beta takes no generator
-    lam = float(np.random.default_rng(seed).beta(alpha, alpha)) if alpha > 0 else 0.5
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
     perm = torch.randperm(len(x), generator=g).to(x.device)
     if kind == "mixup":
         return lam * x + (1 - lam) * x[perm], Mixed(perm, lam)

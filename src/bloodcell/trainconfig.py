@@ -61,7 +61,7 @@ class TrainConfig:
                                         "probabilities in the distillation term")
     mix: str = option("none", choices=["none", "cutmix", "mixup"],
                       help="label-mixing augmentation within a batch (mixing.py): CutMix or MixUp")
-    mix_alpha: float = option(1.0, range=(0,), help="Beta(alpha, alpha) of the mixing weight (with --mix)")
+    mix_alpha: float = option(1.0, range=(0, None, True), help="Beta(alpha, alpha) of the mixing weight (with --mix)")
     mix_prob: float = option(0.5, range=(0, 1), help="share of batches mixed (with --mix)")
     framing: bool | dict | None = option(cli=False)  # cell-centred framing (locate.Framing fields); per model
     seed: int = option(DEFAULT_SEED, range=(0,), help="seed of initialisation, shuffling and augmentation")
