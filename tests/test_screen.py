@@ -167,6 +167,7 @@ def test_cli_folder_with_bad_file_continues(fitted, tmp_path, capsys):
     Image.fromarray(ONE).save(d / "one.png")
     Image.fromarray(TWO).save(d / "two.png")
     (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (d / "notes.txt").write_text("not an image")  # listed with a reason, as predict lists it
     out = tmp_path / "res.csv"
     dbg = tmp_path / "dbg"
     rc = main(["screen", str(d), "--out", str(out), "--screen", str(model), "--debug-dir", str(dbg)])
@@ -175,7 +176,8 @@ def test_cli_folder_with_bad_file_continues(fitted, tmp_path, capsys):
     assert rows["one.png"]["multi_cell"] == "False" and rows["two.png"]["multi_cell"] == "True"
     assert rows["broken.jpg"]["status"].startswith("skipped:")
     err = capsys.readouterr().err
-    assert "1 skipped" in err and "broken.jpg" in err
+    assert rows["notes.txt"]["status"].startswith("skipped:")
+    assert "2 skipped" in err and "broken.jpg" in err and "notes.txt" in err
     assert sorted(p.name for p in dbg.iterdir()) == ["one.screen.png", "two.screen.png"]
 
 

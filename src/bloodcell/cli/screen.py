@@ -7,31 +7,24 @@ import math
 import sys
 from pathlib import Path
 
-from ..data import IMAGE_EXTENSIONS, atomic_write_text
+from ..batch import expand_inputs
+from ..data import atomic_write_text
 from ..screen import DEFAULT_IMAGE_SIZE, Screen
 from .args import check_out, data_or_default, ranged
 
 
-def _expand(paths):
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."):
-                    yield f
-        else:
-            yield p
-
-
 def cmd_screen(args):
     scr = Screen.load(args.screen)
-    paths = list(_expand(args.paths))
-    if not paths:
+    items = expand_inputs(args.paths)  # as predict lists them: odd files named with a reason
+    if not items:
         raise ValueError("no image files given")
-    recs = scr.score_paths(paths)
+    paths = [Path(p) for p, why in items if why is None]
+    scored = iter(scr.score_paths(paths) if paths else [])
+    recs = [next(scored) if why is None else {"path": p, "status": f"skipped: {why}"} for p, why in items]
     if args.debug_dir:
-        for p, r in zip(paths, recs):
+        for r in recs:
             if r["status"] == "ok":
+                p = Path(r["path"])
                 scr.debug_image(p, Path(args.debug_dir) / f"{p.stem}.screen.png")
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
