@@ -95,8 +95,8 @@ def probe_precision(model, x: torch.Tensor, y: torch.Tensor, device, key: str | 
                 probe.zero_grad(set_to_none=True)
             times[precision] = time.perf_counter() - t0
     best = min(times, key=times.get)
-    log.info("precision auto: one step takes %.2fs in fp32, %.2fs in bf16: using %s",
-             times["fp32"], times["bf16"], best)
+    log.info("precision auto: one step takes %.0f ms in fp32, %.0f ms in bf16: using %s",
+             1e3 * times["fp32"], 1e3 * times["bf16"], best)
     D.atomic_write_json(cache, {**known, key: best})
     return best
 
