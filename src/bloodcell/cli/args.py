@@ -49,6 +49,20 @@ def fallback_arg(value: str):
     return {"none": None, "auto": "auto"}.get(value.lower(), value)
 
 
+def add_answer_options(p: argparse.ArgumentParser) -> None:
+    """The options predict and serve share about who answers and what is flagged:
+    ``--review-views`` and ``--other-labs-model`` (parsed: "auto", None or a path)."""
+    from ..predict import REVIEW_VIEWS
+    p.add_argument("--review-views", type=int, choices=REVIEW_VIEWS, default=1,
+                   help="4: the review flag also looks at the image flipped both ways and turned "
+                        "180 degrees (an image any view is unsure of is flagged; the answer stays the "
+                        "first view's): fewer errors left unflagged, up to 4x the model's time")
+    p.add_argument("--other-labs-model", type=fallback_arg, default="auto", metavar="auto|none|MODEL",
+                   help="model for images whose colours the main model calls unlike its training images "
+                        "(another lab's stain or scanner): auto (default: the bundled other-labs model, "
+                        "with the bundled model), none, or a run folder / model file")
+
+
 def ranged(kind, lo, hi=None, lo_open=False):
     """argparse type: a finite number in lo..hi (over lo with lo_open); errors name the value."""
     want = range_text(lo, hi, lo_open)

@@ -4,12 +4,11 @@ from __future__ import annotations
 import sys
 
 from ..batch import check_out_path, predict_paths
-from ..predict import (EXAMPLES_NOTE, REVIEW_VIEWS, Classifier, default_workers, example_files,
-                       examples_note)
+from ..predict import EXAMPLES_NOTE, Classifier, default_workers, example_files, examples_note
 from ..decoding import DECODE_MODES, PROCESS_MIN_INPUTS
 from ..modelfile import check_model_path
 from ..runtime import BACKENDS
-from .args import fallback_arg, ranged
+from .args import add_answer_options, ranged
 
 
 def format_summary(s: dict) -> str:
@@ -95,12 +94,12 @@ def cmd_predict(args):
     paths = args.paths + ([str(f) for f in example_files()] if args.examples else [])
     screen = None if args.no_screen else (args.screen or "auto")
     check_model_path(args.model, "--model")
-    if fallback_arg(args.other_labs_model) not in ("auto", None):
-        check_model_path(fallback_arg(args.other_labs_model), "--other-labs-model")
+    if args.other_labs_model not in ("auto", None):
+        check_model_path(args.other_labs_model, "--other-labs-model")
     clf = Classifier.load(args.model, backend=args.backend, onnx_path=args.onnx, screen=screen,
                           review_threshold=args.review_threshold, threads=args.threads,
                           review_views=args.review_views,
-                          fallback=fallback_arg(args.other_labs_model))
+                          fallback=args.other_labs_model)
     if args.engine == "ray":
         from ..ray_engine import ModelSpec, RayOptions, predict_ray
         if args.onnx or args.backend == "torch":
@@ -108,7 +107,7 @@ def cmd_predict(args):
         # the actors run what --backend auto chose here (their CPUs are assumed alike)
         spec = ModelSpec(args.model, clf.backend, screen, args.review_threshold,
                          str(clf.onnx_path) if clf.backend == "onnx" else None,
-                         fallback_arg(args.other_labs_model), args.review_views)
+                         args.other_labs_model, args.review_views)
         opts = RayOptions(args.address, args.actors, batch_size=args.batch_size)
         records, summary = predict_ray(clf, paths, spec, opts, out=args.out,
                                        include_flagged=args.include_flagged,
@@ -162,16 +161,9 @@ def add_commands(sub):
     p.add_argument("--review-threshold", type=ranged(float, 0, 1),
                    help="flag images whose calibrated confidence is below this "
                         "(default: the model's calibrated value)")
-    p.add_argument("--review-views", type=int, choices=REVIEW_VIEWS, default=1,
-                   help="4: the review flag also looks at the image flipped both ways and turned "
-                        "180 degrees (an image any view is unsure of is flagged; the answer stays the "
-                        "first view's): fewer errors left unflagged, up to 4x the model's time")
     p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")
     p.add_argument("--no-screen", action="store_true", help="do not run the multi-cell screen")
-    p.add_argument("--other-labs-model", default="auto", metavar="auto|none|MODEL",
-                   help="model for images whose colours the main model calls unlike its training images "
-                        "(another lab's stain or scanner): auto (default: the bundled other-labs model, "
-                        "with the bundled model), none, or a run folder / model file")
+    add_answer_options(p)
     p.add_argument("--include-flagged", action="store_true",
                    help="count multi-cell images and images with input warnings in the "
                         "differential count too")

@@ -5,10 +5,9 @@ import logging
 import sqlite3
 
 from ..runtime import BACKENDS
-from ..predict import REVIEW_VIEWS
 from ..serve import AUTO, ServeConfig, default_db_path, serve
 from ..serve.store import backup
-from .args import fallback_arg, ranged
+from .args import add_answer_options, ranged
 
 log = logging.getLogger("bloodcell")
 
@@ -21,7 +20,7 @@ def cmd_serve(args):
     serve(ServeConfig(model=args.model, db_path=args.db, host=args.host, port=args.port,
                       max_upload_mb=args.max_upload_mb, threads=args.threads, log_level=args.log_level,
                       screen=screen, backend=args.backend, allowed_hosts=tuple(args.allow_host),
-                      other_labs_model=fallback_arg(args.other_labs_model), review_views=args.review_views))
+                      other_labs_model=args.other_labs_model, review_views=args.review_views))
 
 
 def cmd_backup(args):
@@ -46,12 +45,7 @@ def add_commands(sub):
                    help="inference threads (default: onnx every core, torch half the cores; 1 to 4)")
     p.add_argument("--screen", help="multi-cell screen file (default: the bundled one, if any)")
     p.add_argument("--no-screen", action="store_true", help="no multi-cell flag")
-    p.add_argument("--review-views", type=int, choices=REVIEW_VIEWS, default=1,
-                   help="4: the review flag also looks at each image flipped and turned (as predict)")
-    p.add_argument("--other-labs-model", default="auto", metavar="auto|none|MODEL",
-                   help="model for images whose colours the main model calls unlike its training images "
-                        "(another lab's stain or scanner): auto (default: the bundled other-labs model, "
-                        "with the bundled model), none, or a run folder / model file")
+    add_answer_options(p)
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="inference engine (default auto: the model's int8 file where this CPU runs "
                         "it exactly, else onnx; saliency always uses torch)")
